@@ -1,0 +1,163 @@
+"""Batched greedy generation with PaliGemma 2 (transformers), grammar-constrained by default.
+
+A batch of (image, prompt) pairs is padded on the left and generated together with the processor's
+`token_type_ids` (the prefix is then attended bidirectionally, as in training): each row's output is
+then token for token what it would be alone. Each row keeps its own budget and grammar state.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from .grammar import ObjectGrammar, RowSpec, Vocabulary
+from .images import model_input
+from .prompts import DEFAULT_MAX_NEW_TOKENS, DEFAULT_OBJECTS_PER_CLASS, Prompt, max_new_tokens_for
+
+logger = logging.getLogger(__name__)
+
+# A label may be this many tokens longer than the longest class of its prompt (plurals, articles).
+LABEL_SLACK_TOKENS = 8
+
+
+@dataclass
+class Generation:
+    """One row's output: the text and, per emitted token, its id, log-probability and text span."""
+
+    text: str
+    token_ids: list[int]
+    token_logprobs: list[float]
+    token_spans: list[tuple[int, int]]
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+class PaliGemmaEngine:
+    """A loaded PaliGemma model and processor that turn images and prompts into object text."""
+
+    def __init__(
+        self,
+        model,
+        processor,
+        *,
+        constrained: bool = True,
+        max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+        objects_per_class: int = DEFAULT_OBJECTS_PER_CLASS,
+    ):
+        self.model = model.eval()
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.tokenizer.padding_side = "left"  # right padding breaks batched == solo
+        self.constrained = constrained
+        self.max_new_tokens = max_new_tokens
+        self.objects_per_class = objects_per_class
+        self.device = next(model.parameters()).device
+        width = model.get_output_embeddings().weight.shape[0]
+        self.vocab = Vocabulary(self.tokenizer, width).to(self.device)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model_dir: str | Path,
+        *,
+        device: str | None = None,
+        dtype: torch.dtype | None = None,
+        **kwargs,
+    ) -> PaliGemmaEngine:
+        """Load from a local directory written by `save_pretrained` (never from the hub).
+
+        bfloat16 on a GPU, float32 on the CPU unless `dtype` says otherwise.
+        """
+        from transformers import PaliGemmaForConditionalGeneration, PaliGemmaProcessor
+
+        model_dir = Path(model_dir)
+        if not (model_dir / "config.json").is_file():
+            raise FileNotFoundError(f"{model_dir} holds no PaliGemma model (no config.json)")
+        device = device or default_device()
+        dtype = dtype or (torch.bfloat16 if device.startswith("cuda") else torch.float32)
+        start = time.perf_counter()
+        processor = PaliGemmaProcessor.from_pretrained(model_dir, local_files_only=True)
+        model = PaliGemmaForConditionalGeneration.from_pretrained(
+            model_dir, dtype=dtype, local_files_only=True
+        ).to(device)
+        logger.info("loaded %s on %s (%s) in %.1fs", model_dir, device, dtype, time.perf_counter() - start)
+        return cls(model, processor, **kwargs)
+
+    @property
+    def image_size(self) -> int:
+        """The side of the square picture the model reads (224 or 448 for PaliGemma 2 mix)."""
+        return int(self.model.config.vision_config.image_size)
+
+    def row_spec(self, prompt: Prompt, budget: int | None = None) -> RowSpec:
+        """A row's own budget (grown with its classes, see `max_new_tokens_for`) and label length."""
+        label_tokens = [len(self.tokenizer(" " + c, add_special_tokens=False).input_ids) for c in prompt.classes]
+        if budget is None:
+            budget = max_new_tokens_for(
+                label_tokens, prompt.task, objects_per_class=self.objects_per_class, ceiling=self.max_new_tokens
+            )
+        return RowSpec(prompt.task, budget, self.constrained, max_label_tokens=max(label_tokens) + LABEL_SLACK_TOKENS)
+
+    def generate(
+        self,
+        images: list[Image.Image],
+        prompts: list[Prompt],
+        *,
+        max_new_tokens: list[int] | None = None,
+    ) -> list[Generation]:
+        """Greedy generation for a batch; one `Generation` per (image, prompt), in order.
+
+        `max_new_tokens` overrides each row's budget (benchmarks force a token count with it).
+        """
+        if len(images) != len(prompts):
+            raise ValueError(f"{len(images)} images for {len(prompts)} prompts")
+        if not images:
+            return []
+        rows = [self.row_spec(p, b) for p, b in zip(prompts, max_new_tokens or [None] * len(prompts))]
+        pictures = [model_input(image, self.image_size) for image in images]
+        texts = ["<image>" + p.text for p in prompts]
+        inputs = self.processor(images=pictures, text=texts, return_tensors="pt", padding="longest")
+        inputs.pop("labels", None)  # only for training; the processor adds it with token_type_ids
+        inputs = inputs.to(self.device)
+        inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
+        prompt_length = inputs["input_ids"].shape[1]
+        grammar = ObjectGrammar(self.vocab, rows, prompt_length)
+        with torch.inference_mode():
+            sequences = self.model.generate(
+                **inputs,
+                max_new_tokens=max(r.budget for r in rows) + 1,  # +1: room for the end token a row's budget forces
+                do_sample=False,
+                num_beams=1,
+                logits_processor=[grammar],
+                eos_token_id=self.vocab.eos_id,
+                pad_token_id=self.tokenizer.pad_token_id,
+            )
+        generated = sequences[:, prompt_length:].cpu()
+        logprobs = grammar.finish(generated)
+        return [self._row(ids, lps) for ids, lps in zip(generated.tolist(), logprobs)]
+
+    def _row(self, ids: list[int], logprobs: list[float]) -> Generation:
+        if self.vocab.eos_id in ids:
+            ids = ids[: ids.index(self.vocab.eos_id)]
+        logprobs = logprobs[: len(ids)]
+        text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        return Generation(text, ids, logprobs, self._spans(ids, text))
+
+    def _spans(self, ids: list[int], text: str) -> list[tuple[int, int]]:
+        """Each token's character range in `text` (empty for tokens that decode to nothing)."""
+        pieces = [self.tokenizer.decode([i], skip_special_tokens=True) for i in ids]
+        if "".join(pieces) != text:
+            # Multi-byte characters split across byte tokens only decode together: use prefixes.
+            ends = [len(self.tokenizer.decode(ids[: k + 1], skip_special_tokens=True)) for k in range(len(ids))]
+            pieces = [" " * (end - start) for start, end in zip([0] + ends[:-1], ends)]
+        spans, position = [], 0
+        for piece in pieces:
+            spans.append((position, position + len(piece)))
+            position += len(piece)
+        return spans

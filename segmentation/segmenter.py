@@ -1,0 +1,144 @@
+"""From images and prompts to labelled boxes, scores and masks: the library's front door.
+
+    from segmentation import Segmenter
+    segmenter = Segmenter.from_pretrained("path/to/paligemma", "path/to/vae-oid.npz")
+    [result] = segmenter.segment([image], ["cat ; dog"])
+
+Work is split in two steps so a server can run them in different places: `predict` (the model and
+the mask decoder, batched; returns small picklable `Prediction`s with 64x64 masks) and `assemble`
+(pasting masks into the original image size; CPU work per request).
+
+Score of an object: the geometric mean of the probabilities the model gave the tokens that state
+the object's box and label (its four `<loc>` tokens and its label's tokens), under the model's own
+distribution before the grammar's masking. Mask codes are left out: many codes draw nearly the same
+mask, so their probabilities say little about whether the object is there. 1.0 means the model was
+certain of every box and label token.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from .engine import Generation, PaliGemmaEngine
+from .masks import paste_mask, paste_soft_mask
+from .prompts import Prompt, Task, parse_prompt
+from .results import DetectedObject, SegmentationResult
+from .tokens import ParsedObject, box_normalized, box_to_pixels, is_valid_box, parse_objects
+from .vae import MaskDecoder
+
+
+@dataclass
+class ObjectPrediction:
+    label: str
+    locs: tuple[int, int, int, int]
+    score: float
+    mask64: np.ndarray | None  # raw decoder output [64, 64] float32, None without 16 codes
+
+
+@dataclass
+class Prediction:
+    """What the model said about one image, before anything depends on the image's own size."""
+
+    prompt: str
+    text: str
+    objects: list[ObjectPrediction] = field(default_factory=list)
+    generated_tokens: int = 0
+
+
+def object_score(obj: ParsedObject, generation: Generation, seg_ids: frozenset[int]) -> float:
+    """Geometric mean probability of the object's box and label tokens (see the module docstring)."""
+    start, end = obj.span
+    logprobs = [
+        logprob
+        for token, (a, b), logprob in zip(generation.token_ids, generation.token_spans, generation.token_logprobs)
+        if start <= a and b <= end and b > a and token not in seg_ids and generation.text[a:b].strip()
+    ]
+    return math.exp(sum(logprobs) / len(logprobs)) if logprobs else 0.0
+
+
+class Segmenter:
+    """PaliGemma 2 plus the VQ-VAE mask decoder."""
+
+    def __init__(self, engine: PaliGemmaEngine, decoder: MaskDecoder):
+        self.engine = engine
+        self.decoder = decoder
+
+    @classmethod
+    def from_pretrained(cls, model_dir: str | Path, vae_path: str | Path, **engine_kwargs) -> Segmenter:
+        """Load a PaliGemma directory (`save_pretrained` layout) and a `vae-oid.npz` checkpoint."""
+        return cls(PaliGemmaEngine.from_pretrained(model_dir, **engine_kwargs), MaskDecoder.from_npz(vae_path))
+
+    @property
+    def image_size(self) -> int:
+        return self.engine.image_size
+
+    def predict(
+        self,
+        images: list[Image.Image],
+        prompts: list[Prompt],
+        *,
+        max_new_tokens: list[int] | None = None,
+    ) -> list[Prediction]:
+        """Generate for the whole batch, then decode every object's mask in one decoder call."""
+        generations = self.engine.generate(images, prompts, max_new_tokens=max_new_tokens)
+        parsed = [parse_objects(g.text) for g in generations]
+        with_codes = [o.codes for objects in parsed for o in objects if o.codes is not None]
+        masks = iter(self.decoder.decode(np.array(with_codes, dtype=np.int32).reshape(-1, 16)))
+        predictions = []
+        for prompt, generation, objects in zip(prompts, generations, parsed):
+            predictions.append(Prediction(
+                prompt=prompt.text,
+                text=generation.text,
+                generated_tokens=len(generation.token_ids),
+                objects=[
+                    ObjectPrediction(
+                        label=o.label, locs=o.locs, score=object_score(o, generation, self.engine.vocab.seg_ids),
+                        mask64=next(masks) if o.codes is not None else None,
+                    )
+                    for o in objects
+                ],
+            ))
+        return predictions
+
+    def segment(
+        self, images: list[Image.Image], prompts: list[str] | str, *, task: Task = "segment", soft: bool = False
+    ) -> list[SegmentationResult]:
+        """Objects with boxes and masks for each image (`prompts`: one per image, or one for all)."""
+        if isinstance(images, Image.Image):
+            images = [images]
+        if isinstance(prompts, str):
+            prompts = [prompts] * len(images)
+        parsed = [parse_prompt(p, task) for p in prompts]
+        predictions = self.predict(images, parsed)
+        return [assemble(p, *image.size, soft=soft) for p, image in zip(predictions, images)]
+
+    def detect(self, images: list[Image.Image], prompts: list[str] | str) -> list[SegmentationResult]:
+        """Boxes only (`detect` prompts: no mask codes are generated)."""
+        return self.segment(images, prompts, task="detect")
+
+
+def assemble(prediction: Prediction, width: int, height: int, *, soft: bool = False) -> SegmentationResult:
+    """Place a prediction on the original image: pixel boxes by the evaluator's rule, pasted masks.
+
+    Objects whose pixel box is empty (y2 <= y1 or x2 <= x1 after `int()`) are dropped, as the
+    evaluator counts them invalid. `soft` gives float probability masks instead of booleans.
+    """
+    paste = paste_soft_mask if soft else paste_mask
+    objects = []
+    for o in prediction.objects:
+        box = box_to_pixels(o.locs, width, height)
+        if not is_valid_box(box):
+            continue
+        mask = paste(o.mask64, box, width, height) if o.mask64 is not None else None
+        objects.append(DetectedObject(
+            label=o.label, score=o.score, box=box, box_normalized=box_normalized(o.locs),
+            mask=mask, mask64=o.mask64,
+        ))
+    return SegmentationResult(
+        prompt=prediction.prompt, text=prediction.text, width=width, height=height, objects=objects
+    )

@@ -1,0 +1,98 @@
+"""The grammar state machine driven by random logits (no model): every row must stay well formed."""
+
+import re
+
+import pytest
+import torch
+
+from segmentation.grammar import ObjectGrammar, RowSpec, Vocabulary, min_object_tokens
+from segmentation.tokens import parse_objects
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from make_tiny_model import build_tokenizer
+
+    return build_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def vocab(tokenizer):
+    return Vocabulary(tokenizer, len(tokenizer) + 7)  # logits wider than the tokenizer, as real PaliGemma
+
+
+def run_grammar(vocab, rows, seed, eos_bias=0.0):
+    """Greedy 'generation' from random logits through the processor; returns ids per row and logprobs."""
+    generator = torch.Generator().manual_seed(seed)
+    prompt = torch.full((len(rows), 3), 2)
+    ids = prompt
+    grammar = ObjectGrammar(vocab, rows, prompt_length=3)
+    finished = torch.zeros(len(rows), dtype=torch.bool)
+    for _ in range(max(r.budget for r in rows) + 1):
+        scores = torch.randn(len(rows), vocab.eos.shape[0], generator=generator) * 3
+        scores[:, vocab.eos_id] += eos_bias
+        chosen = grammar(ids, scores).argmax(-1)
+        chosen = torch.where(finished, torch.zeros_like(chosen), chosen)  # pad after the end, as generate()
+        ids = torch.cat([ids, chosen[:, None]], dim=1)
+        finished |= chosen == vocab.eos_id
+        if finished.all():
+            break
+    generated = ids[:, 3:]
+    return generated, grammar.finish(generated)
+
+
+def row_text(tokenizer, ids, eos_id):
+    ids = ids.tolist()
+    return tokenizer.decode(ids[: ids.index(eos_id)] if eos_id in ids else ids, skip_special_tokens=True)
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("eos_bias", [0.0, 6.0])
+def test_constrained_rows_are_well_formed(tokenizer, vocab, seed, eos_bias):
+    rows = [RowSpec("segment", 120, max_label_tokens=5), RowSpec("detect", 40, max_label_tokens=3),
+            RowSpec("segment", 21), RowSpec("detect", 4)]
+    generated, logprobs = run_grammar(vocab, rows, seed, eos_bias)
+    for spec, ids, lps in zip(rows, generated, logprobs):
+        text = row_text(tokenizer, ids, vocab.eos_id)
+        objects = parse_objects(text)
+        emitted = ids.tolist()
+        n = emitted.index(vocab.eos_id) + 1 if vocab.eos_id in emitted else len(emitted)
+        assert n <= spec.budget + 1
+        assert len(lps) == n and all(lp <= 0.0 for lp in lps)
+        for obj in objects:
+            y1, x1, y2, x2 = obj.locs
+            assert y2 > y1 and x2 > x1
+            assert (obj.codes is not None) == (spec.task == "segment")
+            assert obj.label.strip()
+        # Nothing but objects, separators and spaces.
+        leftover = text
+        for obj in reversed(objects):
+            leftover = leftover[: obj.span[0]] + leftover[obj.span[1]:]
+        assert re.fullmatch(r"[ ;]*", leftover), (text, leftover)
+        if spec.budget < min_object_tokens(spec.task):
+            assert objects == []
+
+
+def test_budget_forces_the_end_and_unconstrained_rows_are_free(tokenizer, vocab):
+    rows = [RowSpec("segment", 7, constrained=False), RowSpec("segment", 30, constrained=False)]
+    generated, _ = run_grammar(vocab, rows, seed=1)
+    first = generated[0].tolist()
+    assert first[7] == vocab.eos_id and vocab.eos_id not in first[:7]
+    # Random logits without the grammar pick tokens of every kind, e.g. byte or special pieces.
+    assert not all(bool(vocab.is_loc[t]) for t in generated[1, :30].tolist())
+
+
+def test_labels_stop_at_their_cap(tokenizer, vocab):
+    rows = [RowSpec("detect", 200, max_label_tokens=2)]
+    generated, _ = run_grammar(vocab, rows, seed=3)
+    text = row_text(tokenizer, generated[0], vocab.eos_id)
+    for obj in parse_objects(text):
+        assert len(tokenizer(obj.label, add_special_tokens=False).input_ids) <= 3  # leading-space merge
+
+
+def test_vocabulary_requires_paligemma_tokens():
+    from transformers import GemmaTokenizer
+
+    plain = GemmaTokenizer()  # no <loc>/<seg> tokens
+    with pytest.raises(ValueError, match="loc"):
+        Vocabulary(plain, len(plain))

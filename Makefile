@@ -8,7 +8,11 @@ FIXTURES := .fixtures/tiny
 PORT ?= 3000
 export BENTOML_HOME ?= $(CURDIR)/.bentoml
 
-.PHONY: install test lint fixtures demo clean
+.PHONY: install test lint fixtures import-demo demo serve clean
+
+# The demo serves a random-weight model with the real architecture under this id.
+DEMO_MODEL := demo/paligemma2-tiny-random
+DEMO_STAMP := $(BENTOML_HOME)/.demo-imported
 
 install: $(STAMP)
 
@@ -29,6 +33,21 @@ fixtures: install $(FIXTURES)/vae-oid.npz
 
 $(FIXTURES)/vae-oid.npz: scripts/make_tiny_model.py scripts/make_vae_fixture.py
 	$(PY) scripts/make_tiny_model.py --out $(FIXTURES)
+
+# Import the tiny fixtures into the project-local BentoML home (.bentoml, git-ignored) once.
+import-demo: $(DEMO_STAMP)
+
+$(DEMO_STAMP): $(FIXTURES)/vae-oid.npz
+	$(PY) scripts/import_models.py --local $(FIXTURES)/paligemma --as $(DEMO_MODEL) --vae-file $(FIXTURES)/vae-oid.npz
+	touch $(DEMO_STAMP)
+
+demo: fixtures import-demo
+	@echo "Serving the demo model (random weights: real answer shapes, meaningless content) on http://127.0.0.1:$(PORT)"
+	SEG_MODELS=$(DEMO_MODEL) $(VENV)/bin/bentoml serve service:Segmentation --host 127.0.0.1 --port $(PORT)
+
+# Serve whatever SEG_MODELS names from the model store (import them first, see the README).
+serve: install
+	$(VENV)/bin/bentoml serve service:Segmentation --host 127.0.0.1 --port $(PORT)
 
 clean:
 	rm -rf $(VENV) .fixtures .pytest_cache .ruff_cache

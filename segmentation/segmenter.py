@@ -61,6 +61,50 @@ def object_score(obj: ParsedObject, generation: Generation, seg_ids: frozenset[i
     return math.exp(sum(logprobs) / len(logprobs)) if logprobs else 0.0
 
 
+@dataclass
+class ParsedGeneration:
+    """A generation with its objects parsed and scored, masks not yet decoded."""
+
+    prompt: Prompt
+    generation: Generation
+    objects: list[ParsedObject]
+    scores: list[float]
+
+
+def parse_generations(
+    engine: PaliGemmaEngine,
+    images: list[Image.Image],
+    prompts: list[Prompt],
+    *,
+    max_new_tokens: list[int] | None = None,
+) -> list[ParsedGeneration]:
+    """One batched `generate` call, parsed into objects with scores."""
+    parsed = []
+    for prompt, generation in zip(prompts, engine.generate(images, prompts, max_new_tokens=max_new_tokens)):
+        objects = parse_objects(generation.text)
+        scores = [object_score(o, generation, engine.vocab.seg_ids) for o in objects]
+        parsed.append(ParsedGeneration(prompt, generation, objects, scores))
+    return parsed
+
+
+def attach_masks(decoder: MaskDecoder, parsed: list[ParsedGeneration]) -> list[Prediction]:
+    """Decode the masks of every object of every generation in one decoder call."""
+    codes = [o.codes for p in parsed for o in p.objects if o.codes is not None]
+    masks = iter(decoder.decode(np.array(codes, dtype=np.int32).reshape(-1, 16)))
+    return [
+        Prediction(
+            prompt=p.prompt.text,
+            text=p.generation.text,
+            generated_tokens=len(p.generation.token_ids),
+            objects=[
+                ObjectPrediction(o.label, o.locs, score, next(masks) if o.codes is not None else None)
+                for o, score in zip(p.objects, p.scores)
+            ],
+        )
+        for p in parsed
+    ]
+
+
 class Segmenter:
     """PaliGemma 2 plus the VQ-VAE mask decoder."""
 
@@ -85,25 +129,8 @@ class Segmenter:
         max_new_tokens: list[int] | None = None,
     ) -> list[Prediction]:
         """Generate for the whole batch, then decode every object's mask in one decoder call."""
-        generations = self.engine.generate(images, prompts, max_new_tokens=max_new_tokens)
-        parsed = [parse_objects(g.text) for g in generations]
-        with_codes = [o.codes for objects in parsed for o in objects if o.codes is not None]
-        masks = iter(self.decoder.decode(np.array(with_codes, dtype=np.int32).reshape(-1, 16)))
-        predictions = []
-        for prompt, generation, objects in zip(prompts, generations, parsed):
-            predictions.append(Prediction(
-                prompt=prompt.text,
-                text=generation.text,
-                generated_tokens=len(generation.token_ids),
-                objects=[
-                    ObjectPrediction(
-                        label=o.label, locs=o.locs, score=object_score(o, generation, self.engine.vocab.seg_ids),
-                        mask64=next(masks) if o.codes is not None else None,
-                    )
-                    for o in objects
-                ],
-            ))
-        return predictions
+        parsed = parse_generations(self.engine, images, prompts, max_new_tokens=max_new_tokens)
+        return attach_masks(self.decoder, parsed)
 
     def segment(
         self, images: list[Image.Image], prompts: list[str] | str, *, task: Task = "segment", soft: bool = False

@@ -1,0 +1,103 @@
+#!/usr/bin/env python
+"""Import PaliGemma models and the vae-oid.npz mask decoder into the BentoML model store.
+
+    # the real model (gated: accept the licence on the Hub, then export HF_TOKEN=...)
+    python scripts/import_models.py --hub google/paligemma2-3b-mix-448
+    # the mask decoder big_vision publishes
+    python scripts/import_models.py --vae-url https://storage.googleapis.com/big_vision/paligemma/vae-oid.npz
+    # a local directory (save_pretrained layout), served under a model id of your choice
+    python scripts/import_models.py --local .fixtures/tiny/paligemma --as demo/paligemma2-tiny-random \
+        --vae-file .fixtures/tiny/vae-oid.npz
+
+Tags: a model id's last part, lower-cased (`google/paligemma2-3b-mix-448` -> `paligemma2-3b-mix-448`),
+and `vae-oid` for the decoder. The store is $BENTOML_HOME/models (default ~/bentoml).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from segmentation.settings import VAE_TAG, model_tag, read_secret  # noqa: E402
+
+VAE_FILE = "vae-oid.npz"
+
+
+def import_paligemma(source: Path, model_id: str, *, origin: str) -> str:
+    """Copy a PaliGemma directory into the store under `model_tag(model_id)`; return the tag."""
+    import bentoml
+
+    if not (source / "config.json").is_file():
+        raise SystemExit(f"{source} holds no PaliGemma model (no config.json)")
+    labels = {"kind": "paligemma", "source": origin}
+    with bentoml.models.create(model_tag(model_id), labels=labels, metadata={"model_id": model_id}) as model:
+        shutil.copytree(source, model.path, dirs_exist_ok=True, ignore=shutil.ignore_patterns(".cache", "*.md"))
+    return str(model.tag)
+
+
+def download_hub(model_id: str, revision: str | None) -> Path:
+    from huggingface_hub import snapshot_download
+
+    token = read_secret("HF_TOKEN", "HF_TOKEN_FILE")
+    return Path(snapshot_download(
+        model_id, revision=revision, token=token,
+        allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model"],
+    ))
+
+
+def import_vae(npz: Path, *, origin: str) -> str:
+    import bentoml
+
+    from segmentation.vae import MaskDecoder
+
+    MaskDecoder.from_npz(npz)  # refuse a file that is not a vae-oid checkpoint
+    with bentoml.models.create(VAE_TAG, labels={"kind": "mask-decoder", "source": origin}) as model:
+        shutil.copyfile(npz, Path(model.path) / VAE_FILE)
+    return str(model.tag)
+
+
+def download_url(url: str, dest: Path) -> Path:
+    import httpx
+
+    with httpx.stream("GET", url, follow_redirects=True, timeout=60) as response:
+        response.raise_for_status()
+        with dest.open("wb") as out:
+            for chunk in response.iter_bytes():
+                out.write(chunk)
+    return dest
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--hub", metavar="MODEL_ID", action="append", default=[],
+                        help="Hugging Face model id to download and import (repeatable)")
+    parser.add_argument("--revision", help="Hub revision (branch, tag or commit) for --hub")
+    parser.add_argument("--local", type=Path, help="local PaliGemma directory to import")
+    parser.add_argument("--as", dest="as_id", metavar="MODEL_ID", help="model id to serve --local under")
+    parser.add_argument("--vae-file", type=Path, help="local vae-oid.npz to import")
+    parser.add_argument("--vae-url", help="URL of vae-oid.npz to download and import")
+    args = parser.parse_args(argv)
+    if not (args.hub or args.local or args.vae_file or args.vae_url):
+        parser.error("nothing to import: give --hub, --local, --vae-file or --vae-url")
+    if args.local and not args.as_id:
+        parser.error("--local needs --as MODEL_ID (the id clients select it by)")
+
+    for model_id in args.hub:
+        print(f"imported {import_paligemma(download_hub(model_id, args.revision), model_id, origin='hub')}")
+    if args.local:
+        print(f"imported {import_paligemma(args.local, args.as_id, origin='local')}")
+    if args.vae_file:
+        print(f"imported {import_vae(args.vae_file, origin='file')}")
+    if args.vae_url:
+        with tempfile.TemporaryDirectory() as tmp:
+            print(f"imported {import_vae(download_url(args.vae_url, Path(tmp) / VAE_FILE), origin=args.vae_url)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

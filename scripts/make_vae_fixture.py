@@ -1,0 +1,60 @@
+#!/usr/bin/env python
+"""Write a random checkpoint in the exact key layout and shapes of big_vision's vae-oid.npz.
+
+    python scripts/make_vae_fixture.py OUT.npz
+
+The weights are random (He-scaled, so decoded maps have both signs and pasted masks are neither
+empty nor full); a few `encoder.*` tensors are included as in the real file, which the decoder
+must ignore.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+# Real file's encoder (unused by the decoder): stride-2 convs from the 1-channel mask upward.
+_ENCODER_SHAPES = {
+    "encoder.0.weight": (16, 1, 4, 4),
+    "encoder.0.bias": (16,),
+    "encoder.2.weight": (32, 16, 4, 4),
+    "encoder.2.bias": (32,),
+    "encoder.10.weight": (512, 128, 1, 1),
+    "encoder.10.bias": (512,),
+}
+
+
+def make_vae_checkpoint(seed: int = 0) -> dict[str, np.ndarray]:
+    from segmentation.vae import expected_shapes
+
+    rng = np.random.default_rng(seed)
+    weights = {}
+    for key, shape in {**expected_shapes(), **_ENCODER_SHAPES}.items():
+        if key == "_vq_vae._embedding":
+            weights[key] = rng.normal(0.0, 1.0, shape).astype(np.float32)
+        elif key.endswith(".bias"):
+            weights[key] = rng.normal(0.0, 0.05, shape).astype(np.float32)
+        else:
+            # PyTorch layouts: fan-in is in-channels x kernel area (axis 1 for Conv2d, axis 0 for
+            # ConvTranspose2d, whose weights are [in, out, kh, kw]).
+            transposed = key in ("decoder.4.weight", "decoder.6.weight", "decoder.8.weight", "decoder.10.weight")
+            fan_in = (shape[0] if transposed else shape[1]) * shape[2] * shape[3]
+            weights[key] = rng.normal(0.0, np.sqrt(2.0 / fan_in), shape).astype(np.float32)
+    return weights
+
+
+def write_vae_npz(path: str | Path, seed: int = 0) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(path, **make_vae_checkpoint(seed))
+    return path
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        sys.exit(__doc__)
+    print(write_vae_npz(sys.argv[1]))

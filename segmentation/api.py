@@ -1,0 +1,144 @@
+"""The HTTP API's request checks and response bodies, kept apart from BentoML so they test alone.
+
+Every client mistake becomes a `RequestError` carrying the status to answer and a message saying
+what was wrong and what is accepted.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from pathlib import Path
+
+from PIL import Image
+
+from .encoding import image_to_png_base64, mask_to_png_base64, mask_to_polygons, mask_to_rle
+from .fetch import FetchError, UrlPolicy, fetch_image
+from .images import ImageError, ImageTooLarge, open_image
+from .prompts import Prompt, PromptError, Task, parse_prompt
+from .results import DetectedObject, SegmentationResult
+from .settings import Settings
+
+MASK_FORMATS = ("rle", "png", "polygon", "none")
+
+
+class RequestError(ValueError):
+    def __init__(self, message: str, status: int = 400):
+        super().__init__(message)
+        self.status = status
+
+
+def check_mask_format(value: str | None) -> str:
+    fmt = (value or "rle").strip().lower()
+    if fmt not in MASK_FORMATS:
+        raise RequestError(f"mask_format {value!r} is not supported; accepted: {', '.join(MASK_FORMATS)}")
+    return fmt
+
+
+def check_model(value: str | None, served: list[str]) -> str:
+    """The served model a request names (default: the first); never a path or hub id to load."""
+    if value is None or value == "":
+        return served[0]
+    if value not in served:
+        raise RequestError(f"unknown model {value!r}; served models: {', '.join(served)}")
+    return value
+
+
+def check_prompt(prompt: str | None, task: Task, settings: Settings) -> Prompt:
+    try:
+        return parse_prompt(
+            prompt if prompt is not None else "", task,
+            max_chars=settings.max_prompt_chars, max_classes=settings.max_classes,
+        )
+    except PromptError as exc:
+        raise RequestError(str(exc)) from exc
+
+
+async def read_image(
+    settings: Settings,
+    upload: Path | None = None,
+    image_url: str | None = None,
+    image_base64: str | None = None,
+) -> Image.Image:
+    """The request's image from exactly one of: a multipart upload, a URL, base64 data."""
+    given = [name for name, v in (("image", upload), ("image_url", image_url), ("image_base64", image_base64)) if v]
+    if len(given) != 1:
+        what = "no image was sent" if not given else f"{len(given)} images were sent ({', '.join(given)})"
+        raise RequestError(
+            f"{what}; send exactly one of: 'image' (multipart file upload), 'image_url' (http/https URL) "
+            "or 'image_base64' (base64-encoded image bytes, optionally a data: URL)"
+        )
+    if upload:
+        size = Path(upload).stat().st_size
+        if size > settings.max_image_bytes:
+            raise RequestError(f"the upload is {size} bytes; the limit is {settings.max_image_bytes}", 413)
+        data = Path(upload).read_bytes()
+    elif image_url:
+        policy = UrlPolicy(settings.max_image_bytes, settings.fetch_timeout_s, settings.url_allowlist)
+        try:
+            data = await fetch_image(image_url, policy)
+        except FetchError as exc:
+            raise RequestError(str(exc), exc.status) from exc
+    else:
+        data = decode_base64(image_base64, settings.max_image_bytes)
+    try:
+        return open_image(data, max_pixels=settings.max_pixels)
+    except ImageTooLarge as exc:
+        raise RequestError(str(exc), 413) from exc
+    except ImageError as exc:
+        raise RequestError(str(exc)) from exc
+
+
+def decode_base64(value: str, max_bytes: int) -> bytes:
+    if not isinstance(value, str):
+        raise RequestError("image_base64 must be a string")
+    if value.startswith("data:"):
+        value = value.partition(",")[2]  # data:image/png;base64,....
+    if len(value) * 3 // 4 > max_bytes:
+        raise RequestError(f"image_base64 decodes to more than the limit of {max_bytes} bytes", 413)
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise RequestError(f"image_base64 is not valid base64: {exc}") from exc
+
+
+def encode_mask(obj: DetectedObject, fmt: str) -> dict | None:
+    if obj.mask is None or fmt == "none":
+        return None
+    if fmt == "rle":
+        return {"format": "rle", **mask_to_rle(obj.mask)}
+    if fmt == "png":
+        return {"format": "png", "data": mask_to_png_base64(obj.mask)}
+    return {"format": "polygon", "polygons": mask_to_polygons(obj.mask)}
+
+
+def object_body(obj: DetectedObject, mask_format: str) -> dict:
+    return {
+        "label": obj.label,
+        "score": round(float(obj.score), 6),
+        "box": list(obj.box),
+        "box_normalized": [round(v, 6) for v in obj.box_normalized],
+        "area": obj.area,
+        "mask": encode_mask(obj, mask_format),
+    }
+
+
+def response_body(
+    result: SegmentationResult,
+    *,
+    model: str,
+    mask_format: str,
+    input_image: Image.Image | None = None,
+) -> dict:
+    """The JSON answer of /segment and /detect."""
+    body = {
+        "model": model,
+        "width": result.width,
+        "height": result.height,
+        "prompt": result.prompt,
+        "text": result.text,
+        "objects": [object_body(o, mask_format) for o in result.objects],
+    }
+    if input_image is not None:
+        body["input_image"] = image_to_png_base64(input_image)
+    return body

@@ -1,0 +1,109 @@
+"""Several PaliGemma models and one mask decoder serving mixed batches, one failure at a time.
+
+A server's batch mixes requests for different models and holds requests that may fail. The pool
+groups a batch by model, generates each group in one call, and decodes the masks of every object of
+the whole batch in one decoder call. A group whose generation raises (out of memory, say) is retried
+in halves down to single requests, so one bad request fails alone and its neighbours still get
+their answers.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+from PIL import Image
+
+from .engine import PaliGemmaEngine
+from .prompts import Prompt
+from .segmenter import ParsedGeneration, Prediction, attach_masks, parse_generations
+from .vae import MaskDecoder
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class PredictRequest:
+    model: str
+    image: Image.Image
+    prompt: Prompt
+    max_new_tokens: int | None = None  # force a budget (benchmarks); None: grown from the classes
+
+
+@dataclass
+class PredictOutcome:
+    """A prediction, or why there is none. `status` is the HTTP status an error maps to."""
+
+    prediction: Prediction | None = None
+    error: str | None = None
+    status: int = 200
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+class ModelPool:
+    def __init__(self, engines: dict[str, PaliGemmaEngine], decoder: MaskDecoder):
+        if not engines:
+            raise ValueError("a pool needs at least one model")
+        self.engines = engines
+        self.decoder = decoder
+
+    @property
+    def default_model(self) -> str:
+        return next(iter(self.engines))
+
+    def predict(self, requests: list[PredictRequest]) -> list[PredictOutcome]:
+        """One outcome per request, in order; never raises for a single request's failure."""
+        outcomes = [PredictOutcome() for _ in requests]
+        parsed: dict[int, ParsedGeneration] = {}
+        start = time.perf_counter()
+        groups: dict[str, list[int]] = {}
+        for index, request in enumerate(requests):
+            if request.model not in self.engines:
+                outcomes[index] = PredictOutcome(
+                    error=f"unknown model {request.model!r}; served: {', '.join(self.engines)}", status=400
+                )
+            else:
+                groups.setdefault(request.model, []).append(index)
+        for model, indices in groups.items():
+            self._generate(self.engines[model], [requests[i] for i in indices], indices, parsed, outcomes)
+        generate_seconds = time.perf_counter() - start
+
+        start = time.perf_counter()
+        done = sorted(parsed)
+        try:
+            predictions = attach_masks(self.decoder, [parsed[i] for i in done])
+        except Exception as exc:  # the decoder is shared: a failure here is the server's, not a request's
+            logger.exception("mask decoding failed for a batch of %d", len(done))
+            for i in done:
+                outcomes[i] = PredictOutcome(error=f"mask decoding failed: {exc}", status=503)
+            return outcomes
+        decode_seconds = time.perf_counter() - start
+        for i, prediction in zip(done, predictions):
+            outcomes[i] = PredictOutcome(
+                prediction=prediction, timings={"generate": generate_seconds, "mask_decode": decode_seconds}
+            )
+        return outcomes
+
+    def _generate(self, engine, requests, indices, parsed, outcomes) -> None:
+        """Generate a group; on failure split it in halves until the failing request stands alone."""
+        try:
+            results = parse_generations(
+                engine,
+                [r.image for r in requests],
+                [r.prompt for r in requests],
+                max_new_tokens=None if all(r.max_new_tokens is None for r in requests) else [
+                    r.max_new_tokens or engine.row_spec(r.prompt).budget for r in requests
+                ],
+            )
+        except Exception as exc:
+            if len(requests) == 1:
+                logger.exception("generation failed for one request")
+                outcomes[indices[0]] = PredictOutcome(error=f"generation failed: {exc}", status=503)
+                return
+            logger.warning("generation failed for a batch of %d (%s); retrying in halves", len(requests), exc)
+            half = len(requests) // 2
+            self._generate(engine, requests[:half], indices[:half], parsed, outcomes)
+            self._generate(engine, requests[half:], indices[half:], parsed, outcomes)
+            return
+        parsed.update(zip(indices, results))

@@ -1,0 +1,54 @@
+"""The overlay picture: translucent masks, boxes, labels and scores drawn on the original image."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from .results import DetectedObject
+
+# Distinct, colour-blind-friendly colours (Okabe-Ito, then Tableau), cycled per object.
+PALETTE = (
+    (230, 159, 0), (86, 180, 233), (0, 158, 115), (240, 228, 66), (0, 114, 178), (213, 94, 0),
+    (204, 121, 167), (31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
+)
+
+
+def color_for(index: int) -> tuple[int, int, int]:
+    return PALETTE[index % len(PALETTE)]
+
+
+def _font(height: int) -> ImageFont.ImageFont:
+    try:
+        return ImageFont.load_default(size=max(12, height // 40))
+    except (TypeError, OSError):  # a Pillow without FreeType: the fixed bitmap font
+        return ImageFont.load_default()
+
+
+def render_overlay(
+    image: Image.Image, objects: Sequence[DetectedObject], alpha: float = 0.45
+) -> Image.Image:
+    """A new RGB image of the input's size with every object drawn on it."""
+    base = np.asarray(image.convert("RGB"), dtype=np.float32)
+    for index, obj in enumerate(objects):
+        if obj.mask is None:
+            continue
+        mask = obj.mask if obj.mask.dtype == bool else obj.mask > 0.5
+        base[mask] = base[mask] * (1 - alpha) + np.array(color_for(index), np.float32) * alpha
+    canvas = Image.fromarray(base.round().astype(np.uint8), mode="RGB")
+    draw = ImageDraw.Draw(canvas)
+    font = _font(canvas.height)
+    line = max(1, round(min(canvas.size) / 200))
+    for index, obj in enumerate(objects):
+        color = color_for(index)
+        x0, y0, x1, y1 = obj.box
+        draw.rectangle((x0, y0, x1 - 1, y1 - 1), outline=color, width=line)
+        tag = f"{obj.label} {obj.score:.2f}".strip()
+        left, top, right, bottom = draw.textbbox((0, 0), tag, font=font)
+        tag_w, tag_h = right - left + 6, bottom - top + 4
+        ty = y0 - tag_h if y0 - tag_h >= 0 else y0  # above the box, or inside it at the top edge
+        draw.rectangle((x0, ty, x0 + tag_w, ty + tag_h), fill=color)
+        draw.text((x0 + 3 - left, ty + 2 - top), tag, fill=(0, 0, 0), font=font)
+    return canvas

@@ -1,0 +1,126 @@
+"""Service settings, read from environment variables when the service module is imported.
+
+BentoML's own config overrides never reach `max_batch_size` / `max_latency_ms` (they are fixed when
+the service class is decorated), so every setting comes from the environment: it works for
+`bentoml serve`, a built bento and a container alike. Each variable, its default and its meaning
+are listed in `ENV_DOCS` (and in the README).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+DEFAULT_MODEL = "google/paligemma2-3b-mix-448"
+VAE_TAG = "vae-oid"
+
+ENV_DOCS: dict[str, tuple[str, str]] = {
+    "SEG_MODELS": (DEFAULT_MODEL, "comma-separated model ids to serve; the first is the default"),
+    "SEG_MODEL_SOURCE": ("store", "`store`: models from the BentoML model store (baked into a bento); "
+                                  "`hub`: download at start into the Hugging Face cache (HF_HOME)"),
+    "SEG_VAE_TAG": (VAE_TAG, "BentoML model tag of the vae-oid.npz mask decoder"),
+    "SEG_MAX_BATCH_SIZE": ("16", "largest adaptive batch the engine runs"),
+    "SEG_MAX_LATENCY_MS": ("2000", "latency target of the adaptive batcher, ms"),
+    "SEG_DEVICE": ("auto", "`auto` (GPU when present), `cuda`, `cuda:N` or `cpu`"),
+    "SEG_MAX_NEW_TOKENS": ("512", "ceiling on generated tokens per image"),
+    "SEG_OBJECTS_PER_CLASS": ("5", "objects per class the token budget leaves room for"),
+    "SEG_CONSTRAINED": ("true", "grammar-constrained decoding (well-formed objects only)"),
+    "SEG_MAX_IMAGE_BYTES": (str(20 * 1024 * 1024), "largest accepted image upload or download, bytes"),
+    "SEG_MAX_PIXELS": ("40000000", "largest accepted image, pixels (decompression-bomb guard)"),
+    "SEG_MAX_PROMPT_CHARS": ("1000", "longest accepted prompt"),
+    "SEG_MAX_CLASSES": ("32", "most classes per prompt"),
+    "SEG_MAX_BATCH_IMAGES": ("16", "most images in one /segment_batch request"),
+    "SEG_URL_ALLOWLIST": ("", "comma-separated hosts, IPs or CIDR networks that image_url may reach "
+                              "even though they are private or loopback"),
+    "SEG_FETCH_TIMEOUT_S": ("10", "connect and read timeout for image_url downloads, seconds"),
+    "SEG_REQUEST_TIMEOUT_S": ("300", "longest a request may take before the server answers 504"),
+    "SEG_MAX_CONCURRENCY": ("64", "requests handled at once; more are answered 429 at once"),
+}
+
+
+def _env(name: str) -> str:
+    return os.environ.get(name, ENV_DOCS[name][0]).strip()
+
+
+def _flag(name: str) -> bool:
+    return _env(name).lower() in ("1", "true", "yes", "on")
+
+
+def model_tag(model_id: str) -> str:
+    """The BentoML model-store name of a model id: `google/paligemma2-3b-mix-448` -> `paligemma2-3b-mix-448`."""
+    name = model_id.rstrip("/").rsplit("/", 1)[-1].lower()
+    name = re.sub(r"[^a-z0-9_.-]", "-", name).strip("-_.")
+    if not name:
+        raise ValueError(f"cannot make a model tag from {model_id!r}")
+    return name
+
+
+@dataclass(frozen=True)
+class Settings:
+    models: tuple[str, ...] = (DEFAULT_MODEL,)
+    model_source: str = "store"
+    vae_tag: str = VAE_TAG
+    max_batch_size: int = 16
+    max_latency_ms: int = 2000
+    device: str = "auto"
+    max_new_tokens: int = 512
+    objects_per_class: int = 5
+    constrained: bool = True
+    max_image_bytes: int = 20 * 1024 * 1024
+    max_pixels: int = 40_000_000
+    max_prompt_chars: int = 1000
+    max_classes: int = 32
+    max_batch_images: int = 16
+    url_allowlist: tuple[str, ...] = field(default_factory=tuple)
+    fetch_timeout_s: float = 10.0
+    request_timeout_s: float = 300.0
+    max_concurrency: int = 64
+
+    @classmethod
+    def from_env(cls) -> Settings:
+        models = tuple(m.strip() for m in _env("SEG_MODELS").split(",") if m.strip())
+        if not models:
+            raise ValueError("SEG_MODELS names no model")
+        source = _env("SEG_MODEL_SOURCE").lower()
+        if source not in ("store", "hub"):
+            raise ValueError(f"SEG_MODEL_SOURCE must be 'store' or 'hub', not {source!r}")
+        return cls(
+            models=models,
+            model_source=source,
+            vae_tag=_env("SEG_VAE_TAG"),
+            max_batch_size=int(_env("SEG_MAX_BATCH_SIZE")),
+            max_latency_ms=int(_env("SEG_MAX_LATENCY_MS")),
+            device=_env("SEG_DEVICE").lower(),
+            max_new_tokens=int(_env("SEG_MAX_NEW_TOKENS")),
+            objects_per_class=int(_env("SEG_OBJECTS_PER_CLASS")),
+            constrained=_flag("SEG_CONSTRAINED"),
+            max_image_bytes=int(_env("SEG_MAX_IMAGE_BYTES")),
+            max_pixels=int(_env("SEG_MAX_PIXELS")),
+            max_prompt_chars=int(_env("SEG_MAX_PROMPT_CHARS")),
+            max_classes=int(_env("SEG_MAX_CLASSES")),
+            max_batch_images=int(_env("SEG_MAX_BATCH_IMAGES")),
+            url_allowlist=tuple(h.strip() for h in _env("SEG_URL_ALLOWLIST").split(",") if h.strip()),
+            fetch_timeout_s=float(_env("SEG_FETCH_TIMEOUT_S")),
+            request_timeout_s=float(_env("SEG_REQUEST_TIMEOUT_S")),
+            max_concurrency=int(_env("SEG_MAX_CONCURRENCY")),
+        )
+
+    @property
+    def default_model(self) -> str:
+        return self.models[0]
+
+    @property
+    def torch_device(self) -> str | None:
+        """None lets the engine pick (GPU when present)."""
+        return None if self.device == "auto" else self.device
+
+
+def read_secret(value_env: str, file_env: str) -> str | None:
+    """A secret from `value_env`, or from the file named by `file_env` (a mounted Kubernetes secret)."""
+    value = os.environ.get(value_env, "").strip()
+    path = os.environ.get(file_env, "").strip()
+    if not value and path:
+        value = Path(path).read_text().strip()
+    return value or None

@@ -1,0 +1,311 @@
+"""BentoML service: text-prompted segmentation with PaliGemma 2, adaptively batched.
+
+Two services in one server:
+
+- `SegmentationEngine` owns the models (PaliGemma variants and the mask decoder) and exposes one
+  batchable API: BentoML gathers concurrent requests into a batch, the engine runs it and answers
+  each item with its own outcome (one item's failure never fails its neighbours).
+- `Segmentation` is the public face: it reads and checks each request, sends the model's share to
+  the engine, and pastes and encodes the masks, so CPU work runs beside the batched model work.
+
+All logic lives in the `segmentation` package; this file is glue. Settings come from environment
+variables (see `segmentation/settings.py` and the README), read when this module is imported.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+from typing import Any
+
+import bentoml
+from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.responses import JSONResponse
+
+from segmentation import api
+from segmentation.settings import Settings, model_tag, read_secret
+
+SETTINGS = Settings.from_env()
+VAE_FILE = "vae-oid.npz"
+
+STAGE_SECONDS = bentoml.metrics.Histogram(
+    name="segmentation_stage_seconds",
+    documentation="Seconds spent per request stage",
+    labelnames=["stage"],
+    buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+)
+OBJECTS = bentoml.metrics.Histogram(
+    name="segmentation_objects_per_request",
+    documentation="Objects found per image",
+    buckets=(0, 1, 2, 3, 5, 8, 13, 21, 34),
+)
+TOKENS = bentoml.metrics.Histogram(
+    name="segmentation_generated_tokens",
+    documentation="Tokens generated per image",
+    buckets=(1, 8, 16, 32, 64, 128, 256, 512, 1024),
+)
+
+
+class EngineItem(bentoml.IODescriptor):
+    """One image for the engine: the picture already resized to the model's input size."""
+
+    model: str
+    image: Image.Image
+    task: str
+    classes: list[str]
+    max_new_tokens: int | None = None
+
+
+class EngineOutcome(bentoml.IODescriptor):
+    prediction: Any = None  # segmentation.segmenter.Prediction (pickled between the services)
+    error: str | None = None
+    status: int = 200
+
+
+class SegmentationEngine:
+    def __init__(self) -> None:
+        from segmentation.engine import PaliGemmaEngine
+        from segmentation.pool import ModelPool
+        from segmentation.vae import MaskDecoder
+
+        engines = {
+            model_id: PaliGemmaEngine.from_pretrained(
+                self._model_dir(i, model_id),
+                device=SETTINGS.torch_device,
+                constrained=SETTINGS.constrained,
+                max_new_tokens=SETTINGS.max_new_tokens,
+                objects_per_class=SETTINGS.objects_per_class,
+            )
+            for i, model_id in enumerate(SETTINGS.models)
+        }
+        decoder = MaskDecoder.from_npz(Path(self.vae.path) / VAE_FILE)
+        decoder.warmup()
+        self.pool = ModelPool(engines, decoder)
+        self._warm_up()
+
+    def _model_dir(self, index: int, model_id: str) -> Path:
+        if SETTINGS.model_source == "hub":
+            from huggingface_hub import snapshot_download
+
+            token = read_secret("HF_TOKEN", "HF_TOKEN_FILE")
+            return Path(snapshot_download(model_id, token=token))
+        return Path(getattr(self, f"paligemma_{index}").path)
+
+    def _warm_up(self) -> None:
+        """One short generation per model, so /readyz turns green only when answers are fast."""
+        from segmentation.pool import PredictRequest
+        from segmentation.prompts import parse_prompt
+
+        for model_id, engine in self.pool.engines.items():
+            picture = Image.new("RGB", (engine.image_size, engine.image_size))
+            [outcome] = self.pool.predict([PredictRequest(model_id, picture, parse_prompt("cat"), max_new_tokens=2)])
+            if outcome.error:
+                raise RuntimeError(f"warm-up of {model_id} failed: {outcome.error}")
+
+    @bentoml.api
+    def describe(self) -> list[dict]:
+        """The served models: id, input size, default."""
+        return [
+            {"id": model_id, "image_size": engine.image_size, "default": model_id == self.pool.default_model}
+            for model_id, engine in self.pool.engines.items()
+        ]
+
+    @bentoml.api(batchable=True, max_batch_size=SETTINGS.max_batch_size, max_latency_ms=SETTINGS.max_latency_ms)
+    def predict(self, items: list[EngineItem]) -> list[EngineOutcome]:
+        from segmentation.pool import PredictRequest
+        from segmentation.prompts import Prompt
+
+        requests = [
+            PredictRequest(item.model, item.image, Prompt(item.task, tuple(item.classes)), item.max_new_tokens)
+            for item in items
+        ]
+        outcomes = self.pool.predict(requests)
+        answers = []
+        for outcome in outcomes:
+            for stage, seconds in outcome.timings.items():
+                STAGE_SECONDS.labels(stage=stage).observe(seconds)
+            if outcome.prediction is not None:
+                TOKENS.observe(outcome.prediction.generated_tokens)
+                OBJECTS.observe(len(outcome.prediction.objects))
+            answers.append(EngineOutcome(prediction=outcome.prediction, error=outcome.error, status=outcome.status))
+        return answers
+
+
+# The models the engine serves are class attributes, so `bentoml build` records them in the bento and
+# `containerize` bakes them into the image. Which ones is an environment variable (SEG_MODELS), so
+# they are attached before the class becomes a service (BentoML collects models at that moment).
+if SETTINGS.model_source == "store":
+    for _index, _model_id in enumerate(SETTINGS.models):
+        setattr(SegmentationEngine, f"paligemma_{_index}", bentoml.models.BentoModel(model_tag(_model_id)))
+SegmentationEngine.vae = bentoml.models.BentoModel(SETTINGS.vae_tag)
+SegmentationEngine = bentoml.service(
+    name="paligemma-engine",
+    workers=1,
+    traffic={"timeout": SETTINGS.request_timeout_s},
+    # BentoML recycles the client between services every 100 requests / 300 s, failing requests in
+    # flight ("Server disconnected"); never recycle it.
+    runner_connection={"max_requests": 10**9, "max_age": 1e9},
+)(SegmentationEngine)
+
+
+class BatchEntry(BaseModel):
+    """One image of a /segment_batch request (uploads go to /segment)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    image_url: str | None = None
+    image_base64: str | None = None
+    prompt: str = ""
+    model: str | None = None
+    mask_format: str = "rle"
+    task: str = Field("segment", pattern="^(segment|detect)$")
+
+
+@bentoml.service(
+    name="paligemma-segmentation",
+    traffic={"timeout": SETTINGS.request_timeout_s, "max_concurrency": SETTINGS.max_concurrency},
+)
+class Segmentation:
+    engine = bentoml.depends(SegmentationEngine)
+
+    def __init__(self) -> None:
+        self._models: list[dict] | None = None
+
+    async def served_models(self) -> list[dict]:
+        if self._models is None:
+            self._models = await self.engine.to_async.describe()
+        return self._models
+
+    async def _run(
+        self,
+        task: str,
+        *,
+        image: Path | None,
+        image_url: str | None,
+        image_base64: str | None,
+        prompt: str | None,
+        model: str | None,
+        mask_format: str | None,
+        return_input_image: bool = False,
+    ):
+        """Check the request, run the engine, assemble the answer: (result, picture, model)."""
+        from segmentation.images import model_input
+        from segmentation.segmenter import assemble
+
+        models = await self.served_models()
+        model_id = api.check_model(model, [m["id"] for m in models])
+        size = next(m["image_size"] for m in models if m["id"] == model_id)
+        fmt = api.check_mask_format(mask_format)
+        parsed = api.check_prompt(prompt, task, SETTINGS)
+        start = time.perf_counter()
+        original = await api.read_image(SETTINGS, image, image_url, image_base64)
+        picture = await asyncio.to_thread(model_input, original, size)
+        STAGE_SECONDS.labels(stage="decode_input").observe(time.perf_counter() - start)
+
+        [outcome] = await self.engine.to_async.predict(
+            [EngineItem(model=model_id, image=picture, task=parsed.task, classes=list(parsed.classes))]
+        )
+        if outcome.error:
+            raise api.RequestError(outcome.error, outcome.status)
+        result = assemble(outcome.prediction, original.width, original.height)
+        return result, original, (picture if return_input_image else None), model_id, fmt
+
+    async def _json(self, task: str, **kwargs) -> dict:
+        result, _, picture, model_id, fmt = await self._run(task, **kwargs)
+        start = time.perf_counter()
+        body = await asyncio.to_thread(api.response_body, result, model=model_id, mask_format=fmt, input_image=picture)
+        STAGE_SECONDS.labels(stage="encode").observe(time.perf_counter() - start)
+        return body
+
+    @bentoml.api(route="/segment")
+    async def segment(
+        self,
+        image: Path = None,  # noqa: RUF013 -- plain `Path = None`: see FIELD-NOTES (multipart and JSON on one route)
+        image_url: str | None = None,
+        image_base64: str | None = None,
+        prompt: str = "",
+        model: str | None = None,
+        mask_format: str = "rle",
+        return_input_image: bool = False,
+    ) -> dict:
+        """Segment the objects a prompt names: labels, boxes, scores and masks (rle, png, polygon)."""
+        return await _answer(self._json(
+            "segment", image=image, image_url=image_url, image_base64=image_base64, prompt=prompt,
+            model=model, mask_format=mask_format, return_input_image=return_input_image,
+        ))
+
+    @bentoml.api(route="/detect")
+    async def detect(
+        self,
+        image: Path = None,  # noqa: RUF013
+        image_url: str | None = None,
+        image_base64: str | None = None,
+        prompt: str = "",
+        model: str | None = None,
+        return_input_image: bool = False,
+    ) -> dict:
+        """Detect the objects a prompt names: labels, boxes and scores (no masks)."""
+        return await _answer(self._json(
+            "detect", image=image, image_url=image_url, image_base64=image_base64, prompt=prompt,
+            model=model, mask_format="none", return_input_image=return_input_image,
+        ))
+
+    @bentoml.api(route="/render")
+    async def render(
+        self,
+        image: Path = None,  # noqa: RUF013
+        image_url: str | None = None,
+        image_base64: str | None = None,
+        prompt: str = "",
+        model: str | None = None,
+    ) -> Image.Image:
+        """The input picture with masks, boxes, labels and scores drawn on it (PNG)."""
+        from segmentation.render import render_overlay
+
+        try:
+            result, original, _, _, _ = await self._run(
+                "segment", image=image, image_url=image_url, image_base64=image_base64, prompt=prompt,
+                model=model, mask_format="none",
+            )
+        except api.RequestError as exc:
+            return JSONResponse({"error": str(exc)}, status_code=exc.status)
+        overlay = await asyncio.to_thread(render_overlay, original, result.objects)
+        overlay.format = "PNG"
+        return overlay
+
+    @bentoml.api(route="/segment_batch")
+    async def segment_batch(self, requests: list[BatchEntry]) -> list[dict]:
+        """Several images in one request (by URL or base64), answered in order; each entry may fail alone."""
+        if not requests:
+            return JSONResponse({"error": "requests is empty; send a list of entries"}, status_code=400)
+        if len(requests) > SETTINGS.max_batch_images:
+            return JSONResponse(
+                {"error": f"{len(requests)} entries sent; the limit is {SETTINGS.max_batch_images} per request"},
+                status_code=400,
+            )
+
+        async def one(entry: BatchEntry) -> dict:
+            try:
+                return await self._json(
+                    entry.task, image=None, image_url=entry.image_url, image_base64=entry.image_base64,
+                    prompt=entry.prompt, model=entry.model, mask_format=entry.mask_format,
+                )
+            except api.RequestError as exc:
+                return {"error": str(exc), "status": exc.status}
+
+        return list(await asyncio.gather(*(one(entry) for entry in requests)))
+
+    @bentoml.api(route="/models")
+    async def models(self) -> dict:
+        """The served models with their input size; `default` marks the one used when none is named."""
+        return {"models": await self.served_models()}
+
+
+async def _answer(work) -> dict | JSONResponse:
+    """The API's answer, or a 4xx/5xx JSON error `{"error": message}` for a RequestError."""
+    try:
+        return await work
+    except api.RequestError as exc:
+        return JSONResponse({"error": str(exc)}, status_code=exc.status)

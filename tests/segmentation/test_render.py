@@ -1,0 +1,36 @@
+import numpy as np
+import pytest
+from PIL import Image
+
+from segmentation.render import render_overlay
+from segmentation.results import DetectedObject
+
+
+@pytest.mark.parametrize(("w", "h"), [(320, 240), (50, 90), (1024, 64)])
+def test_overlay_colours_masks_and_leaves_the_rest(w, h):
+    image = Image.fromarray(np.full((h, w, 3), 128, np.uint8))
+    mask = np.zeros((h, w), bool)
+    box = (w // 4, h // 2, w // 2, h - 1)
+    mask[box[1] + 3:box[3] - 3, box[0] + 3:box[2] - 3] = True
+    obj = DetectedObject(label="cat", score=0.87, box=box, box_normalized=(0, 0, 0, 0), mask=mask)
+    overlay = render_overlay(image, [obj])
+    assert overlay.mode == "RGB" and overlay.size == (w, h) and overlay.format is None
+    pixels = np.asarray(overlay)
+    assert (pixels[mask] != 128).any(axis=-1).all()
+    # Far from the box and its label tag nothing changes.
+    far = np.ones((h, w), bool)
+    far[max(box[1] - 40, 0):box[3] + 2, max(box[0] - 2, 0):] = False
+    assert (pixels[far] == 128).all()
+
+
+def test_detections_without_masks_draw_boxes_only():
+    image = Image.new("RGB", (100, 100), (0, 0, 0))
+    obj = DetectedObject(label="dog", score=0.5, box=(40, 40, 90, 90), box_normalized=(0, 0, 0, 0))
+    pixels = np.asarray(render_overlay(image, [obj]))
+    assert pixels[60, 89].any()  # right edge of the box
+    assert not pixels[65, 65].any()  # inside the box, nothing drawn
+
+
+def test_grayscale_input_becomes_rgb():
+    overlay = render_overlay(Image.new("L", (30, 20), 7), [])
+    assert overlay.mode == "RGB" and overlay.size == (30, 20)

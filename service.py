@@ -59,7 +59,7 @@ class EngineItem(bentoml.IODescriptor):
 
 
 class EngineOutcome(bentoml.IODescriptor):
-    prediction: Any = None  # segmentation.segmenter.Prediction (pickled between the services)
+    prediction: dict[str, Any] | None = None  # segmentation.segmenter.Prediction.to_dict()
     error: str | None = None
     status: int = 200
 
@@ -129,7 +129,11 @@ class SegmentationEngine:
             if outcome.prediction is not None:
                 TOKENS.observe(outcome.prediction.generated_tokens)
                 OBJECTS.observe(len(outcome.prediction.objects))
-            answers.append(EngineOutcome(prediction=outcome.prediction, error=outcome.error, status=outcome.status))
+            answers.append(EngineOutcome(
+                prediction=outcome.prediction.to_dict() if outcome.prediction else None,
+                error=outcome.error,
+                status=outcome.status,
+            ))
         return answers
 
 
@@ -192,7 +196,7 @@ class Segmentation:
     ):
         """Check the request, run the engine, assemble the answer: (result, picture, model)."""
         from segmentation.images import model_input
-        from segmentation.segmenter import assemble
+        from segmentation.segmenter import Prediction, assemble
 
         models = await self.served_models()
         model_id = api.check_model(model, [m["id"] for m in models])
@@ -209,7 +213,7 @@ class Segmentation:
         )
         if outcome.error:
             raise api.RequestError(outcome.error, outcome.status)
-        result = assemble(outcome.prediction, original.width, original.height)
+        result = assemble(Prediction.from_dict(outcome.prediction), original.width, original.height)
         return result, original, (picture if return_input_image else None), model_id, fmt
 
     async def _json(self, task: str, **kwargs) -> dict:

@@ -49,6 +49,7 @@ def render_overlay(
         left, top, right, bottom = draw.textbbox((0, 0), tag, font=font)
         tag_w, tag_h = right - left + 6, bottom - top + 4
         ty = y0 - tag_h if y0 - tag_h >= 0 else y0  # above the box, or inside it at the top edge
-        draw.rectangle((x0, ty, x0 + tag_w, ty + tag_h), fill=color)
-        draw.text((x0 + 3 - left, ty + 2 - top), tag, fill=(0, 0, 0), font=font)
+        tx = max(0, min(x0, canvas.width - tag_w))  # keep the tag on the picture
+        draw.rectangle((tx, ty, tx + tag_w, ty + tag_h), fill=color)
+        draw.text((tx + 3 - left, ty + 2 - top), tag, fill=(0, 0, 0), font=font)
     return canvas

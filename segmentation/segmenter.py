@@ -18,7 +18,7 @@ certain of every box and label token.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +48,21 @@ class Prediction:
     text: str
     objects: list[ObjectPrediction] = field(default_factory=list)
     generated_tokens: int = 0
+
+    def to_dict(self) -> dict:
+        """Plain types (and float32 arrays) for crossing a process boundary."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Prediction:
+        objects = [
+            ObjectPrediction(
+                label=o["label"], locs=tuple(o["locs"]), score=float(o["score"]),
+                mask64=None if o["mask64"] is None else np.asarray(o["mask64"], dtype=np.float32),
+            )
+            for o in data["objects"]
+        ]
+        return cls(data["prompt"], data["text"], objects, int(data["generated_tokens"]))
 
 
 def object_score(obj: ParsedObject, generation: Generation, seg_ids: frozenset[int]) -> float:

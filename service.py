@@ -15,10 +15,12 @@ variables (see `segmentation/settings.py` and the README), read when this module
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from pathlib import Path
 from typing import Any
 
+import _bentoml_impl.serde as _bentoml_serde
 import bentoml
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
@@ -29,6 +31,21 @@ from segmentation.settings import Settings, model_tag, read_secret
 
 SETTINGS = Settings.from_env()
 VAE_FILE = "vae-oid.npz"
+
+
+@contextlib.contextmanager
+def _refuse_bentoml_downloads():
+    raise bentoml.exceptions.BadInput(
+        "a URL was sent in place of the image file; send the file itself as 'image', "
+        "or the URL as 'image_url' (which is checked against the server's URL policy)"
+    )
+    yield  # pragma: no cover
+
+
+# BentoML downloads a URL itself when one arrives where a file is expected (a multipart text part
+# named `image`, or a JSON body that is a bare URL), before any API code runs: a way around the URL
+# policy of `image_url`. Every such download goes through this one context manager; refuse them all.
+_bentoml_serde.make_safe_connect = _refuse_bentoml_downloads
 
 STAGE_SECONDS = bentoml.metrics.Histogram(
     name="segmentation_stage_seconds",
@@ -208,9 +225,13 @@ class Segmentation:
         picture = await asyncio.to_thread(model_input, original, size)
         STAGE_SECONDS.labels(stage="decode_input").observe(time.perf_counter() - start)
 
-        [outcome] = await self.engine.to_async.predict(
-            [EngineItem(model=model_id, image=picture, task=parsed.task, classes=list(parsed.classes))]
-        )
+        try:
+            [outcome] = await self.engine.to_async.predict(
+                [EngineItem(model=model_id, image=picture, task=parsed.task, classes=list(parsed.classes))]
+            )
+        except bentoml.exceptions.ServiceUnavailable as exc:
+            # The adaptive batcher sheds load it cannot serve within SEG_MAX_LATENCY_MS.
+            raise api.RequestError("the model is overloaded; retry in a few seconds", 503) from exc
         if outcome.error:
             raise api.RequestError(outcome.error, outcome.status)
         result = assemble(Prediction.from_dict(outcome.prediction), original.width, original.height)

@@ -94,19 +94,28 @@ async def _fetch_once(url: str, policy: UrlPolicy) -> bytes | str:
     addresses = await resolve(host, port)
     for address in addresses:
         policy.check_address(host, address)
-    pinned = addresses[0]
-    target = parsed.copy_with(host=pinned if ":" not in pinned else f"[{pinned}]")
     headers = {"Host": parsed.netloc.decode("ascii"), "Accept": "image/*"}
     extensions = {"sni_hostname": host} if parsed.scheme == "https" else {}
-    timeout = httpx.Timeout(policy.timeout_s)
+    last_error: Exception | None = None
+    for address in addresses:  # connect only to checked addresses, in the resolver's order
+        target = parsed.copy_with(host=address if ":" not in address else f"[{address}]")
+        try:
+            return await _get(target, headers, extensions, parsed, policy)
+        except httpx.ConnectError as exc:
+            last_error = exc
+    raise FetchError(f"image_url could not be reached: {last_error}", status=400)
+
+
+async def _get(target: httpx.URL, headers: dict, extensions: dict, parsed: httpx.URL, policy: UrlPolicy):
     try:
-        async with httpx.AsyncClient(timeout=timeout, follow_redirects=False, trust_env=False) as client:
+        async with httpx.AsyncClient(
+            timeout=httpx.Timeout(policy.timeout_s), follow_redirects=False, trust_env=False
+        ) as client:
             request = client.build_request("GET", target, headers=headers, extensions=extensions)
             response = await client.send(request, stream=True)
             try:
                 if response.is_redirect:
-                    location = response.headers.get("location", "")
-                    return str(parsed.join(location))
+                    return str(parsed.join(response.headers.get("location", "")))
                 if response.status_code != 200:
                     raise FetchError(f"image_url answered HTTP {response.status_code}", status=400)
                 kind = response.headers.get("content-type", "").split(";")[0].strip().lower()
@@ -123,6 +132,8 @@ async def _fetch_once(url: str, policy: UrlPolicy) -> bytes | str:
                 return bytes(body)
             finally:
                 await response.aclose()
+    except httpx.ConnectError:
+        raise
     except httpx.TimeoutException as exc:
         raise FetchError(f"image_url timed out after {policy.timeout_s:g}s", status=400) from exc
     except httpx.HTTPError as exc:

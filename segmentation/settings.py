@@ -22,7 +22,8 @@ ENV_DOCS: dict[str, tuple[str, str]] = {
                                   "`hub`: download at start into the Hugging Face cache (HF_HOME)"),
     "SEG_VAE_TAG": (VAE_TAG, "BentoML model tag of the vae-oid.npz mask decoder"),
     "SEG_MAX_BATCH_SIZE": ("16", "largest adaptive batch the engine runs"),
-    "SEG_MAX_LATENCY_MS": ("2000", "latency target of the adaptive batcher, ms"),
+    "SEG_MAX_LATENCY_MS": ("20000", "longest a request may wait for and in its batch before the batcher "
+                                    "sheds it with 503, ms"),
     "SEG_DEVICE": ("auto", "`auto` (GPU when present), `cuda`, `cuda:N` or `cpu`"),
     "SEG_MAX_NEW_TOKENS": ("512", "ceiling on generated tokens per image"),
     "SEG_OBJECTS_PER_CLASS": ("5", "objects per class the token budget leaves room for"),
@@ -63,7 +64,7 @@ class Settings:
     model_source: str = "store"
     vae_tag: str = VAE_TAG
     max_batch_size: int = 16
-    max_latency_ms: int = 2000
+    max_latency_ms: int = 20000
     device: str = "auto"
     max_new_tokens: int = 512
     objects_per_class: int = 5

@@ -69,7 +69,7 @@ def start_server(home: Path, extra_env: dict[str, str] | None = None, target: st
         **os.environ,
         "BENTOML_HOME": str(home),
         "SEG_MODELS": DEMO_MODEL,
-        "SEG_MAX_LATENCY_MS": "5000",
+        "SEG_MAX_LATENCY_MS": "60000",
         **(extra_env or {}),
     }
     with log.open("wb") as out:

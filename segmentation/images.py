@@ -41,7 +41,9 @@ def open_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Im
             image.load()
     except ImageError:
         raise
-    except (UnidentifiedImageError, Image.DecompressionBombError) as exc:
+    except Image.DecompressionBombError as exc:  # past twice Pillow's own limit: refused while opening
+        raise ImageTooLarge(f"the image is too large ({exc}); the limit is {max_pixels} pixels") from exc
+    except UnidentifiedImageError as exc:
         raise ImageError(
             f"the data is not a readable image ({exc}); accepted formats: {', '.join(ACCEPTED_FORMATS)}"
         ) from exc

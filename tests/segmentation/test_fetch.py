@@ -4,9 +4,9 @@ import asyncio
 import io
 
 import pytest
+from imageserver import ImageServer
 from PIL import Image
 
-from imageserver import ImageServer
 from segmentation.fetch import FetchError, UrlPolicy, fetch_image
 
 

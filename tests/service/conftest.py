@@ -105,3 +105,4 @@ def server(server_home):
     srv = start_server(server_home, {"SEG_URL_ALLOWLIST": "localhost"})
     yield srv
     kill_tree(srv.process.pid)
+

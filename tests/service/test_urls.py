@@ -4,9 +4,8 @@ import io
 
 import httpx
 import pytest
-from PIL import Image
-
 from imageserver import ImageServer
+from PIL import Image
 
 
 @pytest.fixture(scope="module")

@@ -4,11 +4,11 @@ PYTHON_BIN ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-FIXTURES := .fixtures/tiny
+FIXTURES ?= .fixtures/tiny
 PORT ?= 3000
 export BENTOML_HOME ?= $(CURDIR)/.bentoml
 
-.PHONY: install test lint fixtures import-demo demo serve clean
+.PHONY: install test lint fixtures import-demo demo serve build clean
 
 # The demo serves a random-weight model with the real architecture under this id.
 DEMO_MODEL := demo/paligemma2-tiny-random
@@ -48,6 +48,16 @@ demo: fixtures import-demo
 # Serve whatever SEG_MODELS names from the model store (import them first, see the README).
 serve: install
 	$(VENV)/bin/bentoml serve service:Segmentation --host 127.0.0.1 --port $(PORT)
+
+# Build the bento into $(BENTOML_HOME): the models named by SEG_MODELS (import them first), or the
+# demo fixtures when SEG_MODELS is unset. The last line printed is the bento tag.
+build: install
+ifeq ($(strip $(SEG_MODELS)),)
+	$(MAKE) --no-print-directory import-demo
+	SEG_MODELS=$(DEMO_MODEL) $(PY) scripts/build_bento.py
+else
+	$(PY) scripts/build_bento.py
+endif
 
 clean:
 	rm -rf $(VENV) .fixtures .pytest_cache .ruff_cache

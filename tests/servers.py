@@ -1,0 +1,92 @@
+"""Starting and stopping a real `bentoml serve` on 127.0.0.1 for tests."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import psutil
+
+ROOT = Path(__file__).resolve().parents[2]
+DEMO_MODEL = "demo/paligemma2-tiny-random"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def kill_tree(pid: int) -> None:
+    """BentoML workers live in process groups of their own: kill every descendant."""
+    try:
+        parent = psutil.Process(pid)
+    except psutil.NoSuchProcess:
+        return
+    procs = parent.children(recursive=True) + [parent]
+    for proc in procs:
+        try:
+            proc.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=10)
+    for proc in alive:
+        proc.kill()
+
+
+@dataclass
+class Server:
+    url: str
+    home: Path
+    process: subprocess.Popen
+    log: Path
+
+    def logs(self) -> str:
+        return self.log.read_text(errors="replace")[-5000:]
+
+
+def import_fixtures(home: Path, fixtures: Path, model_id: str = DEMO_MODEL) -> None:
+    env = {**os.environ, "BENTOML_HOME": str(home)}
+    subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "import_models.py"), "--local", str(fixtures / "paligemma"),
+         "--as", model_id, "--vae-file", str(fixtures / "vae-oid.npz")],
+        env=env, check=True, capture_output=True,
+    )
+
+
+def start_server(home: Path, extra_env: dict[str, str] | None = None, target: str = "service:Segmentation",
+                 ready_timeout: float = 180) -> Server:
+    port = free_port()
+    log = home / f"server-{port}.log"
+    env = {
+        **os.environ,
+        "BENTOML_HOME": str(home),
+        "SEG_MODELS": DEMO_MODEL,
+        "SEG_MAX_LATENCY_MS": "60000",
+        **(extra_env or {}),
+    }
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "bentoml", "serve", target, "--host", "127.0.0.1", "--port", str(port)],
+            cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
+        )
+    server = Server(f"http://127.0.0.1:{port}", home, process, log)
+    deadline = time.monotonic() + ready_timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode}:\n{server.logs()}")
+        try:
+            # Short timeouts: /readyz can hang while the engine is still loading.
+            if httpx.get(server.url + "/readyz", timeout=2).status_code == 200:
+                return server
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    kill_tree(process.pid)
+    raise RuntimeError(f"server not ready after {ready_timeout}s:\n{server.logs()}")

@@ -17,6 +17,7 @@ certain of every box and label token.
 
 from __future__ import annotations
 
+import base64
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -50,15 +51,20 @@ class Prediction:
     generated_tokens: int = 0
 
     def to_dict(self) -> dict:
-        """Plain types (and float32 arrays) for crossing a process boundary."""
-        return asdict(self)
+        """JSON-ready types for crossing a process boundary; masks as base64 float32 (exact, compact)."""
+        data = asdict(self)
+        for obj in data["objects"]:
+            if obj["mask64"] is not None:
+                obj["mask64"] = base64.b64encode(np.ascontiguousarray(obj["mask64"], "<f4").tobytes()).decode()
+        return data
 
     @classmethod
     def from_dict(cls, data: dict) -> Prediction:
         objects = [
             ObjectPrediction(
                 label=o["label"], locs=tuple(o["locs"]), score=float(o["score"]),
-                mask64=None if o["mask64"] is None else np.asarray(o["mask64"], dtype=np.float32),
+                mask64=None if o["mask64"] is None else np.frombuffer(
+                    base64.b64decode(o["mask64"]), dtype="<f4").reshape(64, 64).astype(np.float32),
             )
             for o in data["objects"]
         ]

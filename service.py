@@ -27,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.responses import JSONResponse
 
 from segmentation import api
+from segmentation.guard import RequestGuard
 from segmentation.settings import Settings, model_tag, read_secret
 
 SETTINGS = Settings.from_env()
@@ -326,6 +327,15 @@ class Segmentation:
     async def models(self) -> dict:
         """The served models with their input size; `default` marks the one used when none is named."""
         return {"models": await self.served_models()}
+
+
+Segmentation.add_asgi_middleware(
+    RequestGuard,
+    api_keys=SETTINGS.api_keys,
+    metrics_public=SETTINGS.metrics_public,
+    max_body_bytes={"/segment_batch": SETTINGS.max_body_bytes(SETTINGS.max_batch_images)},
+    default_max_body_bytes=SETTINGS.max_body_bytes(),
+)
 
 
 async def _answer(work) -> dict | JSONResponse:

@@ -38,6 +38,9 @@ ENV_DOCS: dict[str, tuple[str, str]] = {
     "SEG_FETCH_TIMEOUT_S": ("10", "connect and read timeout for image_url downloads, seconds"),
     "SEG_REQUEST_TIMEOUT_S": ("300", "longest a request may take before the server answers 504"),
     "SEG_MAX_CONCURRENCY": ("64", "requests handled at once; more are answered 429 at once"),
+    "SEG_API_KEY": ("", "comma-separated API keys; when set, API routes need `Authorization: Bearer <key>`"),
+    "SEG_API_KEY_FILE": ("", "file holding the API keys (a mounted secret), one per line or comma-separated"),
+    "SEG_METRICS_PUBLIC": ("true", "serve /metrics without an API key"),
 }
 
 
@@ -78,6 +81,8 @@ class Settings:
     fetch_timeout_s: float = 10.0
     request_timeout_s: float = 300.0
     max_concurrency: int = 64
+    api_keys: tuple[str, ...] = field(default_factory=tuple)
+    metrics_public: bool = True
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -106,11 +111,17 @@ class Settings:
             fetch_timeout_s=float(_env("SEG_FETCH_TIMEOUT_S")),
             request_timeout_s=float(_env("SEG_REQUEST_TIMEOUT_S")),
             max_concurrency=int(_env("SEG_MAX_CONCURRENCY")),
+            api_keys=tuple(k for k in re.split(r"[,\s]+", read_secret("SEG_API_KEY", "SEG_API_KEY_FILE") or "") if k),
+            metrics_public=_flag("SEG_METRICS_PUBLIC"),
         )
 
     @property
     def default_model(self) -> str:
         return self.models[0]
+
+    def max_body_bytes(self, images: int = 1) -> int:
+        """The largest request body for `images` images: base64 inflates by 4/3; 64 KiB for the rest."""
+        return images * (self.max_image_bytes * 4 // 3 + 4) + 64 * 1024
 
     @property
     def torch_device(self) -> str | None:

@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import psutil
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 DEMO_MODEL = "demo/paligemma2-tiny-random"
 
 

@@ -1,0 +1,129 @@
+"""API keys, request-size caps and input limits on a server started with tight settings."""
+
+from __future__ import annotations
+
+import base64
+import io
+
+import bentoml
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from servers import kill_tree, start_server
+
+KEY = "s3cret-key"
+MAX_IMAGE_BYTES = 300_000
+
+
+@pytest.fixture(scope="module")
+def guarded(server_home, tmp_path_factory):
+    key_file = tmp_path_factory.mktemp("secrets") / "api_key"
+    key_file.write_text(f"other-key\n{KEY}\n")
+    srv = start_server(server_home, {
+        "SEG_API_KEY_FILE": str(key_file),
+        "SEG_METRICS_PUBLIC": "false",
+        "SEG_MAX_IMAGE_BYTES": str(MAX_IMAGE_BYTES),
+        "SEG_MAX_PIXELS": "1000000",
+        "SEG_MAX_CLASSES": "8",
+    })
+    yield srv
+    kill_tree(srv.process.pid)
+
+
+def png(width=64, height=48) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (height, width, 3), dtype=np.uint8)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+AUTH = {"Authorization": f"Bearer {KEY}"}
+
+
+def body(**extra):
+    return {"image_base64": base64.b64encode(png()).decode(), "prompt": "cat", **extra}
+
+
+@pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY},
+                                     {"Authorization": "Basic " + KEY}])
+@pytest.mark.parametrize("route", ["/segment", "/detect", "/render", "/models", "/segment_batch", "/metrics"])
+def test_routes_need_the_key(guarded, route, headers):
+    response = httpx.post(guarded.url + route, json=body(), headers=headers, timeout=30) if route != "/metrics" \
+        else httpx.get(guarded.url + route, headers=headers, timeout=30)
+    assert response.status_code == 401
+    assert "Authorization: Bearer" in response.json()["error"]
+
+
+def test_the_right_key_works_over_http_and_the_python_client(guarded, tmp_path):
+    assert httpx.post(guarded.url + "/segment", json=body(), headers=AUTH, timeout=60).status_code == 200
+    assert httpx.get(guarded.url + "/metrics", headers=AUTH, timeout=30).status_code == 200
+    picture = tmp_path / "x.png"
+    picture.write_bytes(png())
+    with bentoml.SyncHTTPClient(guarded.url, token=KEY, timeout=60) as client:
+        assert client.segment(image=picture, prompt="cat")["width"] == 64
+
+
+@pytest.mark.parametrize("route", ["/livez", "/readyz", "/docs.json"])
+def test_health_and_docs_stay_open(guarded, route):
+    assert httpx.get(guarded.url + route, timeout=10).status_code == 200
+
+
+def test_oversized_upload_is_refused_before_it_is_read(guarded):
+    blob = b"\0" * 3_000_000
+    response = httpx.post(guarded.url + "/segment", files={"image": ("big.png", blob, "image/png")},
+                          data={"prompt": "cat"}, headers=AUTH, timeout=30)
+    assert response.status_code == 413 and "limit" in response.json()["error"]
+
+
+def test_oversized_chunked_body_is_cut_off(guarded):
+    def chunks():
+        for _ in range(100):
+            yield b"x" * 65536
+
+    response = httpx.post(guarded.url + "/segment", content=chunks(), headers={**AUTH, "Content-Type": "application/json"},
+                          timeout=30)
+    assert response.status_code == 413
+
+
+def test_upload_over_the_image_limit_but_under_the_body_cap(guarded):
+    blob = png() + b"\0" * (MAX_IMAGE_BYTES + 10)
+    response = httpx.post(guarded.url + "/segment", files={"image": ("x.png", blob, "application/octet-stream")},
+                          data={"prompt": "cat"}, headers=AUTH, timeout=30)
+    assert response.status_code == 413 and f"limit is {MAX_IMAGE_BYTES}" in response.json()["error"]
+
+
+def test_too_many_pixels(guarded):
+    buffer = io.BytesIO()
+    Image.new("RGB", (2000, 1000)).save(buffer, "PNG")  # 2 MP, small file
+    response = httpx.post(guarded.url + "/segment", json={"image_base64": base64.b64encode(buffer.getvalue()).decode(),
+                                                          "prompt": "cat"}, headers=AUTH, timeout=30)
+    assert response.status_code == 413 and "2000x1000" in response.json()["error"]
+
+
+@pytest.mark.parametrize(
+    ("prompt", "message"),
+    [("x" * 100_000, "limit is 1000"), (";".join("c" for _ in range(300)), "300 classes; the limit is 8"),
+     ("cat\x00dog", "U+0000")],
+)
+def test_prompt_limits(guarded, prompt, message):
+    response = httpx.post(guarded.url + "/segment", json=body(prompt=prompt), headers=AUTH, timeout=30)
+    assert response.status_code == 400 and message in response.json()["error"]
+
+
+def test_octet_stream_upload_is_judged_by_content(guarded, tmp_path):
+    response = httpx.post(guarded.url + "/segment", files={"image": ("blob", png(), "application/octet-stream")},
+                          data={"prompt": "cat"}, headers=AUTH, timeout=60)
+    assert response.status_code == 200
+
+
+def test_exif_rotated_upload_reports_upright_size(guarded):
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buffer = io.BytesIO()
+    Image.new("RGB", (80, 30), (10, 200, 10)).save(buffer, "JPEG", exif=exif)
+    response = httpx.post(guarded.url + "/segment", files={"image": ("r.jpg", buffer.getvalue(), "image/jpeg")},
+                          data={"prompt": "cat"}, headers=AUTH, timeout=60)
+    assert (response.json()["width"], response.json()["height"]) == (30, 80)
+
+

@@ -20,7 +20,7 @@ def test_overlay_colours_masks_and_leaves_the_rest(w, h):
     # Outside the rows of the box and of its label tag (which may shift left to stay on the picture)
     # nothing changes.
     far = np.ones((h, w), bool)
-    far[max(box[1] - 40, 0):box[3] + 2, :] = False
+    far[max(box[1] - 20, 0):box[3] + 2, :] = False
     assert far.any()
     assert (pixels[far] == 128).all()
 

@@ -10,7 +10,6 @@ import httpx
 import numpy as np
 import pytest
 from PIL import Image
-
 from servers import kill_tree, start_server
 
 KEY = "s3cret-key"
@@ -81,8 +80,8 @@ def test_oversized_chunked_body_is_cut_off(guarded):
         for _ in range(100):
             yield b"x" * 65536
 
-    response = httpx.post(guarded.url + "/segment", content=chunks(), headers={**AUTH, "Content-Type": "application/json"},
-                          timeout=30)
+    headers = {**AUTH, "Content-Type": "application/json"}
+    response = httpx.post(guarded.url + "/segment", content=chunks(), headers=headers, timeout=30)
     assert response.status_code == 413
 
 

@@ -172,6 +172,24 @@ SegmentationEngine = bentoml.service(
 )(SegmentationEngine)
 
 
+def strict_api(**options):
+    """`bentoml.api` whose request body may hold only the method's own fields.
+
+    BentoML silently ignores unknown fields, so a typo such as `mask-format` would be answered as if
+    the field were absent; this answers 400 naming the field instead.
+    """
+
+    def decorate(func):
+        inferred = bentoml.IODescriptor.from_input(func, skip_self=True)
+        strict = type(f"{func.__name__.title()}Input", (inferred,), {
+            "model_config": ConfigDict(**{**inferred.model_config, "extra": "forbid"}),
+            "__module__": func.__module__,
+        })
+        return bentoml.api(input_spec=strict, **options)(func)
+
+    return decorate
+
+
 class BatchEntry(BaseModel):
     """One image of a /segment_batch request (uploads go to /segment)."""
 
@@ -245,7 +263,7 @@ class Segmentation:
         STAGE_SECONDS.labels(stage="encode").observe(time.perf_counter() - start)
         return body
 
-    @bentoml.api(route="/segment")
+    @strict_api(route="/segment")
     async def segment(
         self,
         image: Path = None,  # noqa: RUF013 -- plain `Path = None`: see FIELD-NOTES (multipart and JSON on one route)
@@ -262,7 +280,7 @@ class Segmentation:
             model=model, mask_format=mask_format, return_input_image=return_input_image,
         ))
 
-    @bentoml.api(route="/detect")
+    @strict_api(route="/detect")
     async def detect(
         self,
         image: Path = None,  # noqa: RUF013
@@ -278,7 +296,7 @@ class Segmentation:
             model=model, mask_format="none", return_input_image=return_input_image,
         ))
 
-    @bentoml.api(route="/render")
+    @strict_api(route="/render")
     async def render(
         self,
         image: Path = None,  # noqa: RUF013
@@ -301,7 +319,7 @@ class Segmentation:
         overlay.format = "PNG"
         return overlay
 
-    @bentoml.api(route="/segment_batch")
+    @strict_api(route="/segment_batch")
     async def segment_batch(self, requests: list[BatchEntry]) -> list[dict]:
         """Several images in one request (by URL or base64), answered in order; each entry may fail alone."""
         if not requests:

@@ -190,3 +190,22 @@ def test_client_mistakes_are_4xx_with_a_message(server, images, kwargs, status, 
     # ...and the server keeps serving.
     ok = httpx.post(server.url + "/segment", json={"image_base64": b64(images[3]), "prompt": "cat"}, timeout=60)
     assert ok.status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [({"prompt": "cat", "mask-format": "png"}, "mask-format"),
+     ({"prompt": ["cat"]}, "prompt"),
+     ({"prompt": "cat", "return_input_image": "maybe"}, "return_input_image")],
+)
+def test_unknown_fields_and_wrong_types_are_400(server, images, body, message):
+    response = httpx.post(server.url + "/segment", json={"image_base64": b64(images[3]), **body}, timeout=60)
+    assert response.status_code == 400, response.text
+    assert message in response.text
+
+
+def test_unknown_multipart_field_is_400(server, images):
+    with images[3].open("rb") as f:
+        response = httpx.post(server.url + "/segment", files={"image": f}, data={"prompt": "cat", "promt": "x"},
+                              timeout=60)
+    assert response.status_code == 400 and "promt" in response.text

@@ -27,11 +27,36 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.responses import JSONResponse
 
 from segmentation import api
+from segmentation.checkpoints import CheckpointError, check_paligemma_dir, load_vae_checkpoint
 from segmentation.guard import RequestGuard
 from segmentation.settings import Settings, model_tag, read_secret
 
 SETTINGS = Settings.from_env()
 VAE_FILE = "vae-oid.npz"
+
+
+def _stored_path(tag: str) -> Path:
+    try:
+        return Path(bentoml.models.get(tag).path)
+    except bentoml.exceptions.NotFound as exc:
+        raise CheckpointError(
+            f"model {tag!r} is not in the BentoML model store ({exc}); import it with scripts/import_models.py"
+        ) from exc
+
+
+def _preflight() -> None:
+    """Check every model file now: a bad one stops `bentoml serve` with its name, instead of
+    crashing the engine worker, which BentoML would restart forever."""
+    try:
+        if SETTINGS.model_source == "store":
+            for model_id in SETTINGS.models:
+                check_paligemma_dir(_stored_path(model_tag(model_id)))
+        load_vae_checkpoint(_stored_path(SETTINGS.vae_tag) / VAE_FILE)
+    except CheckpointError as exc:
+        raise SystemExit(f"cannot serve: {exc}") from None
+
+
+_preflight()
 
 
 @contextlib.contextmanager

@@ -28,6 +28,10 @@ _CORPUS_WORDS = (
     "the a an on of in left right top bottom red blue green yellow black white big small ; , ."
 ).split()
 
+_GEMMA2_2B = dict(hidden_size=2304, intermediate_size=9216, num_hidden_layers=26, num_attention_heads=8,
+                  num_key_value_heads=4, head_dim=256)
+_SIGLIP_SO400M = dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16)
+
 # Architecture sizes. `3b-224` / `3b-448` are the real paligemma2-3b-mix shapes (random weights,
 # several GB): they let benchmarks measure the real compute on a GPU without the real checkpoint.
 SIZES: dict[str, dict] = {
@@ -43,18 +47,8 @@ SIZES: dict[str, dict] = {
         vision=dict(hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4),
         image_size=224,
     ),
-    "3b-224": dict(
-        text=dict(hidden_size=2304, intermediate_size=9216, num_hidden_layers=26, num_attention_heads=8,
-                  num_key_value_heads=4, head_dim=256),
-        vision=dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16),
-        image_size=224,
-    ),
-    "3b-448": dict(
-        text=dict(hidden_size=2304, intermediate_size=9216, num_hidden_layers=26, num_attention_heads=8,
-                  num_key_value_heads=4, head_dim=256),
-        vision=dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16),
-        image_size=448,
-    ),
+    "3b-224": dict(text=_GEMMA2_2B, vision=_SIGLIP_SO400M, image_size=224),
+    "3b-448": dict(text=_GEMMA2_2B, vision=_SIGLIP_SO400M, image_size=448),
 }
 
 

@@ -24,33 +24,13 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-NUM_CODES = 128
+from .checkpoints import EMBEDDING_DIM, NUM_CODES, RESBLOCKS, UPSAMPLES, load_vae_checkpoint  # noqa: E402
+from .checkpoints import vae_shapes as expected_shapes  # noqa: E402, F401  (re-exported)
+
 CODES_PER_MASK = 16
-EMBEDDING_DIM = 512
 MASK_SIZE = 64
 BUCKETS = (1, 4, 16, 64)
 
-_RESBLOCKS = ("decoder.2.net", "decoder.3.net")
-_UPSAMPLES = (("decoder.4", 128, 128), ("decoder.6", 128, 64), ("decoder.8", 64, 32), ("decoder.10", 32, 16))
-
-
-def expected_shapes() -> dict[str, tuple[int, ...]]:
-    """Every tensor the decoder reads, with its PyTorch shape."""
-    shapes = {
-        "_vq_vae._embedding": (NUM_CODES, EMBEDDING_DIM),
-        "decoder.0.weight": (128, EMBEDDING_DIM, 1, 1),
-        "decoder.0.bias": (128,),
-        "decoder.12.weight": (1, 16, 1, 1),
-        "decoder.12.bias": (1,),
-    }
-    for block in _RESBLOCKS:
-        for layer, kernel in (("0", 3), ("2", 3), ("4", 1)):
-            shapes[f"{block}.{layer}.weight"] = (128, 128, kernel, kernel)
-            shapes[f"{block}.{layer}.bias"] = (128,)
-    for name, cin, cout in _UPSAMPLES:
-        shapes[f"{name}.weight"] = (cin, cout, 4, 4)  # ConvTranspose2d: [in, out, kh, kw]
-        shapes[f"{name}.bias"] = (cout,)
-    return shapes
 
 
 def _conv_kernel(weight: np.ndarray) -> np.ndarray:
@@ -95,20 +75,9 @@ class MaskDecoder:
 
     @classmethod
     def from_npz(cls, path: str | Path, device=None) -> MaskDecoder:
-        """Load big_vision's `vae-oid.npz` (or a file with its layout); ValueError says what is wrong."""
-        path = Path(path)
-        try:
-            with np.load(path, allow_pickle=False) as data:
-                arrays = {key: data[key] for key in data.files}
-        except FileNotFoundError:
-            raise
-        except Exception as exc:  # zipfile, pickle and format errors alike
-            raise ValueError(f"{path}: not a readable npz checkpoint ({type(exc).__name__}: {exc})") from exc
-        for key, shape in expected_shapes().items():
-            if key not in arrays:
-                raise ValueError(f"{path}: missing tensor {key!r} (expected shape {shape})")
-            if tuple(arrays[key].shape) != shape:
-                raise ValueError(f"{path}: tensor {key!r} has shape {tuple(arrays[key].shape)}, expected {shape}")
+        """Load big_vision's `vae-oid.npz` (or a file with its layout); CheckpointError (a ValueError)
+        names the file and what is wrong."""
+        arrays = load_vae_checkpoint(path)
         return cls(arrays, device=device)
 
     @staticmethod
@@ -119,9 +88,9 @@ class MaskDecoder:
             "in": (_conv_kernel(f32["decoder.0.weight"]), f32["decoder.0.bias"]),
             "res": [
                 [(_conv_kernel(f32[f"{b}.{i}.weight"]), f32[f"{b}.{i}.bias"]) for i in ("0", "2", "4")]
-                for b in _RESBLOCKS
+                for b in RESBLOCKS
             ],
-            "up": [(_transposed_conv_kernel(f32[f"{n}.weight"]), f32[f"{n}.bias"]) for n, _, _ in _UPSAMPLES],
+            "up": [(_transposed_conv_kernel(f32[f"{n}.weight"]), f32[f"{n}.bias"]) for n, _, _ in UPSAMPLES],
             "out": (_conv_kernel(f32["decoder.12.weight"]), f32["decoder.12.bias"]),
         }
 

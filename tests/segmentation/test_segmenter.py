@@ -130,5 +130,5 @@ def test_pool_isolates_a_failing_request_and_groups_by_model(segmenter):
 def test_from_pretrained_reports_missing_files(tiny_fixtures, tmp_path):
     with pytest.raises(FileNotFoundError):
         Segmenter.from_pretrained(tmp_path, tiny_fixtures / "vae-oid.npz")
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(ValueError, match="missing.npz: mask decoder checkpoint not found"):
         Segmenter.from_pretrained(tiny_fixtures / "paligemma", tmp_path / "missing.npz")

@@ -47,8 +47,9 @@ SIZES: dict[str, dict] = {
         vision=dict(hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4),
         image_size=224,
     ),
-    "3b-224": dict(text=_GEMMA2_2B, vision=_SIGLIP_SO400M, image_size=224),
-    "3b-448": dict(text=_GEMMA2_2B, vision=_SIGLIP_SO400M, image_size=448),
+    # Gemma's real vocabulary size: the output layer is a large share of each decoding step.
+    "3b-224": dict(text=_GEMMA2_2B, vision=_SIGLIP_SO400M, image_size=224, vocab_size=257216),
+    "3b-448": dict(text=_GEMMA2_2B, vision=_SIGLIP_SO400M, image_size=448, vocab_size=257216),
 }
 
 
@@ -90,7 +91,7 @@ def build_paligemma(tokenizer, size: str = "tiny", seed: int = 0):
     from transformers import PaliGemmaConfig, PaliGemmaForConditionalGeneration
 
     spec = SIZES[size]
-    vocab_size = len(tokenizer)
+    vocab_size = max(spec.get("vocab_size", 0), len(tokenizer))
     text = dict(model_type="gemma2", vocab_size=vocab_size, max_position_embeddings=4096,
                 pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
                 eos_token_id=tokenizer.eos_token_id, query_pre_attn_scalar=spec["text"]["head_dim"],

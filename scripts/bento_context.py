@@ -26,6 +26,7 @@ from pathlib import Path
 def write_context(bento_tag: str, out: Path) -> Path:
     """Write the build context of `bento_tag` into `out`; return the Dockerfile's path."""
     import bentoml
+
     # The function `bentoml containerize` and `bentoml.container.get_containerfile` use (1.4.x); the
     # public API only returns the Dockerfile, not the context with the models.
     from bentoml._internal.container import construct_containerfile

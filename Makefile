@@ -8,7 +8,7 @@ FIXTURES ?= .fixtures/tiny
 PORT ?= 3000
 export BENTOML_HOME ?= $(CURDIR)/.bentoml
 
-.PHONY: install test lint fixtures import-demo demo serve build clean
+.PHONY: install test test-slow lint fixtures import-demo demo serve build clean
 
 # The demo serves a random-weight model with the real architecture under this id.
 DEMO_MODEL := demo/paligemma2-tiny-random
@@ -25,6 +25,10 @@ $(STAMP): requirements.txt requirements-dev.txt
 
 test: install
 	$(PY) -m pytest
+
+# The soak (2000 requests at 64 concurrent) and engine-kill tests: a few minutes.
+test-slow: install
+	$(PY) -m pytest -m slow -s
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ from segmentation.checkpoints import CheckpointError, check_paligemma_dir, load_
 from segmentation.guard import RequestGuard
 from segmentation.settings import Settings, model_tag, read_secret
 
+logger = logging.getLogger("segmentation.service")
 SETTINGS = Settings.from_env()
 VAE_FILE = "vae-oid.npz"
 
@@ -276,6 +278,10 @@ class Segmentation:
         except bentoml.exceptions.ServiceUnavailable as exc:
             # The adaptive batcher sheds load it cannot serve within SEG_MAX_LATENCY_MS.
             raise api.RequestError("the model is overloaded; retry in a few seconds", 503) from exc
+        except Exception as exc:  # the engine worker died or restarts: the client may retry
+            logger.exception("engine call failed")
+            raise api.RequestError(f"the model engine is unavailable ({type(exc).__name__}); retry shortly", 503) \
+                from exc
         if outcome.error:
             raise api.RequestError(outcome.error, outcome.status)
         result = assemble(Prediction.from_dict(outcome.prediction), original.width, original.height)

@@ -4,8 +4,8 @@
     python scripts/make_vae_fixture.py OUT.npz
 
 The weights are random (He-scaled, so decoded maps have both signs and pasted masks are neither
-empty nor full); a few `encoder.*` tensors are included as in the real file, which the decoder
-must ignore.
+empty nor full; the last layer is scaled up so the maps span roughly -1..1 like the real decoder's);
+a few `encoder.*` tensors are included as in the real file, which the decoder must ignore.
 """
 
 from __future__ import annotations
@@ -26,14 +26,19 @@ _ENCODER_SHAPES = {
     "encoder.10.weight": (512, 128, 1, 1),
     "encoder.10.bias": (512,),
 }
+# He-scaled layers leave the last 1x1 conv's output at about +-0.3; this gain (on weight and bias
+# alike, so signs and hard masks do not change) spreads it over roughly -1..1 for soft masks.
+_OUTPUT_GAIN = 3.0
 
 
 def make_vae_checkpoint(seed: int = 0) -> dict[str, np.ndarray]:
-    from segmentation.vae import expected_shapes
+    # checkpoints, not vae: building a fixture needs no JAX.
+    from segmentation.checkpoints import UPSAMPLES, vae_shapes
 
+    transposed = {f"{name}.weight" for name, _, _ in UPSAMPLES}
     rng = np.random.default_rng(seed)
     weights = {}
-    for key, shape in {**expected_shapes(), **_ENCODER_SHAPES}.items():
+    for key, shape in {**vae_shapes(), **_ENCODER_SHAPES}.items():
         if key == "_vq_vae._embedding":
             weights[key] = rng.normal(0.0, 1.0, shape).astype(np.float32)
         elif key.endswith(".bias"):
@@ -41,9 +46,10 @@ def make_vae_checkpoint(seed: int = 0) -> dict[str, np.ndarray]:
         else:
             # PyTorch layouts: fan-in is in-channels x kernel area (axis 1 for Conv2d, axis 0 for
             # ConvTranspose2d, whose weights are [in, out, kh, kw]).
-            transposed = key in ("decoder.4.weight", "decoder.6.weight", "decoder.8.weight", "decoder.10.weight")
-            fan_in = (shape[0] if transposed else shape[1]) * shape[2] * shape[3]
+            fan_in = (shape[0] if key in transposed else shape[1]) * shape[2] * shape[3]
             weights[key] = rng.normal(0.0, np.sqrt(2.0 / fan_in), shape).astype(np.float32)
+    weights["decoder.12.weight"] *= _OUTPUT_GAIN
+    weights["decoder.12.bias"] *= _OUTPUT_GAIN
     return weights
 
 

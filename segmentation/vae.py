@@ -113,8 +113,11 @@ class MaskDecoder:
         codes = np.asarray(codes)
         if codes.ndim != 2 or codes.shape[1] != CODES_PER_MASK:
             raise ValueError(f"codes must have shape [N, {CODES_PER_MASK}], got {codes.shape}")
-        if codes.size and (codes.min() < 0 or codes.max() >= NUM_CODES or not np.issubdtype(codes.dtype, np.integer)):
-            raise ValueError(f"codes must be integers in 0..{NUM_CODES - 1}")
+        # The dtype first: min()/max() of strings or objects would raise TypeError, not ValueError.
+        if not np.issubdtype(codes.dtype, np.integer):
+            raise ValueError(f"codes must be integers in 0..{NUM_CODES - 1}, got dtype {codes.dtype}")
+        if codes.size and (codes.min() < 0 or codes.max() >= NUM_CODES):
+            raise ValueError(f"codes must be integers in 0..{NUM_CODES - 1}, got {codes.min()}..{codes.max()}")
         out = np.empty((codes.shape[0], MASK_SIZE, MASK_SIZE), np.float32)
         for start in range(0, codes.shape[0], BUCKETS[-1]):
             chunk = codes[start:start + BUCKETS[-1]].astype(np.int32)

@@ -1,8 +1,13 @@
+import base64
+import io
+
 import numpy as np
 import pytest
+from PIL import Image
 from pycocotools import mask as coco_mask
 
 from segmentation.encoding import (
+    image_to_png_base64,
     mask_to_png_base64,
     mask_to_polygons,
     mask_to_rle,
@@ -30,6 +35,22 @@ def test_rle_round_trip_with_pycocotools(h, w):
 def test_png_round_trip(h, w):
     mask = random_mask(h, w, 5)
     np.testing.assert_array_equal(png_base64_to_mask(mask_to_png_base64(mask)), mask)
+
+
+def test_png_is_full_size_grayscale_with_255_for_the_object():
+    mask = random_mask(12, 34, 9)
+    with Image.open(io.BytesIO(base64.b64decode(mask_to_png_base64(mask)))) as image:
+        assert (image.format, image.mode, image.size) == ("PNG", "L", (34, 12))
+        np.testing.assert_array_equal(np.asarray(image), np.where(mask, 255, 0))
+
+
+@pytest.mark.parametrize("mode", ["RGB", "RGBA", "L"])
+def test_image_png_round_trip(mode):
+    pixels = np.random.default_rng(2).integers(0, 256, (21, 13, len(mode)), dtype=np.uint8)
+    image = Image.fromarray(pixels.squeeze(-1) if mode == "L" else pixels)
+    with Image.open(io.BytesIO(base64.b64decode(image_to_png_base64(image)))) as decoded:
+        assert decoded.format == "PNG" and decoded.mode == mode
+        np.testing.assert_array_equal(np.asarray(decoded), np.asarray(image))
 
 
 def test_rectangle_gives_one_polygon_with_its_bounds():

@@ -21,7 +21,8 @@ def square_pattern():
 @pytest.mark.parametrize(
     ("width", "height", "box"),
     [(640, 480, (100, 50, 300, 250)), (100, 100, (0, 0, 100, 100)), (50, 80, (10, 70, 50, 80)),
-     (320, 240, (0, 0, 64, 64)), (33, 17, (1, 1, 32, 16)), (1000, 10, (500, 0, 1000, 10))],
+     (320, 240, (0, 0, 64, 64)), (33, 17, (1, 1, 32, 16)), (1000, 10, (500, 0, 1000, 10)),
+     (7, 5, (0, 4, 7, 5)), (300, 300, (2, 0, 129, 300))],
 )
 def test_half_pattern_splits_the_box(width, height, box):
     x0, y0, x1, y1 = box
@@ -31,12 +32,14 @@ def test_half_pattern_splits_the_box(width, height, box):
     outside[y0:y1, x0:x1] = False
     assert not outside.any()
     inside = mask[y0:y1, x0:x1]
-    # Every row is the same; True columns come first and cover half the box (± one column of blending).
+    # Every row is the same; True columns come first. The pattern is antisymmetric about its middle
+    # and bilinear resampling keeps that symmetry, so the zero crossing sits at the box's centre:
+    # exactly half the columns for an even width, one of the two halves for an odd one.
     assert (inside == inside[0]).all()
     columns = inside[0]
     boundary = int(columns.sum())
     assert columns[:boundary].all() and not columns[boundary:].any()
-    assert abs(boundary - (x1 - x0) / 2) <= 1
+    assert boundary in {(x1 - x0) // 2, (x1 - x0 + 1) // 2}
 
 
 @pytest.mark.parametrize(("width", "height", "box"), [(200, 200, (20, 40, 148, 168)), (64, 64, (0, 0, 64, 64))])

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from segmentation.render import render_overlay
+from segmentation.render import PALETTE, _text_color, render_overlay
 from segmentation.results import DetectedObject
 
 
@@ -36,3 +36,28 @@ def test_detections_without_masks_draw_boxes_only():
 def test_grayscale_input_becomes_rgb():
     overlay = render_overlay(Image.new("L", (30, 20), 7), [])
     assert overlay.mode == "RGB" and overlay.size == (30, 20)
+
+
+def test_degenerate_box_draws_no_outline_and_does_not_fail():
+    image = Image.new("RGB", (60, 60), (9, 9, 9))
+    obj = DetectedObject(label="x", score=0.1, box=(30, 30, 30, 40), box_normalized=(0, 0, 0, 0))
+    pixels = np.asarray(render_overlay(image, [obj]))
+    assert (pixels[35:, :] == 9).all()  # below the tag, nothing is drawn
+
+
+def test_mask_of_another_size_is_refused():
+    obj = DetectedObject(label="x", score=0.1, box=(0, 0, 5, 5), box_normalized=(0, 0, 0, 0),
+                         mask=np.ones((5, 5), bool))
+    with pytest.raises(ValueError, match="shape"):
+        render_overlay(Image.new("RGB", (10, 10)), [obj])
+
+
+def _luminance(rgb):
+    linear = [(c / 255 / 12.92) if c <= 10 else ((c / 255 + 0.055) / 1.055) ** 2.4 for c in rgb]
+    return 0.2126 * linear[0] + 0.7152 * linear[1] + 0.0722 * linear[2]
+
+
+@pytest.mark.parametrize("fill", PALETTE)
+def test_tag_text_contrasts_with_its_fill(fill):
+    lighter, darker = sorted((_luminance(fill), _luminance(_text_color(fill))), reverse=True)
+    assert (lighter + 0.05) / (darker + 0.05) >= 4.5

@@ -72,6 +72,16 @@ def test_output_has_both_signs_and_depends_on_codes(decoder):
     assert not np.allclose(out[0], out[1])
 
 
+@pytest.mark.parametrize("seed", [0, 1, 7])
+def test_fixture_masks_span_about_minus_one_to_one_and_are_never_empty_or_full(tmp_path, seed):
+    """What the fixture promises the rest of the tests: pasted masks are neither empty nor full."""
+    np.savez(tmp_path / "v.npz", **make_vae_checkpoint(seed=seed))
+    out = MaskDecoder.from_npz(tmp_path / "v.npz").decode(np.random.default_rng(seed).integers(0, 128, (64, 16)))
+    assert 0.3 <= np.percentile(np.abs(out), 99) <= 3
+    positive = (out > 0).mean(axis=(1, 2))
+    assert positive.min() >= 0.1 and positive.max() <= 0.9
+
+
 def test_empty_batch(decoder):
     assert decoder.decode(np.zeros((0, 16), np.int32)).shape == (0, 64, 64)
 
@@ -98,7 +108,8 @@ def test_runs_on_the_cpu(decoder):
 @pytest.mark.parametrize(
     ("codes", "message"),
     [(np.zeros((2, 15), np.int32), r"\[N, 16\]"), (np.full((1, 16), 128), "0..127"),
-     (np.full((1, 16), -1), "0..127"), (np.zeros(16, np.int32), r"\[N, 16\]")],
+     (np.full((1, 16), -1), "0..127"), (np.zeros(16, np.int32), r"\[N, 16\]"),
+     (np.full((1, 16), 1.5), "integers"), (np.full((1, 16), "7"), "integers"), (np.zeros((0, 16)), "integers")],
 )
 def test_bad_codes(decoder, codes, message):
     with pytest.raises(ValueError, match=message):
@@ -119,6 +130,11 @@ def test_wrong_shape_is_named(tmp_path):
     np.savez(tmp_path / "v.npz", **weights)
     with pytest.raises(ValueError, match=r"decoder\.4\.weight.*expected \(128, 128, 4, 4\)"):
         MaskDecoder.from_npz(tmp_path / "v.npz")
+
+
+def test_missing_file_is_named(tmp_path):
+    with pytest.raises(ValueError, match=r"nothere\.npz.*not found"):
+        MaskDecoder.from_npz(tmp_path / "nothere.npz")
 
 
 def test_corrupt_file_is_named(tmp_path):

@@ -134,6 +134,7 @@ class SegmentationEngine:
         if SETTINGS.model_source == "hub":
             from huggingface_hub import snapshot_download
 
+            # One download into HF_HOME (a mounted volume) serves every later start and pod.
             token = read_secret("HF_TOKEN", "HF_TOKEN_FILE")
             return Path(snapshot_download(model_id, token=token))
         return Path(getattr(self, f"paligemma_{index}").path)

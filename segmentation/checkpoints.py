@@ -47,7 +47,8 @@ def load_vae_checkpoint(path: str | Path) -> dict[str, np.ndarray]:
     if not path.is_file():
         raise CheckpointError(f"{path}: mask decoder checkpoint not found")
     try:
-        with np.load(path, allow_pickle=False) as data:
+        # Open the file ourselves: np.load leaves its own handle open when the data is corrupt.
+        with path.open("rb") as f, np.load(f, allow_pickle=False) as data:
             arrays = {key: data[key] for key in data.files}
     except Exception as exc:  # zipfile, pickle and format errors alike
         raise CheckpointError(f"{path}: not a readable npz checkpoint ({type(exc).__name__}: {exc})") from exc

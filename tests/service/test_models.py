@@ -10,7 +10,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-
 from imageserver import ImageServer
 from servers import DEMO_MODEL, ROOT, kill_tree, start_server
 

@@ -97,7 +97,8 @@ def test_soak_2000_requests_at_64_concurrent(server):
     results = asyncio.run(fire(server.url, [bodies[i] for i in picks], concurrency=64))
     elapsed = time.perf_counter() - start
     statuses = [s for s, _, _ in results]
-    mismatched = sum(1 for i, (s, answer, _) in zip(picks, results) if s == 200 and not same_answer(answer, expected[i]))
+    mismatched = sum(1 for i, (s, answer, _) in zip(picks, results)
+                     if s == 200 and not same_answer(answer, expected[i]))
     latencies = sorted(t for _, _, t in results)
     report("soak", {"requests": 2000, "concurrency": 64, "seconds": round(elapsed, 1),
                     "throughput_rps": round(2000 / elapsed, 1),

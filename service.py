@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import _bentoml_impl.serde as _bentoml_serde
+import aiohttp
 import bentoml
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
@@ -30,6 +31,9 @@ from starlette.responses import JSONResponse
 from segmentation import api
 from segmentation.checkpoints import CheckpointError, check_paligemma_dir, load_vae_checkpoint
 from segmentation.guard import RequestGuard
+from segmentation.images import model_input
+from segmentation.predictions import Prediction, assemble
+from segmentation.render import render_overlay
 from segmentation.settings import Settings, model_tag, read_secret
 
 logger = logging.getLogger("segmentation.service")
@@ -259,9 +263,6 @@ class Segmentation:
         return_input_image: bool = False,
     ):
         """Check the request, run the engine, assemble the answer: (result, picture, model)."""
-        from segmentation.images import model_input
-        from segmentation.segmenter import Prediction, assemble
-
         models = await self.served_models()
         model_id = api.check_model(model, [m["id"] for m in models])
         size = next(m["image_size"] for m in models if m["id"] == model_id)
@@ -273,8 +274,8 @@ class Segmentation:
         STAGE_SECONDS.labels(stage="decode_input").observe(time.perf_counter() - start)
 
         try:
-            [outcome] = await self.engine.to_async.predict(
-                [EngineItem(model=model_id, image=picture, task=parsed.task, classes=list(parsed.classes))]
+            [outcome] = await self._predict(
+                EngineItem(model=model_id, image=picture, task=parsed.task, classes=list(parsed.classes))
             )
         except bentoml.exceptions.ServiceUnavailable as exc:
             # The adaptive batcher sheds load it cannot serve within SEG_MAX_LATENCY_MS.
@@ -287,6 +288,16 @@ class Segmentation:
             raise api.RequestError(outcome.error, outcome.status)
         result = assemble(Prediction.from_dict(outcome.prediction), original.width, original.height)
         return result, original, (picture if return_input_image else None), model_id, fmt
+
+    async def _predict(self, item: EngineItem) -> list[EngineOutcome]:
+        """The engine call, tried twice on a broken connection: the inter-service client may pick a
+        pooled connection the engine is closing (BrokenPipe, ServerDisconnected). Predictions are
+        pure, so a second try is safe."""
+        try:
+            return await self.engine.to_async.predict([item])
+        except (aiohttp.ClientError, OSError) as exc:
+            logger.warning("engine connection failed (%s); trying once more", exc)
+            return await self.engine.to_async.predict([item])
 
     async def _json(self, task: str, **kwargs) -> dict:
         result, _, picture, model_id, fmt = await self._run(task, **kwargs)
@@ -338,8 +349,6 @@ class Segmentation:
         model: str | None = None,
     ) -> Image.Image:
         """The input picture with masks, boxes, labels and scores drawn on it (PNG)."""
-        from segmentation.render import render_overlay
-
         try:
             result, original, _, _, _ = await self._run(
                 "segment", image=image, image_url=image_url, image_base64=image_base64, prompt=prompt,

@@ -11,14 +11,19 @@ from typing import TYPE_CHECKING
 from .results import DetectedObject, SegmentationResult
 
 if TYPE_CHECKING:
-    from .segmenter import Prediction, Segmenter
+    from .predictions import Prediction
+    from .segmenter import Segmenter
 
 __all__ = ["DetectedObject", "Prediction", "SegmentationResult", "Segmenter"]
 
 
 def __getattr__(name: str):
-    if name in ("Segmenter", "Prediction"):
-        from . import segmenter
+    if name == "Segmenter":
+        from .segmenter import Segmenter
 
-        return getattr(segmenter, name)
+        return Segmenter
+    if name == "Prediction":
+        from .predictions import Prediction
+
+        return Prediction
     raise AttributeError(f"module 'segmentation' has no attribute {name!r}")

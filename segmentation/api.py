@@ -6,6 +6,7 @@ what was wrong and what is accepted.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 from pathlib import Path
@@ -72,7 +73,7 @@ async def read_image(
         size = Path(upload).stat().st_size
         if size > settings.max_image_bytes:
             raise RequestError(f"the upload is {size} bytes; the limit is {settings.max_image_bytes}", 413)
-        data = Path(upload).read_bytes()
+        data = await asyncio.to_thread(Path(upload).read_bytes)
     elif image_url:
         policy = UrlPolicy(settings.max_image_bytes, settings.fetch_timeout_s, settings.url_allowlist)
         try:
@@ -80,9 +81,10 @@ async def read_image(
         except FetchError as exc:
             raise RequestError(str(exc), exc.status) from exc
     else:
-        data = decode_base64(image_base64, settings.max_image_bytes)
+        data = await asyncio.to_thread(decode_base64, image_base64, settings.max_image_bytes)
+    # Decoding is CPU work: off the event loop, so other requests (and refusals) are not held up.
     try:
-        return open_image(data, max_pixels=settings.max_pixels)
+        return await asyncio.to_thread(open_image, data, max_pixels=settings.max_pixels)
     except ImageTooLarge as exc:
         raise RequestError(str(exc), 413) from exc
     except ImageError as exc:

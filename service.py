@@ -28,7 +28,7 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.responses import JSONResponse
 
-from segmentation import api
+from segmentation import api, webui
 from segmentation.checkpoints import CheckpointError, check_paligemma_dir, load_vae_checkpoint
 from segmentation.guard import RequestGuard
 from segmentation.images import model_input
@@ -162,7 +162,11 @@ class SegmentationEngine:
             for model_id, engine in self.pool.engines.items()
         ]
 
-    @bentoml.api(batchable=True, max_batch_size=SETTINGS.max_batch_size, max_latency_ms=SETTINGS.max_latency_ms)
+    # BentoML refuses max_batch_size=1 for a batchable API: SEG_MAX_BATCH_SIZE=1 turns batching off.
+    @bentoml.api(**(
+        dict(batchable=True, max_batch_size=SETTINGS.max_batch_size, max_latency_ms=SETTINGS.max_latency_ms)
+        if SETTINGS.max_batch_size > 1 else {}
+    ))
     def predict(self, items: list[EngineItem]) -> list[EngineOutcome]:
         from segmentation.pool import PredictRequest
         from segmentation.prompts import Prompt
@@ -235,6 +239,7 @@ class BatchEntry(BaseModel):
     task: str = Field("segment", pattern="^(segment|detect)$")
 
 
+@bentoml.asgi_app(webui.create_app(), path="/ui")  # the page to try it: /ui/
 @bentoml.service(
     name="paligemma-segmentation",
     traffic={"timeout": SETTINGS.request_timeout_s, "max_concurrency": SETTINGS.max_concurrency},
@@ -349,15 +354,14 @@ class Segmentation:
         model: str | None = None,
     ) -> Image.Image:
         """The input picture with masks, boxes, labels and scores drawn on it (PNG)."""
-        try:
-            result, original, _, _, _ = await self._run(
-                "segment", image=image, image_url=image_url, image_base64=image_base64, prompt=prompt,
-                model=model, mask_format="none",
-            )
-        except api.RequestError as exc:
-            return JSONResponse({"error": str(exc)}, status_code=exc.status)
+        return await _answer(self._overlay(
+            image=image, image_url=image_url, image_base64=image_base64, prompt=prompt, model=model,
+        ))
+
+    async def _overlay(self, **kwargs) -> Image.Image:
+        result, original, _, _, _ = await self._run("segment", mask_format="none", **kwargs)
         overlay = await asyncio.to_thread(render_overlay, original, result.objects)
-        overlay.format = "PNG"
+        overlay.format = "PNG"  # answered as image/png
         return overlay
 
     @strict_api(route="/segment_batch")
@@ -397,7 +401,7 @@ Segmentation.add_asgi_middleware(
 )
 
 
-async def _answer(work) -> dict | JSONResponse:
+async def _answer(work):
     """The API's answer, or a 4xx/5xx JSON error `{"error": message}` for a RequestError."""
     try:
         return await work

@@ -15,8 +15,8 @@ from __future__ import annotations
 import hmac
 import json
 
-OPEN_PATHS = frozenset({"/livez", "/readyz", "/healthz", "/", "/docs.json", "/schema.json"})
-OPEN_PREFIXES = ("/static_content/", "/ui")
+OPEN_PATHS = frozenset({"/livez", "/readyz", "/healthz", "/", "/docs.json", "/schema.json", "/ui"})
+OPEN_PREFIXES = ("/static_content/", "/ui/")
 
 
 async def _send_json(send, status: int, message: str, headers: list[tuple[bytes, bytes]] = ()) -> None:

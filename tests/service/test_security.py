@@ -126,3 +126,9 @@ def test_exif_rotated_upload_reports_upright_size(guarded):
     assert (response.json()["width"], response.json()["height"]) == (30, 80)
 
 
+
+
+def test_too_many_batch_entries(guarded):
+    entries = [{"image_base64": body()["image_base64"], "prompt": "cat"}] * 17
+    response = httpx.post(guarded.url + "/segment_batch", json={"requests": entries}, headers=AUTH, timeout=30)
+    assert response.status_code == 400 and "limit is 16" in response.json()["error"]

@@ -115,10 +115,6 @@ class Settings:
             metrics_public=_flag("SEG_METRICS_PUBLIC"),
         )
 
-    @property
-    def default_model(self) -> str:
-        return self.models[0]
-
     def max_body_bytes(self, images: int = 1) -> int:
         """The largest request body for `images` images: base64 inflates by 4/3; 64 KiB for the rest."""
         return images * (self.max_image_bytes * 4 // 3 + 4) + 64 * 1024

@@ -9,32 +9,36 @@ Two services in one server:
   the engine, and pastes and encodes the masks, so CPU work runs beside the batched model work.
 
 All logic lives in the `segmentation` package; this file is glue. Settings come from environment
-variables (see `segmentation/settings.py` and the README), read when this module is imported.
+variables (see `segmentation/serving/settings.py` and the README), read when this module is imported.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from pathlib import Path
-from typing import Any
 
-import _bentoml_impl.serde as _bentoml_serde
 import aiohttp
 import bentoml
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field
-from starlette.responses import JSONResponse
 
-from segmentation import api, webui
-from segmentation.checkpoints import CheckpointError, check_paligemma_dir, load_vae_checkpoint
-from segmentation.guard import RequestGuard
-from segmentation.images import model_input
-from segmentation.predictions import Prediction, assemble
-from segmentation.render import render_overlay
-from segmentation.settings import Settings, model_tag, read_secret
+from segmentation.model.checkpoints import CheckpointError, check_paligemma_dir, load_vae_checkpoint
+from segmentation.model.images import model_input
+from segmentation.model.predictions import Prediction, assemble
+from segmentation.model.render import render_overlay
+from segmentation.serving import api, webui
+from segmentation.serving.bento import (
+    BatchEntry,
+    EngineItem,
+    EngineOutcome,
+    answer,
+    error_response,
+    refuse_bentoml_downloads,
+    strict_api,
+)
+from segmentation.serving.guard import RequestGuard
+from segmentation.serving.settings import Settings, model_tag, read_secret
 
 logger = logging.getLogger("segmentation.service")
 SETTINGS = Settings.from_env()
@@ -63,21 +67,7 @@ def _preflight() -> None:
 
 
 _preflight()
-
-
-@contextlib.contextmanager
-def _refuse_bentoml_downloads():
-    raise bentoml.exceptions.BadInput(
-        "a URL was sent in place of the image file; send the file itself as 'image', "
-        "or the URL as 'image_url' (which is checked against the server's URL policy)"
-    )
-    yield  # pragma: no cover
-
-
-# BentoML downloads a URL itself when one arrives where a file is expected (a multipart text part
-# named `image`, or a JSON body that is a bare URL), before any API code runs: a way around the URL
-# policy of `image_url`. Every such download goes through this one context manager; refuse them all.
-_bentoml_serde.make_safe_connect = _refuse_bentoml_downloads
+refuse_bentoml_downloads()
 
 STAGE_SECONDS = bentoml.metrics.Histogram(
     name="segmentation_stage_seconds",
@@ -97,27 +87,11 @@ TOKENS = bentoml.metrics.Histogram(
 )
 
 
-class EngineItem(bentoml.IODescriptor):
-    """One image for the engine: the picture already resized to the model's input size."""
-
-    model: str
-    image: Image.Image
-    task: str
-    classes: list[str]
-    max_new_tokens: int | None = None
-
-
-class EngineOutcome(bentoml.IODescriptor):
-    prediction: dict[str, Any] | None = None  # segmentation.segmenter.Prediction.to_dict()
-    error: str | None = None
-    status: int = 200
-
-
 class SegmentationEngine:
     def __init__(self) -> None:
-        from segmentation.engine import PaliGemmaEngine
-        from segmentation.pool import ModelPool
-        from segmentation.vae import MaskDecoder
+        from segmentation.model.engine import PaliGemmaEngine
+        from segmentation.model.vae import MaskDecoder
+        from segmentation.serving.pool import ModelPool
 
         engines = {
             model_id: PaliGemmaEngine.from_pretrained(
@@ -145,8 +119,8 @@ class SegmentationEngine:
 
     def _warm_up(self) -> None:
         """One short generation per model, so /readyz turns green only when answers are fast."""
-        from segmentation.pool import PredictRequest
-        from segmentation.prompts import parse_prompt
+        from segmentation.model.prompts import parse_prompt
+        from segmentation.serving.pool import PredictRequest
 
         for model_id, engine in self.pool.engines.items():
             picture = Image.new("RGB", (engine.image_size, engine.image_size))
@@ -168,8 +142,8 @@ class SegmentationEngine:
         if SETTINGS.max_batch_size > 1 else {}
     ))
     def predict(self, items: list[EngineItem]) -> list[EngineOutcome]:
-        from segmentation.pool import PredictRequest
-        from segmentation.prompts import Prompt
+        from segmentation.model.prompts import Prompt
+        from segmentation.serving.pool import PredictRequest
 
         requests = [
             PredictRequest(item.model, item.image, Prompt(item.task, tuple(item.classes)), item.max_new_tokens)
@@ -206,37 +180,6 @@ SegmentationEngine = bentoml.service(
     # flight ("Server disconnected"); never recycle it.
     runner_connection={"max_requests": 10**9, "max_age": 1e9},
 )(SegmentationEngine)
-
-
-def strict_api(**options):
-    """`bentoml.api` whose request body may hold only the method's own fields.
-
-    BentoML silently ignores unknown fields, so a typo such as `mask-format` would be answered as if
-    the field were absent; this answers 400 naming the field instead.
-    """
-
-    def decorate(func):
-        inferred = bentoml.IODescriptor.from_input(func, skip_self=True)
-        strict = type(f"{func.__name__.title()}Input", (inferred,), {
-            "model_config": ConfigDict(**{**inferred.model_config, "extra": "forbid"}),
-            "__module__": func.__module__,
-        })
-        return bentoml.api(input_spec=strict, **options)(func)
-
-    return decorate
-
-
-class BatchEntry(BaseModel):
-    """One image of a /segment_batch request (uploads go to /segment)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    image_url: str | None = None
-    image_base64: str | None = None
-    prompt: str = ""
-    model: str | None = None
-    mask_format: str = "rle"
-    task: str = Field("segment", pattern="^(segment|detect)$")
 
 
 @bentoml.asgi_app(webui.create_app(), path="/ui")  # the page to try it: /ui/
@@ -323,7 +266,7 @@ class Segmentation:
         return_input_image: bool = False,
     ) -> dict:
         """Segment the objects a prompt names: labels, boxes, scores and masks (rle, png, polygon)."""
-        return await _answer(self._json(
+        return await answer(self._json(
             "segment", image=image, image_url=image_url, image_base64=image_base64, prompt=prompt,
             model=model, mask_format=mask_format, return_input_image=return_input_image,
         ))
@@ -339,7 +282,7 @@ class Segmentation:
         return_input_image: bool = False,
     ) -> dict:
         """Detect the objects a prompt names: labels, boxes and scores (no masks)."""
-        return await _answer(self._json(
+        return await answer(self._json(
             "detect", image=image, image_url=image_url, image_base64=image_base64, prompt=prompt,
             model=model, mask_format="none", return_input_image=return_input_image,
         ))
@@ -354,7 +297,7 @@ class Segmentation:
         model: str | None = None,
     ) -> Image.Image:
         """The input picture with masks, boxes, labels and scores drawn on it (PNG)."""
-        return await _answer(self._overlay(
+        return await answer(self._overlay(
             image=image, image_url=image_url, image_base64=image_base64, prompt=prompt, model=model,
         ))
 
@@ -368,12 +311,9 @@ class Segmentation:
     async def segment_batch(self, requests: list[BatchEntry]) -> list[dict]:
         """Several images in one request (by URL or base64), answered in order; each entry may fail alone."""
         if not requests:
-            return JSONResponse({"error": "requests is empty; send a list of entries"}, status_code=400)
+            return error_response("requests is empty; send a list of entries")
         if len(requests) > SETTINGS.max_batch_images:
-            return JSONResponse(
-                {"error": f"{len(requests)} entries sent; the limit is {SETTINGS.max_batch_images} per request"},
-                status_code=400,
-            )
+            return error_response(f"{len(requests)} entries sent; the limit is {SETTINGS.max_batch_images} per request")
 
         async def one(entry: BatchEntry) -> dict:
             try:
@@ -399,11 +339,3 @@ Segmentation.add_asgi_middleware(
     max_body_bytes={"/segment_batch": SETTINGS.max_body_bytes(SETTINGS.max_batch_images)},
     default_max_body_bytes=SETTINGS.max_body_bytes(),
 )
-
-
-async def _answer(work):
-    """The API's answer, or a 4xx/5xx JSON error `{"error": message}` for a RequestError."""
-    try:
-        return await work
-    except api.RequestError as exc:
-        return JSONResponse({"error": str(exc)}, status_code=exc.status)

@@ -293,8 +293,8 @@ class Baseline:
 
     def __init__(self, fixtures: Path, work: list[dict], max_new_tokens: int, objects_per_class: int):
         from segmentation import Segmenter
-        from segmentation.images import model_input, open_image
-        from segmentation.prompts import parse_prompt
+        from segmentation.model.images import model_input, open_image
+        from segmentation.model.prompts import parse_prompt
 
         self.segmenter = Segmenter.from_pretrained(
             fixtures / "paligemma", fixtures / "vae-oid.npz", device="cpu",
@@ -344,9 +344,9 @@ def micro(fixtures: Path, seed: int, repeats: int = 200) -> dict:
     """Mask decode + paste + RLE per object at 640x480, and whether the decoder recompiles after warm-up."""
     import numpy as np
 
-    from segmentation.encoding import mask_to_rle
-    from segmentation.masks import paste_mask
-    from segmentation.vae import BUCKETS, MaskDecoder
+    from segmentation.model.encoding import mask_to_rle
+    from segmentation.model.masks import paste_mask
+    from segmentation.model.vae import BUCKETS, MaskDecoder
 
     width, height = 640, 480
     rng = np.random.default_rng(seed)

@@ -24,7 +24,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from segmentation.settings import Settings  # noqa: E402
+from segmentation.serving.settings import Settings  # noqa: E402
 
 
 def main() -> int:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from segmentation.settings import VAE_TAG, model_tag, read_secret  # noqa: E402
+from segmentation.serving.settings import VAE_TAG, model_tag, read_secret  # noqa: E402
 
 VAE_FILE = "vae-oid.npz"
 
@@ -53,7 +53,7 @@ def download_hub(model_id: str, revision: str | None) -> Path:
 def import_vae(npz: Path, *, origin: str) -> str:
     import bentoml
 
-    from segmentation.vae import MaskDecoder
+    from segmentation.model.vae import MaskDecoder
 
     MaskDecoder.from_npz(npz)  # refuse a file that is not a vae-oid checkpoint
     with bentoml.models.create(VAE_TAG, labels={"kind": "mask-decoder", "source": origin}) as model:

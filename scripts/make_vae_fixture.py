@@ -33,7 +33,7 @@ _OUTPUT_GAIN = 3.0
 
 def make_vae_checkpoint(seed: int = 0) -> dict[str, np.ndarray]:
     # checkpoints, not vae: building a fixture needs no JAX.
-    from segmentation.checkpoints import UPSAMPLES, vae_shapes
+    from segmentation.model.checkpoints import UPSAMPLES, vae_shapes
 
     transposed = {f"{name}.weight" for name, _, _ in UPSAMPLES}
     rng = np.random.default_rng(seed)

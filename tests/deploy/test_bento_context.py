@@ -23,7 +23,7 @@ def run(args: list[str], env: dict) -> str:
 
 
 def test_build_context_of_the_release_workflow(tmp_path, tiny_fixtures):
-    from segmentation.settings import DEFAULT_MODEL, VAE_TAG, model_tag
+    from segmentation.serving.settings import DEFAULT_MODEL, VAE_TAG, model_tag
 
     env = {**os.environ, "BENTOML_HOME": str(tmp_path / "bentoml"), "SEG_MODELS": DEFAULT_MODEL,
            "BENTOML_DO_NOT_TRACK": "true"}

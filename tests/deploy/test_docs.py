@@ -16,7 +16,7 @@ def table() -> dict[str, str]:
 
 
 def test_configuration_table_has_every_setting_with_its_default():
-    from segmentation.settings import ENV_DOCS
+    from segmentation.serving.settings import ENV_DOCS
 
     documented = table()
     missing = [name for name in ENV_DOCS if name not in documented]

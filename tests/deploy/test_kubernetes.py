@@ -206,7 +206,7 @@ def test_rendered_deployment_wiring(directory):
 @pytest.mark.parametrize("directory", KUSTOMIZATIONS, ids=ids(KUSTOMIZATIONS))
 def test_configmap_sets_only_known_settings(directory):
     """A misspelt SEG_ variable would be ignored silently by the service."""
-    from segmentation.settings import ENV_DOCS
+    from segmentation.serving.settings import ENV_DOCS
 
     data = rendered(directory)["ConfigMap"]["data"]
     assert all(isinstance(v, str) for v in data.values()), "ConfigMap values must be strings"

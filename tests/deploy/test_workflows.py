@@ -193,7 +193,7 @@ def test_release_tags_latest_sha_and_semver():
 
 def test_release_builds_pull_requests_from_offline_fixtures():
     """Forks' pull requests get no secrets: their builds must not need HF_TOKEN."""
-    from segmentation.settings import DEFAULT_MODEL
+    from segmentation.serving.settings import DEFAULT_MODEL
 
     workflow = load(RELEASE)
     assert workflow["env"]["FIXTURE_MODEL"] == DEFAULT_MODEL

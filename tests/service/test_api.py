@@ -15,7 +15,7 @@ from answers import same_answer
 from PIL import Image
 from pycocotools import mask as coco_mask
 
-from segmentation.encoding import png_base64_to_mask
+from segmentation.model.encoding import png_base64_to_mask
 
 DEMO_MODEL = "demo/paligemma2-tiny-random"
 

@@ -7,7 +7,7 @@ import pytest
 from imageserver import ImageServer
 from PIL import Image
 
-from segmentation.fetch import FetchError, UrlPolicy, fetch_image
+from segmentation.serving.fetch import FetchError, UrlPolicy, fetch_image
 
 
 def png_bytes() -> bytes:

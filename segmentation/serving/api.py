@@ -13,11 +13,11 @@ from pathlib import Path
 
 from PIL import Image
 
-from .encoding import image_to_png_base64, mask_to_png_base64, mask_to_polygons, mask_to_rle
+from ..model.encoding import image_to_png_base64, mask_to_png_base64, mask_to_polygons, mask_to_rle
+from ..model.images import ImageError, ImageTooLarge, open_image
+from ..model.prompts import Prompt, PromptError, Task, parse_prompt
+from ..model.results import DetectedObject, SegmentationResult
 from .fetch import FetchError, UrlPolicy, fetch_image
-from .images import ImageError, ImageTooLarge, open_image
-from .prompts import Prompt, PromptError, Task, parse_prompt
-from .results import DetectedObject, SegmentationResult
 from .settings import Settings
 
 MASK_FORMATS = ("rle", "png", "polygon", "none")

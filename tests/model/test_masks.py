@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from segmentation.masks import paste_mask, paste_soft_mask
+from segmentation.model.masks import paste_mask, paste_soft_mask
 
 
 def half_pattern():

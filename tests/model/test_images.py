@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from segmentation.images import ImageError, ImageTooLarge, model_input, open_image
+from segmentation.model.images import ImageError, ImageTooLarge, model_input, open_image
 
 
 def encode(image: Image.Image, fmt: str, **kwargs) -> bytes:

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from make_vae_fixture import make_vae_checkpoint
-from segmentation.vae import BUCKETS, MaskDecoder, expected_shapes
+from segmentation.model.vae import BUCKETS, MaskDecoder, expected_shapes
 
 
 @pytest.fixture(scope="module")

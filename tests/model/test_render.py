@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from segmentation.render import PALETTE, _text_color, render_overlay
-from segmentation.results import DetectedObject
+from segmentation.model.render import PALETTE, _text_color, render_overlay
+from segmentation.model.results import DetectedObject
 
 
 @pytest.mark.parametrize(("w", "h"), [(320, 240), (50, 90), (1024, 64)])

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from segmentation.engine import PaliGemmaEngine
-from segmentation.prompts import parse_prompt
-from segmentation.tokens import parse_objects
+from segmentation.model.engine import PaliGemmaEngine
+from segmentation.model.prompts import parse_prompt
+from segmentation.model.tokens import parse_objects
 
 
 def random_image(width, height, seed):

@@ -15,11 +15,11 @@ from dataclasses import dataclass, field
 
 from PIL import Image
 
-from .engine import PaliGemmaEngine
-from .predictions import Prediction
-from .prompts import Prompt
-from .segmenter import ParsedGeneration, attach_masks, parse_generations
-from .vae import MaskDecoder
+from ..model.engine import PaliGemmaEngine
+from ..model.predictions import Prediction
+from ..model.prompts import Prompt
+from ..model.segmenter import ParsedGeneration, attach_masks, parse_generations
+from ..model.vae import MaskDecoder
 
 logger = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 import pytest
 
-from segmentation.tokens import box_normalized, box_to_pixels, is_valid_box, parse_objects
+from segmentation.model.tokens import box_normalized, box_to_pixels, is_valid_box, parse_objects
 
 
 def locs(*bins):

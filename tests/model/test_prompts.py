@@ -2,7 +2,7 @@ import re
 
 import pytest
 
-from segmentation.prompts import (
+from segmentation.model.prompts import (
     PromptError,
     max_new_tokens_for,
     object_token_cost,

@@ -6,7 +6,7 @@ import pytest
 from PIL import Image
 from pycocotools import mask as coco_mask
 
-from segmentation.encoding import (
+from segmentation.model.encoding import (
     image_to_png_base64,
     mask_to_png_base64,
     mask_to_polygons,

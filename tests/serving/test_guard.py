@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from segmentation.guard import normalize_error_body
+from segmentation.serving.guard import normalize_error_body
 
 
 @pytest.mark.parametrize(

@@ -5,8 +5,8 @@ import re
 import pytest
 import torch
 
-from segmentation.grammar import ObjectGrammar, RowSpec, Vocabulary, min_object_tokens
-from segmentation.tokens import parse_objects
+from segmentation.model.grammar import ObjectGrammar, RowSpec, Vocabulary, min_object_tokens
+from segmentation.model.tokens import parse_objects
 
 
 @pytest.fixture(scope="module")

@@ -5,10 +5,10 @@ import pytest
 from PIL import Image
 
 from segmentation import Segmenter
-from segmentation.pool import ModelPool, PredictRequest
-from segmentation.predictions import Prediction, assemble
-from segmentation.prompts import parse_prompt
-from segmentation.tokens import box_to_pixels
+from segmentation.model.predictions import Prediction, assemble
+from segmentation.model.prompts import parse_prompt
+from segmentation.model.tokens import box_to_pixels
+from segmentation.serving.pool import ModelPool, PredictRequest
 
 
 def random_image(width, height, seed):
@@ -66,7 +66,7 @@ def test_batched_results_equal_one_at_a_time(segmenter):
 
 def test_a_pre_resized_image_gives_the_same_answer(segmenter):
     """The service sends the model-size picture; the library the original: same text."""
-    from segmentation.images import model_input
+    from segmentation.model.images import model_input
 
     original = IMAGES[1]
     [direct] = segmenter.predict([original], [parse_prompt("cat")])

@@ -1,0 +1,93 @@
+"""The BentoML side of request handling: the engine's item types, the public request models, the
+strict-API decorator, the error answer, and the refusal of BentoML's own URL downloads.
+
+`service.py` imports these so that it stays glue: services, routes and the order of the calls.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import _bentoml_impl.serde as _bentoml_serde
+import bentoml
+from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.responses import JSONResponse
+
+from . import api
+
+
+@contextlib.contextmanager
+def _refuse_bentoml_downloads():
+    raise bentoml.exceptions.BadInput(
+        "a URL was sent in place of the image file; send the file itself as 'image', "
+        "or the URL as 'image_url' (which is checked against the server's URL policy)"
+    )
+    yield  # pragma: no cover
+
+
+def refuse_bentoml_downloads() -> None:
+    """BentoML downloads a URL itself when one arrives where a file is expected (a multipart text part
+    named `image`, or a JSON body that is a bare URL), before any API code runs: a way around the URL
+    policy of `image_url`. Every such download goes through one context manager; refuse them all."""
+    _bentoml_serde.make_safe_connect = _refuse_bentoml_downloads
+
+
+class EngineItem(bentoml.IODescriptor):
+    """One image for the engine: the picture already resized to the model's input size."""
+
+    model: str
+    image: Image.Image
+    task: str
+    classes: list[str]
+    max_new_tokens: int | None = None
+
+
+class EngineOutcome(bentoml.IODescriptor):
+    prediction: dict[str, Any] | None = None  # segmentation.model.predictions.Prediction.to_dict()
+    error: str | None = None
+    status: int = 200
+
+
+class BatchEntry(BaseModel):
+    """One image of a /segment_batch request (uploads go to /segment)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    image_url: str | None = None
+    image_base64: str | None = None
+    prompt: str = ""
+    model: str | None = None
+    mask_format: str = "rle"
+    task: str = Field("segment", pattern="^(segment|detect)$")
+
+
+def strict_api(**options):
+    """`bentoml.api` whose request body may hold only the method's own fields.
+
+    BentoML silently ignores unknown fields, so a typo such as `mask-format` would be answered as if
+    the field were absent; this answers 400 naming the field instead.
+    """
+
+    def decorate(func):
+        inferred = bentoml.IODescriptor.from_input(func, skip_self=True)
+        strict = type(f"{func.__name__.title()}Input", (inferred,), {
+            "model_config": ConfigDict(**{**inferred.model_config, "extra": "forbid"}),
+            "__module__": func.__module__,
+        })
+        return bentoml.api(input_spec=strict, **options)(func)
+
+    return decorate
+
+
+async def answer(work):
+    """The API's answer, or a 4xx/5xx JSON error `{"error": message}` for a RequestError."""
+    try:
+        return await work
+    except api.RequestError as exc:
+        return JSONResponse({"error": str(exc)}, status_code=exc.status)
+
+
+def error_response(message: str, status: int = 400) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status)

@@ -33,6 +33,19 @@ BUCKETS = (1, 4, 16, 64)
 
 
 
+def run_in_buckets(fn, inputs: np.ndarray, out_shape: tuple[int, ...], out_dtype) -> np.ndarray:
+    """`fn` over `inputs` `[N, ...]` in chunks of at most `BUCKETS[-1]` rows, each zero-padded to the
+    next bucket size so a jitted `fn` compiles once per bucket; `[N, *out_shape]` of `out_dtype`."""
+    out = np.empty((inputs.shape[0], *out_shape), out_dtype)
+    for start in range(0, inputs.shape[0], BUCKETS[-1]):
+        chunk = inputs[start:start + BUCKETS[-1]]
+        bucket = next(b for b in BUCKETS if b >= len(chunk))
+        padded = np.zeros((bucket, *inputs.shape[1:]), inputs.dtype)
+        padded[: len(chunk)] = chunk
+        out[start:start + len(chunk)] = np.asarray(fn(padded))[: len(chunk)]
+    return out
+
+
 def _conv_kernel(weight: np.ndarray) -> np.ndarray:
     """Conv2d [out, in, kh, kw] → HWIO."""
     return np.transpose(weight, (2, 3, 1, 0))
@@ -118,15 +131,10 @@ class MaskDecoder:
             raise ValueError(f"codes must be integers in 0..{NUM_CODES - 1}, got dtype {codes.dtype}")
         if codes.size and (codes.min() < 0 or codes.max() >= NUM_CODES):
             raise ValueError(f"codes must be integers in 0..{NUM_CODES - 1}, got {codes.min()}..{codes.max()}")
-        out = np.empty((codes.shape[0], MASK_SIZE, MASK_SIZE), np.float32)
-        for start in range(0, codes.shape[0], BUCKETS[-1]):
-            chunk = codes[start:start + BUCKETS[-1]].astype(np.int32)
-            bucket = next(b for b in BUCKETS if b >= len(chunk))
-            padded = np.zeros((bucket, CODES_PER_MASK), np.int32)
-            padded[: len(chunk)] = chunk
-            result = self._decode(self.params, jax.device_put(padded, self.device))
-            out[start:start + len(chunk)] = np.asarray(result)[: len(chunk)]
-        return out
+        return run_in_buckets(
+            lambda batch: self._decode(self.params, jax.device_put(batch, self.device)),
+            codes.astype(np.int32), (MASK_SIZE, MASK_SIZE), np.float32,
+        )
 
     def warmup(self) -> None:
         """Compile every bucket now, so no request pays for compilation."""

@@ -25,8 +25,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from .checkpoints import EMBEDDING_DIM, NUM_CODES, CheckpointError, load_vae_checkpoint  # noqa: E402
-from .vae import BUCKETS, CODES_PER_MASK, MASK_SIZE, _conv_kernel, run_in_buckets  # noqa: E402
+from .checkpoints import EMBEDDING_DIM, NUM_CODES, CheckpointError  # noqa: E402
+from .vae import BUCKETS, CODES_PER_MASK, MASK_SIZE, VaeHalf, _conv_kernel  # noqa: E402
 
 __all__ = ["ENCODER_DOWNSAMPLES", "ENCODER_RESBLOCKS", "MaskEncoder", "check_encoder_layout"]
 
@@ -81,22 +81,10 @@ def _conv_same(x, kernel, bias, stride: int):
     return y + bias
 
 
-class MaskEncoder:
+class MaskEncoder(VaeHalf):
     """Encodes `[N, 64, 64]` masks in [0, 1] into `[N, 16]` int32 codes (0..127)."""
 
-    def __init__(self, params: dict[str, np.ndarray], device=None):
-        self.device = device or jax.devices("cpu")[0]
-        self.params = jax.device_put(self._convert(params), self.device)
-        self.trace_count = 0  # bumped only while tracing: a steady value means no recompilation
-        self._encode = jax.jit(self._forward)
-
-    @classmethod
-    def from_npz(cls, path: str | Path, device=None) -> MaskEncoder:
-        """Load big_vision's `vae-oid.npz` (or a file with its layout); CheckpointError (a ValueError)
-        names the file and what is wrong."""
-        arrays = load_vae_checkpoint(path)
-        check_encoder_layout(arrays, path)
-        return cls(arrays, device=device)
+    _check = staticmethod(check_encoder_layout)
 
     @staticmethod
     def _convert(raw: dict[str, np.ndarray]) -> dict:
@@ -112,7 +100,6 @@ class MaskEncoder:
         }
 
     def _forward(self, params, masks):
-        self.trace_count += 1
         x = (2.0 * (masks - 0.5))[..., None]  # [0, 1] → [-1, 1], NHWC with one channel
         for kernel, bias in params["down"]:
             x = jax.nn.relu(_conv_same(x, kernel, bias, stride=2))
@@ -145,10 +132,7 @@ class MaskEncoder:
         if masks.size and not (np.isfinite(masks).all() and masks.min() >= 0.0 and masks.max() <= 1.0):
             bad = masks[~((masks >= 0.0) & (masks <= 1.0))]  # NaN fails both comparisons
             raise ValueError(f"masks must be in [0, 1], got values such as {bad[0]}")
-        codes = run_in_buckets(
-            lambda batch: self._encode(self.params, jax.device_put(batch, self.device)),
-            masks, (CODES_PER_MASK,), np.int32,
-        )
+        codes = self._run(masks, (CODES_PER_MASK,), np.int32)
         assert codes.size == 0 or codes.max() < NUM_CODES
         return codes
 

@@ -132,9 +132,14 @@ def build_processor(tokenizer, image_size: int):
     return PaliGemmaProcessor(image_processor=image_processor, tokenizer=tokenizer)
 
 
-def write_fixtures(out: Path, size: str = "tiny", seed: int = 0) -> Path:
-    """Write OUT/paligemma (save_pretrained model + processor) and OUT/vae-oid.npz; return OUT."""
+def write_fixtures(out: Path, size: str = "tiny", seed: int = 0, vae: str = "trained") -> Path:
+    """Write OUT/paligemma (save_pretrained model + processor) and OUT/vae-oid.npz; return OUT.
+
+    `vae="trained"`: the VQ-VAE trained on synthetic shapes (scripts/train_vae_fixture.py, cached per
+    machine, seed 0 whatever `seed` is, so every fixture shares one training); `"random"`: random weights.
+    """
     from make_vae_fixture import write_vae_npz
+    from train_vae_fixture import write_trained_vae
 
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer()
@@ -142,7 +147,10 @@ def write_fixtures(out: Path, size: str = "tiny", seed: int = 0) -> Path:
     processor = build_processor(tokenizer, SIZES[size]["image_size"])
     model.save_pretrained(out / "paligemma")
     processor.save_pretrained(out / "paligemma")
-    write_vae_npz(out / "vae-oid.npz", seed=seed)
+    if vae == "trained":
+        write_trained_vae(out / "vae-oid.npz", seed=0)
+    else:
+        write_vae_npz(out / "vae-oid.npz", seed=seed)
     return out
 
 
@@ -151,9 +159,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True, help="output directory")
     parser.add_argument("--size", choices=sorted(SIZES), default="tiny")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--vae", choices=("trained", "random"), default="trained",
+                        help="the mask VAE: trained on synthetic shapes (cached; default) or random weights")
     args = parser.parse_args(argv)
     start = time.perf_counter()
-    write_fixtures(args.out, size=args.size, seed=args.seed)
+    write_fixtures(args.out, size=args.size, seed=args.seed, vae=args.vae)
     print(f"wrote {args.out}/paligemma and {args.out}/vae-oid.npz ({args.size}) "
           f"in {time.perf_counter() - start:.1f}s")
     return 0

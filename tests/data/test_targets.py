@@ -54,6 +54,17 @@ def test_resize_matches_the_scale_and_translate_definition(height, width):
     np.testing.assert_allclose(got, expected, atol=1e-5)
 
 
+@pytest.mark.parametrize(("height", "width"), [(100, 64), (37, 211), (500, 9)])
+def test_resize_equals_jax_antialiased_resize(height, width):
+    """JAX's `resize(..., antialias=True)` is the same scale-and-translate rule (slower: it compiles
+    per crop size)."""
+    import jax
+
+    mask = np.random.default_rng(height).random((height, width)) > 0.5
+    expected = jax.image.resize(mask.astype(np.float32), (64, 64), method="linear", antialias=True)
+    np.testing.assert_allclose(crop_to_64(mask, (0.0, 0.0, 1.0, 1.0)), np.asarray(expected), atol=1e-5)
+
+
 def test_crop_takes_rounded_rows_and_columns():
     mask = np.zeros((10, 20), bool)
     mask[2:4, 3:9] = True

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Write offline fixtures: a random PaliGemma 2 with the real architecture and a synthetic vae-oid.npz.
+"""Write offline fixtures: a random PaliGemma 2 with the real architecture and a vae-oid.npz trained on shapes.
 
 Real weights cannot be downloaded on the build machines, so tests, the demo and the benchmarks run on
 a model with the real classes (gemma2 text + siglip vision), the real special tokens (`<image>`,
@@ -8,7 +8,9 @@ a model with the real classes (gemma2 text + siglip vision), the real special to
     python scripts/make_tiny_model.py --out .fixtures              # DIR/paligemma, DIR/vae-oid.npz
     python scripts/make_tiny_model.py --out /tmp/m --size medium   # text 512x4, vision 256x4
 
-The answers of such a model have the real shape and no meaning.
+The answers of such a model have the real shape and no meaning. The mask VAE is not random: it is
+trained on synthetic shapes (scripts/train_vae_fixture.py, cached per machine), so decoded masks look
+like masks and mask → text → mask round-trips; `--vae random` writes random weights instead.
 """
 
 from __future__ import annotations

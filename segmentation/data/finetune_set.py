@@ -89,6 +89,8 @@ def segmentation_mask(segmentation, height: int, width: int) -> np.ndarray:
             raise ValueError(f"RLE size {segmentation['size']} differs from the image's [{height}, {width}]")
         counts = segmentation["counts"]
         if isinstance(counts, list):
+            if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in counts):
+                raise ValueError("uncompressed RLE counts must be non-negative integers")
             if sum(counts) != height * width:
                 raise ValueError(f"uncompressed RLE counts sum to {sum(counts)}, not {height}x{width}")
             rle = coco_mask.frPyObjects(segmentation, height, width)

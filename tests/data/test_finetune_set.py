@@ -80,6 +80,19 @@ def test_masks_from_polygons_and_both_rle_kinds():
                                   rect(5, 5, 55, 75))
 
 
+@pytest.mark.parametrize(
+    ("segmentation", "message"),
+    [({"size": [H, W], "counts": [-4, H * W + 4]}, "non-negative"),
+     ({"size": [H, W], "counts": [1.5, H * W - 1.5]}, "non-negative"),
+     ({"size": [H, W], "counts": "not an rle"}, "unreadable RLE"),
+     ({"size": [H, W], "counts": {"a": 1}}, "counts must be"),
+     ([[0, 0, 10, 0, 10]], "even count"), ([], "non-empty"), ("0 0 1 1", "polygon list or an RLE")],
+)
+def test_malformed_segmentations_are_named(segmentation, message):
+    with pytest.raises(ValueError, match=message):
+        finetune_set.segmentation_mask(segmentation, H, W)
+
+
 def test_class_lines_with_order_and_bad_annotations_reported(dataset, encoder):
     folder, coco = dataset
     records, report = finetune_set.convert(coco, folder, encoder, progress=False)

@@ -188,9 +188,13 @@ def convert(coco: dict, images_dir: Path, encoder, *, classes_per_line: int = 4,
             continue
         for classes, objects in class_lines(image_annotations, classes_per_line, max_objects, order, report):
             texts = _encode(encoder, objects, [a.label for a in objects], report)
-            kept = [t for t in texts if t is not None]
+            kept = [(a.label, t) for a, t in zip(objects, texts) if t is not None]
+            # A class whose every object failed leaves the prompt too: naming it with no object would
+            # teach the model that it is absent.
+            named = [c for c in classes if any(label == c for label, _ in kept)]
             if kept:
-                records.append({"image": path, "prefix": "segment " + " ; ".join(classes), "suffix": " ; ".join(kept)})
+                records.append({"image": path, "prefix": "segment " + " ; ".join(named),
+                                "suffix": " ; ".join(t for _, t in kept)})
                 report.objects += len(kept)
     report.lines = len(records)
     return records, report

@@ -133,6 +133,15 @@ def test_refexp_lines_have_one_expression_and_one_mask(dataset, encoder):
     assert records[0]["suffix"] == records[1]["suffix"]
 
 
+def test_a_class_whose_objects_all_fail_leaves_the_prompt(dataset, encoder):
+    folder, coco = dataset
+    coco["categories"].append({"id": 4, "name": "bad ; name"})
+    coco["annotations"].append({"id": 30, "image_id": 2, "category_id": 4, "segmentation": polygon(1, 1, 9, 9)})
+    records, report = finetune_set.convert(coco, folder, encoder, progress=False)
+    assert [r["prefix"] for r in records] == ["segment cat ; dog", "segment car"]
+    assert any(e["annotation_id"] == 30 and "';'" in e["reason"] for e in report.errors)
+
+
 def test_missing_image_file_is_reported(dataset, encoder):
     folder, coco = dataset
     (folder / "b.png").unlink()

@@ -40,7 +40,8 @@ lint: install
 
 fixtures: install $(FIXTURES)/vae-oid.npz
 
-$(FIXTURES)/vae-oid.npz: scripts/make_tiny_model.py scripts/make_vae_fixture.py
+# The mask VAE is trained on synthetic shapes once per machine (cached in ~/.cache/paligemma-seg).
+$(FIXTURES)/vae-oid.npz: scripts/make_tiny_model.py scripts/make_vae_fixture.py scripts/train_vae_fixture.py
 	$(PY) scripts/make_tiny_model.py --out $(FIXTURES)
 
 # Import the tiny fixtures into the project-local BentoML home (.bentoml, git-ignored) once.

@@ -71,6 +71,19 @@ def _preflight() -> None:
 
 
 _preflight()
+
+
+def _load_mask_encoder():
+    """The mask encoder of the served vae-oid.npz, for /encode (small JAX on this process's CPU)."""
+    from segmentation.model.encoder import MaskEncoder
+
+    try:
+        encoder = MaskEncoder.from_npz(_stored_path(SETTINGS.vae_tag) / VAE_FILE)
+    except CheckpointError as exc:
+        raise api.RequestError(f"this server cannot encode masks: {exc}", 501) from exc
+    encoder.warmup()
+    return encoder
+
 refuse_bentoml_downloads()
 
 STAGE_SECONDS = bentoml.metrics.Histogram(
@@ -197,6 +210,8 @@ class Segmentation:
     def __init__(self) -> None:
         self._models: list[dict] | None = None
         READINESS.attach(self.engine)
+        self._mask_encoder = None  # loaded by the first /encode: most servers never need it
+        self._mask_encoder_lock = asyncio.Lock()
 
     async def served_models(self) -> list[dict]:
         if self._models is None:
@@ -330,6 +345,30 @@ class Segmentation:
                 return {"error": str(exc), "status": exc.status}
 
         return list(await asyncio.gather(*(one(entry) for entry in requests)))
+
+    @strict_api(route="/encode")
+    async def encode(
+        self,
+        mask: Path = None,  # noqa: RUF013 -- see /segment's image
+        mask_base64: str | None = None,
+        rle: dict | None = None,
+        polygons: list[list[float]] | None = None,
+        width: int | None = None,
+        height: int | None = None,
+        box: list[float] | None = None,
+        label: str = "",
+    ) -> dict:
+        """A mask (image upload, base64, COCO RLE or polygons) and its label → PaliGemma's training text
+        `<loc…>×4<seg…>×16 label`, made as big_vision made the model's targets; `box` (y1, x1, y2, x2 in
+        0..1) defaults to the mask's tight box."""
+        return await answer(self._encode(mask, mask_base64, rle, polygons, width, height, box, label))
+
+    async def _encode(self, upload, mask_base64, rle, polygons, width, height, box, label) -> dict:
+        mask = await asyncio.to_thread(api.read_mask, SETTINGS, upload, mask_base64, rle, polygons, width, height)
+        async with self._mask_encoder_lock:
+            if self._mask_encoder is None:
+                self._mask_encoder = await asyncio.to_thread(_load_mask_encoder)
+        return await asyncio.to_thread(api.encode_body, self._mask_encoder, mask, label, box)
 
     @bentoml.api(route="/models")
     async def models(self) -> dict:

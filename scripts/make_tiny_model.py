@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Write offline fixtures: a random PaliGemma 2 with the real architecture and a synthetic vae-oid.npz.
+"""Write offline fixtures: a random PaliGemma 2 with the real architecture and a vae-oid.npz trained on shapes.
 
 Real weights cannot be downloaded on the build machines, so tests, the demo and the benchmarks run on
 a model with the real classes (gemma2 text + siglip vision), the real special tokens (`<image>`,
@@ -8,7 +8,9 @@ a model with the real classes (gemma2 text + siglip vision), the real special to
     python scripts/make_tiny_model.py --out .fixtures              # DIR/paligemma, DIR/vae-oid.npz
     python scripts/make_tiny_model.py --out /tmp/m --size medium   # text 512x4, vision 256x4
 
-The answers of such a model have the real shape and no meaning.
+The answers of such a model have the real shape and no meaning. The mask VAE is not random: it is
+trained on synthetic shapes (scripts/train_vae_fixture.py, cached per machine), so decoded masks look
+like masks and mask → text → mask round-trips; `--vae random` writes random weights instead.
 """
 
 from __future__ import annotations
@@ -132,9 +134,14 @@ def build_processor(tokenizer, image_size: int):
     return PaliGemmaProcessor(image_processor=image_processor, tokenizer=tokenizer)
 
 
-def write_fixtures(out: Path, size: str = "tiny", seed: int = 0) -> Path:
-    """Write OUT/paligemma (save_pretrained model + processor) and OUT/vae-oid.npz; return OUT."""
+def write_fixtures(out: Path, size: str = "tiny", seed: int = 0, vae: str = "trained") -> Path:
+    """Write OUT/paligemma (save_pretrained model + processor) and OUT/vae-oid.npz; return OUT.
+
+    `vae="trained"`: the VQ-VAE trained on synthetic shapes (scripts/train_vae_fixture.py, cached per
+    machine, seed 0 whatever `seed` is, so every fixture shares one training); `"random"`: random weights.
+    """
     from make_vae_fixture import write_vae_npz
+    from train_vae_fixture import write_trained_vae
 
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer()
@@ -142,7 +149,10 @@ def write_fixtures(out: Path, size: str = "tiny", seed: int = 0) -> Path:
     processor = build_processor(tokenizer, SIZES[size]["image_size"])
     model.save_pretrained(out / "paligemma")
     processor.save_pretrained(out / "paligemma")
-    write_vae_npz(out / "vae-oid.npz", seed=seed)
+    if vae == "trained":
+        write_trained_vae(out / "vae-oid.npz", seed=0)
+    else:
+        write_vae_npz(out / "vae-oid.npz", seed=seed)
     return out
 
 
@@ -151,9 +161,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True, help="output directory")
     parser.add_argument("--size", choices=sorted(SIZES), default="tiny")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--vae", choices=("trained", "random"), default="trained",
+                        help="the mask VAE: trained on synthetic shapes (cached; default) or random weights")
     args = parser.parse_args(argv)
     start = time.perf_counter()
-    write_fixtures(args.out, size=args.size, seed=args.seed)
+    write_fixtures(args.out, size=args.size, seed=args.seed, vae=args.vae)
     print(f"wrote {args.out}/paligemma and {args.out}/vae-oid.npz ({args.size}) "
           f"in {time.perf_counter() - start:.1f}s")
     return 0

@@ -16,10 +16,20 @@ sys.path.insert(0, str(ROOT / "tests" / "service"))
 
 @pytest.fixture(scope="session")
 def tiny_fixtures(tmp_path_factory) -> Path:
-    """DIR with DIR/paligemma (random PaliGemma 2, real tokens) and DIR/vae-oid.npz."""
+    """DIR with DIR/paligemma (random PaliGemma 2, real tokens) and DIR/vae-oid.npz (the trained
+    fixture VAE, so decoded masks look like masks and /encode round-trips)."""
     from make_tiny_model import write_fixtures
 
     return write_fixtures(tmp_path_factory.mktemp("fixtures"), size="tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def trained_vae() -> Path:
+    """The fixture VQ-VAE trained on synthetic shapes (scripts/train_vae_fixture.py): trained once per
+    machine and script version, then taken from the cache (~/.cache/paligemma-seg)."""
+    from train_vae_fixture import trained_vae_npz
+
+    return trained_vae_npz(seed=0)
 
 
 @pytest.fixture(scope="session")

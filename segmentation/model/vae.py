@@ -33,6 +33,19 @@ BUCKETS = (1, 4, 16, 64)
 
 
 
+def run_in_buckets(fn, inputs: np.ndarray, out_shape: tuple[int, ...], out_dtype) -> np.ndarray:
+    """`fn` over `inputs` `[N, ...]` in chunks of at most `BUCKETS[-1]` rows, each zero-padded to the
+    next bucket size so a jitted `fn` compiles once per bucket; `[N, *out_shape]` of `out_dtype`."""
+    out = np.empty((inputs.shape[0], *out_shape), out_dtype)
+    for start in range(0, inputs.shape[0], BUCKETS[-1]):
+        chunk = inputs[start:start + BUCKETS[-1]]
+        bucket = next(b for b in BUCKETS if b >= len(chunk))
+        padded = np.zeros((bucket, *inputs.shape[1:]), inputs.dtype)
+        padded[: len(chunk)] = chunk
+        out[start:start + len(chunk)] = np.asarray(fn(padded))[: len(chunk)]
+    return out
+
+
 def _conv_kernel(weight: np.ndarray) -> np.ndarray:
     """Conv2d [out, in, kh, kw] → HWIO."""
     return np.transpose(weight, (2, 3, 1, 0))
@@ -64,21 +77,43 @@ def _transposed_conv(x, kernel, bias):
     return y + bias
 
 
-class MaskDecoder:
-    """Decodes `[N, 16]` mask codes into `[N, 64, 64]` float32 maps (positive = object)."""
+class VaeHalf:
+    """One half of the VQ-VAE (decoder or encoder): its weights from a vae-oid.npz, converted once and
+    kept on the CPU, and its jitted forward pass run in bucket-padded batches.
+
+    Subclasses define `_convert(raw) -> params`, `_forward(params, batch)` and, if they read more than
+    the decoder's tensors, `_check(arrays, path)`.
+    """
 
     def __init__(self, params: dict[str, np.ndarray], device=None):
         self.device = device or jax.devices("cpu")[0]
         self.params = jax.device_put(self._convert(params), self.device)
         self.trace_count = 0  # bumped only while tracing: a steady value means no recompilation
-        self._decode = jax.jit(self._forward)
+        self._jitted = jax.jit(self._traced)
 
     @classmethod
-    def from_npz(cls, path: str | Path, device=None) -> MaskDecoder:
+    def from_npz(cls, path: str | Path, device=None):
         """Load big_vision's `vae-oid.npz` (or a file with its layout); CheckpointError (a ValueError)
         names the file and what is wrong."""
         arrays = load_vae_checkpoint(path)
+        cls._check(arrays, path)
         return cls(arrays, device=device)
+
+    @staticmethod
+    def _check(arrays: dict[str, np.ndarray], path: str | Path) -> None:
+        """Checks beyond `load_vae_checkpoint`'s (the decoder needs none)."""
+
+    def _traced(self, params, batch):
+        self.trace_count += 1
+        return self._forward(params, batch)
+
+    def _run(self, batch: np.ndarray, out_shape: tuple[int, ...], out_dtype) -> np.ndarray:
+        return run_in_buckets(lambda b: self._jitted(self.params, jax.device_put(b, self.device)),
+                              batch, out_shape, out_dtype)
+
+
+class MaskDecoder(VaeHalf):
+    """Decodes `[N, 16]` mask codes into `[N, 64, 64]` float32 maps (positive = object)."""
 
     @staticmethod
     def _convert(raw: dict[str, np.ndarray]) -> dict:
@@ -95,7 +130,6 @@ class MaskDecoder:
         }
 
     def _forward(self, params, codes):
-        self.trace_count += 1
         x = jnp.take(params["embedding"], codes.reshape(-1), axis=0)
         x = x.reshape(codes.shape[0], 4, 4, EMBEDDING_DIM)  # row-major 4x4 grid
         x = jax.nn.relu(_conv(x, *params["in"], padding=0))
@@ -118,15 +152,7 @@ class MaskDecoder:
             raise ValueError(f"codes must be integers in 0..{NUM_CODES - 1}, got dtype {codes.dtype}")
         if codes.size and (codes.min() < 0 or codes.max() >= NUM_CODES):
             raise ValueError(f"codes must be integers in 0..{NUM_CODES - 1}, got {codes.min()}..{codes.max()}")
-        out = np.empty((codes.shape[0], MASK_SIZE, MASK_SIZE), np.float32)
-        for start in range(0, codes.shape[0], BUCKETS[-1]):
-            chunk = codes[start:start + BUCKETS[-1]].astype(np.int32)
-            bucket = next(b for b in BUCKETS if b >= len(chunk))
-            padded = np.zeros((bucket, CODES_PER_MASK), np.int32)
-            padded[: len(chunk)] = chunk
-            result = self._decode(self.params, jax.device_put(padded, self.device))
-            out[start:start + len(chunk)] = np.asarray(result)[: len(chunk)]
-        return out
+        return self._run(codes.astype(np.int32), (MASK_SIZE, MASK_SIZE), np.float32)
 
     def warmup(self) -> None:
         """Compile every bucket now, so no request pays for compilation."""

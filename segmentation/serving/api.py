@@ -11,6 +11,7 @@ import base64
 import binascii
 from pathlib import Path
 
+import numpy as np
 from PIL import Image
 
 from ..model.encoding import image_to_png_base64, mask_to_png_base64, mask_to_polygons, mask_to_rle
@@ -91,17 +92,17 @@ async def read_image(
         raise RequestError(str(exc)) from exc
 
 
-def decode_base64(value: str, max_bytes: int) -> bytes:
+def decode_base64(value: str, max_bytes: int, field: str = "image_base64") -> bytes:
     if not isinstance(value, str):
-        raise RequestError("image_base64 must be a string")
+        raise RequestError(f"{field} must be a string")
     if value.startswith("data:"):
         value = value.partition(",")[2]  # data:image/png;base64,....
     if len(value) * 3 // 4 > max_bytes:
-        raise RequestError(f"image_base64 decodes to more than the limit of {max_bytes} bytes", 413)
+        raise RequestError(f"{field} decodes to more than the limit of {max_bytes} bytes", 413)
     try:
         return base64.b64decode(value, validate=True)
     except (binascii.Error, ValueError) as exc:
-        raise RequestError(f"image_base64 is not valid base64: {exc}") from exc
+        raise RequestError(f"{field} is not valid base64: {exc}") from exc
 
 
 def encode_mask(obj: DetectedObject, fmt: str) -> dict | None:
@@ -144,3 +145,72 @@ def response_body(
     if input_image is not None:
         body["input_image"] = image_to_png_base64(input_image)
     return body
+
+
+# ---- POST /encode: a user's mask and label to PaliGemma's training text ---------------------------------
+
+def read_mask(
+    settings: Settings,
+    upload: Path | None = None,
+    mask_base64: str | None = None,
+    rle: dict | None = None,
+    polygons: list | None = None,
+    width: int | None = None,
+    height: int | None = None,
+) -> np.ndarray:
+    """The request's bool `[H, W]` mask from exactly one of: an uploaded image file (PNG or any
+    accepted format; nonzero pixels are the object), base64 image bytes, a COCO RLE, or polygons with
+    the image's `width` and `height`."""
+    from ..data.finetune_set import segmentation_mask
+
+    given = [name for name, v in (("mask", upload), ("mask_base64", mask_base64), ("rle", rle),
+                                  ("polygons", polygons)) if v]
+    if len(given) != 1:
+        what = "no mask was sent" if not given else f"{len(given)} masks were sent ({', '.join(given)})"
+        raise RequestError(
+            f"{what}; send exactly one of: 'mask' (an image file upload, nonzero = object), 'mask_base64' "
+            "(the image bytes in base64), 'rle' (COCO RLE {\"size\": [h, w], \"counts\": ...}) or 'polygons' "
+            "([[x0, y0, x1, y1, ...], ...] with 'width' and 'height')"
+        )
+    if upload or mask_base64:
+        if upload:
+            size = Path(upload).stat().st_size
+            if size > settings.max_image_bytes:
+                raise RequestError(f"the upload is {size} bytes; the limit is {settings.max_image_bytes}", 413)
+            data = Path(upload).read_bytes()
+        else:
+            data = decode_base64(mask_base64, settings.max_image_bytes, field="mask_base64")
+        try:
+            image = open_image(data, max_pixels=settings.max_pixels)
+        except ImageTooLarge as exc:
+            raise RequestError(str(exc), 413) from exc
+        except ImageError as exc:
+            raise RequestError(f"mask: {exc}") from exc
+        return np.asarray(image.convert("L")) > 0
+    if rle:
+        size = rle.get("size")
+        if not (isinstance(size, list) and len(size) == 2 and all(isinstance(v, int) and v > 0 for v in size)):
+            raise RequestError("rle.size must be [height, width] (two positive integers)")
+        height, width = size
+    elif not (isinstance(width, int) and isinstance(height, int) and width > 0 and height > 0):
+        raise RequestError("polygons need the image's 'width' and 'height' (positive integers)")
+    if width * height > settings.max_pixels:
+        raise RequestError(f"the mask is {width}x{height} pixels; the limit is {settings.max_pixels}", 413)
+    try:
+        return segmentation_mask(rle or polygons, height, width)
+    except (ValueError, TypeError) as exc:
+        raise RequestError(f"{given[0]}: {exc}") from exc
+
+
+def encode_body(encoder, mask: np.ndarray, label: str | None, box: list[float] | None) -> dict:
+    """The answer of /encode: the object's text and its parts (see `segmentation.data.targets`)."""
+    from ..data.targets import TargetError, encode_object
+    from ..model.tokens import parse_objects
+
+    try:
+        text = encode_object(encoder, mask, label or "", box)
+    except TargetError as exc:
+        raise RequestError(str(exc)) from exc
+    [obj] = parse_objects(text)
+    return {"text": text, "locs": list(obj.locs), "codes": list(obj.codes), "label": obj.label,
+            "height": int(mask.shape[0]), "width": int(mask.shape[1])}

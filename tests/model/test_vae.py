@@ -3,10 +3,10 @@
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
 from make_vae_fixture import make_vae_checkpoint
 from segmentation.model.vae import BUCKETS, MaskDecoder, expected_shapes
+from train_vae_fixture import build_vae
 
 
 @pytest.fixture(scope="module")
@@ -23,28 +23,11 @@ def decoder(npz):
     return d
 
 
-class TorchResBlock(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.net = nn.Sequential(nn.Conv2d(128, 128, 3, padding=1), nn.ReLU(), nn.Conv2d(128, 128, 3, padding=1),
-                                 nn.ReLU(), nn.Conv2d(128, 128, 1))
-
-    def forward(self, x):
-        return x + self.net(x)
-
-
 def torch_decoder(weights):
-    """The UViM decoder as PyTorch layers, indexed like the checkpoint's `decoder.N` keys."""
-    layers = nn.Sequential(
-        nn.Conv2d(512, 128, 1), nn.ReLU(), TorchResBlock(), TorchResBlock(),
-        nn.ConvTranspose2d(128, 128, 4, stride=2, padding=1), nn.ReLU(),
-        nn.ConvTranspose2d(128, 64, 4, stride=2, padding=1), nn.ReLU(),
-        nn.ConvTranspose2d(64, 32, 4, stride=2, padding=1), nn.ReLU(),
-        nn.ConvTranspose2d(32, 16, 4, stride=2, padding=1), nn.ReLU(),
-        nn.Conv2d(16, 1, 1),
-    )
-    state = {k.removeprefix("decoder."): torch.from_numpy(v) for k, v in weights.items() if k.startswith("decoder.")}
-    layers.load_state_dict(state)
+    """The UViM decoder as PyTorch layers (the fixture trainer's, indexed like the checkpoint's keys)."""
+    vae = build_vae()
+    vae.load_state_dict({k: torch.from_numpy(v) for k, v in weights.items()})
+    layers = vae.decoder
     embedding = torch.from_numpy(weights["_vq_vae._embedding"])
 
     def decode(codes):

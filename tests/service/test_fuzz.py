@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import response_schema_conformance
 
-ROUTES = ["/segment", "/detect", "/render", "/segment_batch", "/models"]
+ROUTES = ["/segment", "/detect", "/render", "/segment_batch", "/models", "/encode"]
 
 
 @pytest.fixture(scope="module")

@@ -37,7 +37,7 @@ import logging
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -227,8 +227,7 @@ def outcome_record(example: Example, result: SegmentationResult, objects: list[G
     return {
         "key": example.key, "image_id": example.image_id, "prompt": example.prompt,
         "width": result.width, "height": result.height, "text": result.text,
-        "referring": {"valid": score.valid, "box_iou": score.box_iou, "intersection": score.intersection,
-                      "union": score.union},
+        "referring": asdict(score),
         "detections": [
             {"label": o.label, "category_id": categories.get(o.label), "score": o.score,
              "segmentation": mask_to_rle(o.mask)}

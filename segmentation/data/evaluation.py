@@ -25,7 +25,7 @@ import contextlib
 import io
 import re
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -194,8 +194,3 @@ def coco_mask_ap(ground_truth, detections: Iterable[dict], image_ids: Sequence[i
 def _rle_bytes(rle: dict) -> dict:
     counts = rle["counts"]
     return {"size": list(rle["size"]), "counts": counts.encode("ascii") if isinstance(counts, str) else counts}
-
-
-def score_dict(score: ReferringScore) -> dict:
-    """A JSON-ready form of a score (the outcome file of the evaluation command)."""
-    return asdict(score)

@@ -38,10 +38,14 @@ from segmentation.serving.bento import (
     strict_api,
 )
 from segmentation.serving.guard import RequestGuard
+from segmentation.serving.probes import HealthProbes, Readiness
 from segmentation.serving.settings import Settings, model_tag, read_secret
 
 logger = logging.getLogger("segmentation.service")
 SETTINGS = Settings.from_env()
+# /readyz and /livez are answered by our middleware at once (BentoML's own /readyz can hang while
+# the engine loads): ready once the engine answers.
+READINESS = Readiness()
 VAE_FILE = "vae-oid.npz"
 
 
@@ -195,6 +199,7 @@ class Segmentation:
 
     def __init__(self) -> None:
         self._models: list[dict] | None = None
+        READINESS.attach(self.engine)
 
     async def served_models(self) -> list[dict]:
         if self._models is None:
@@ -342,6 +347,7 @@ class Segmentation:
         return {"models": await self.served_models()}
 
 
+Segmentation.add_asgi_middleware(HealthProbes, readiness=READINESS)
 Segmentation.add_asgi_middleware(
     RequestGuard,
     api_keys=SETTINGS.api_keys,

@@ -133,14 +133,22 @@ def load_jsonl_set(path: Path, decoder=None) -> EvaluationSet:
         where = f"{path}:{number}"
         examples.append(Example(
             key=str(number), image_id=number, image_path=path.parent / image, prompt=prompt.text,
-            load_objects=functools.partial(suffix_objects, suffix, record.get("masks"), decoder=decoder, where=where),
+            load_objects=functools.partial(suffix_objects, suffix, record.get("masks"), decoder=decoder,
+                                           where=where, classes=prompt.classes),
         ))
         for obj in parse_objects(suffix):
-            categories.setdefault(obj.label, len(categories) + 1)
+            categories.setdefault(object_label(obj.label, prompt.classes), len(categories) + 1)
     return EvaluationSet(examples, categories)
 
 
-def suffix_objects(suffix: str, masks: list[dict] | None, width: int, height: int, decoder, where: str):
+def object_label(label: str, classes: tuple[str, ...]) -> str:
+    """A suffix object's label; a label-less object (referring-expression sets write none) of a
+    one-phrase prompt is that phrase."""
+    return classes[0] if not label and len(classes) == 1 else label
+
+
+def suffix_objects(suffix: str, masks: list[dict] | None, width: int, height: int, decoder, where: str,
+                   classes: tuple[str, ...] = ()):
     """Ground truth from a training suffix: boxes and labels from its tokens, masks from `masks`
     (COCO RLE per object) or from its codes."""
     objects = parse_objects(suffix)
@@ -157,7 +165,7 @@ def suffix_objects(suffix: str, masks: list[dict] | None, width: int, height: in
             raise ValueError(f"{where}: no 'masks' field, and the suffix's codes need the VAE (--vae) to decode")
         maps = decoder.decode(np.array([o.codes for o in objects], dtype=np.int32))
         full = [paste_mask(m, box_to_pixels(o.locs, width, height), width, height) for o, m in zip(objects, maps)]
-    return [GroundTruthObject(o.label, m, box_normalized(o.locs)) for o, m in zip(objects, full)]
+    return [GroundTruthObject(object_label(o.label, classes), m, box_normalized(o.locs)) for o, m in zip(objects, full)]
 
 
 class CocoSet(EvaluationSet):

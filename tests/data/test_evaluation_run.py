@@ -152,3 +152,19 @@ def test_clear_errors_for_missing_arguments(jsonl_set, tmp_path, tiny_fixtures):
               str(tiny_fixtures / "paligemma")])
     with pytest.raises(SystemExit, match="--images"):
         main(["--coco", str(jsonl_set), "--out", str(tmp_path / "x.jsonl"), "--url", "http://127.0.0.1:1"])
+
+
+def test_label_less_referring_lines_take_their_phrase(tmp_path):
+    """Referring-expression lines (the fine-tuning tool's --refexp) have no label in the suffix."""
+    Image.new("RGB", (20, 10)).save(tmp_path / "a.png")
+    mask = np.zeros((10, 20), bool)
+    mask[2:6, 3:9] = True
+    line = {"image": "a.png", "prefix": "segment the brown cat", "masks": [mask_to_rle(mask)],
+            "suffix": f"<loc0100><loc0200><loc0600><loc0450>{segs(0)}"}
+    (tmp_path / "refs.jsonl").write_text(json.dumps(line) + "\n")
+    dataset = load_jsonl_set(tmp_path / "refs.jsonl")
+    assert dataset.categories == {"the brown cat": 1}
+    [obj] = dataset.examples[0].load_objects(20, 10)
+    assert obj.label == "the brown cat" and obj.mask.tolist() == mask.tolist()
+    with pytest.raises(ValueError, match="size"):
+        dataset.examples[0].load_objects(10, 20)

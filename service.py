@@ -163,7 +163,10 @@ class SegmentationEngine:
         from segmentation.serving.pool import PredictRequest
 
         requests = [
-            PredictRequest(item.model, item.image, Prompt(item.task, tuple(item.classes)), item.max_new_tokens)
+            PredictRequest(
+                item.model, item.image, Prompt(item.task, tuple(item.classes), item.labels_from_prompt),
+                item.max_new_tokens,
+            )
             for item in items
         ]
         outcomes = self.pool.predict(requests)
@@ -229,13 +232,14 @@ class Segmentation:
         model: str | None,
         mask_format: str | None,
         return_input_image: bool = False,
+        labels_from_prompt: bool = False,
     ):
         """Check the request, run the engine, assemble the answer: (result, picture, model)."""
         models = await self.served_models()
         model_id = api.check_model(model, [m["id"] for m in models])
         size = next(m["image_size"] for m in models if m["id"] == model_id)
         fmt = api.check_mask_format(mask_format)
-        parsed = api.check_prompt(prompt, task, SETTINGS)
+        parsed = api.check_prompt(prompt, task, SETTINGS, labels_from_prompt=labels_from_prompt)
         start = time.perf_counter()
         original = await api.read_image(SETTINGS, image, image_url, image_base64)
         picture = await asyncio.to_thread(model_input, original, size)
@@ -243,7 +247,8 @@ class Segmentation:
 
         try:
             [outcome] = await self._predict(
-                EngineItem(model=model_id, image=picture, task=parsed.task, classes=list(parsed.classes))
+                EngineItem(model=model_id, image=picture, task=parsed.task, classes=list(parsed.classes),
+                           labels_from_prompt=parsed.labels_from_prompt)
             )
         except bentoml.exceptions.ServiceUnavailable as exc:
             # The adaptive batcher sheds load it cannot serve within SEG_MAX_LATENCY_MS.
@@ -284,11 +289,13 @@ class Segmentation:
         model: str | None = None,
         mask_format: str = "rle",
         return_input_image: bool = False,
+        labels_from_prompt: bool = False,
     ) -> dict:
         """Segment the objects a prompt names: labels, boxes, scores and masks (rle, png, polygon)."""
         return await answer(self._json(
             "segment", image=image, image_url=image_url, image_base64=image_base64, prompt=prompt,
             model=model, mask_format=mask_format, return_input_image=return_input_image,
+            labels_from_prompt=labels_from_prompt,
         ))
 
     @strict_api(route="/detect")
@@ -300,11 +307,13 @@ class Segmentation:
         prompt: str = "",
         model: str | None = None,
         return_input_image: bool = False,
+        labels_from_prompt: bool = False,
     ) -> dict:
         """Detect the objects a prompt names: labels, boxes and scores (no masks)."""
         return await answer(self._json(
             "detect", image=image, image_url=image_url, image_base64=image_base64, prompt=prompt,
             model=model, mask_format="none", return_input_image=return_input_image,
+            labels_from_prompt=labels_from_prompt,
         ))
 
     @strict_api(route="/render")
@@ -340,6 +349,7 @@ class Segmentation:
                 return await self._json(
                     entry.task, image=None, image_url=entry.image_url, image_base64=entry.image_base64,
                     prompt=entry.prompt, model=entry.model, mask_format=entry.mask_format,
+                    labels_from_prompt=entry.labels_from_prompt,
                 )
             except api.RequestError as exc:
                 return {"error": str(exc), "status": exc.status}

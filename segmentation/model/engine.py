@@ -97,12 +97,17 @@ class PaliGemmaEngine:
 
     def row_spec(self, prompt: Prompt, budget: int | None = None) -> RowSpec:
         """A row's own budget (grown with its classes, see `max_new_tokens_for`) and label length."""
-        label_tokens = [len(self.tokenizer(" " + c, add_special_tokens=False).input_ids) for c in prompt.classes]
+        # Labels follow the mask codes with a leading space, as the classes are tokenized here.
+        class_tokens = [tuple(self.tokenizer(" " + c, add_special_tokens=False).input_ids) for c in prompt.classes]
+        label_tokens = [len(t) for t in class_tokens]
         if budget is None:
             budget = max_new_tokens_for(
                 label_tokens, prompt.task, objects_per_class=self.objects_per_class, ceiling=self.max_new_tokens
             )
-        return RowSpec(prompt.task, budget, self.constrained, max_label_tokens=max(label_tokens) + LABEL_SLACK_TOKENS)
+        return RowSpec(
+            prompt.task, budget, self.constrained, max_label_tokens=max(label_tokens) + LABEL_SLACK_TOKENS,
+            allowed_labels=tuple(class_tokens) if prompt.labels_from_prompt else None,
+        )
 
     def generate(
         self,

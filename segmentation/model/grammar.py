@@ -35,6 +35,9 @@ class RowSpec:
     # A label may run this many tokens, then only ` ;` or the end may follow. PaliGemma answers with
     # the prompt's own class names, so the engine allows the longest class plus some slack.
     max_label_tokens: int = 32
+    # When set, a label must be exactly one of these token sequences (the prompt's classes as the
+    # tokenizer writes them after the mask codes), so every object names a requested class.
+    allowed_labels: tuple[tuple[int, ...], ...] | None = None
 
 
 class Vocabulary:
@@ -99,6 +102,7 @@ class _Row:
         self.state = _START
         self.count = 0  # codes so far in the current seg run, or label tokens so far
         self.corner: list[int] = []  # loc bins so far of the current object
+        self.label: list[int] = []  # label tokens so far of the current object
         self.after_separator = False
         self.logprobs: list[float] = []
 
@@ -109,7 +113,7 @@ class _Row:
             self.state = _DONE
         elif self.state in (_START, _LOC) and bool(vocab.is_loc[token]):
             if self.state == _START:
-                self.corner = []
+                self.corner, self.label = [], []
             self.state = _LOC
             self.corner.append(int(vocab.loc_bin[token]))
             if len(self.corner) == 4:
@@ -120,11 +124,12 @@ class _Row:
                 self.count = 0
                 self.state = _LABEL_FIRST
         elif self.state == _LABEL_FIRST:
-            self.state, self.count = _LABEL, 1
+            self.state, self.count, self.label = _LABEL, 1, [token]
         elif self.state == _LABEL and bool(vocab.is_separator[token]):
             self.state, self.after_separator, self.count = _START, True, 0
         elif self.state == _LABEL:
             self.count += 1
+            self.label.append(token)
         elif self.state == _START and bool(vocab.is_space[token]):
             self.after_separator = False  # one space, then the next object or the end
 
@@ -135,7 +140,8 @@ class _Row:
         if not self.spec.constrained:
             return None
         if self.state == _START:
-            if self.spec.budget - generated < min_object_tokens(self.spec.task):
+            shortest_label = min(map(len, self.spec.allowed_labels)) if self.spec.allowed_labels else 1
+            if self.spec.budget - generated < min_object_tokens(self.spec.task) - 1 + shortest_label:
                 return vocab.eos
             allowed = vocab.loc_first | vocab.eos
             return allowed | vocab.is_space if self.after_separator else allowed
@@ -145,11 +151,23 @@ class _Row:
             return vocab.loc_first
         if self.state == _SEG:
             return vocab.is_seg
+        if self.spec.allowed_labels is not None and self.state in (_LABEL_FIRST, _LABEL):
+            return self._label_continuations(vocab, self.spec.budget - generated)
         if self.state == _LABEL_FIRST:
             return vocab.is_label_text
         if self.count >= self.spec.max_label_tokens:
             return vocab.label_end
         return vocab.is_label | vocab.label_end
+
+    def _label_continuations(self, vocab: Vocabulary, remaining: int) -> torch.Tensor:
+        """The next tokens of the allowed labels that start with this label's tokens so far and fit in
+        the `remaining` budget, and the end of the label once it is a whole allowed label."""
+        done = tuple(self.label) if self.state == _LABEL else ()
+        allowed = torch.zeros_like(vocab.eos)
+        following = [seq[len(done)] for seq in self.spec.allowed_labels
+                     if len(done) < len(seq) <= len(done) + remaining and seq[:len(done)] == done]
+        allowed[following] = True
+        return allowed | vocab.label_end if done in self.spec.allowed_labels else allowed
 
 
 class ObjectGrammar(LogitsProcessor):

@@ -32,6 +32,9 @@ class PromptError(ValueError):
 class Prompt:
     task: Task
     classes: tuple[str, ...]
+    # Labels may only be the prompt's own classes, token for token (COCO-style evaluation needs every
+    # object to name a requested class). Off by default: the model then writes labels freely.
+    labels_from_prompt: bool = False
 
     @property
     def text(self) -> str:

@@ -18,7 +18,7 @@ certain of every box and label token.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -115,17 +115,29 @@ class Segmenter:
         return attach_masks(self.decoder, parsed)
 
     def segment(
-        self, images: list[Image.Image], prompts: list[str] | str, *, task: Task = "segment", soft: bool = False
+        self,
+        images: list[Image.Image],
+        prompts: list[str] | str,
+        *,
+        task: Task = "segment",
+        soft: bool = False,
+        labels_from_prompt: bool = False,
     ) -> list[SegmentationResult]:
-        """Objects with boxes and masks for each image (`prompts`: one per image, or one for all)."""
+        """Objects with boxes and masks for each image (`prompts`: one per image, or one for all).
+
+        `labels_from_prompt`: every label is exactly one of the prompt's classes (the grammar allows
+        nothing else), so each object maps to a requested class.
+        """
         if isinstance(images, Image.Image):
             images = [images]
         if isinstance(prompts, str):
             prompts = [prompts] * len(images)
-        parsed = [parse_prompt(p, task) for p in prompts]
+        parsed = [replace(parse_prompt(p, task), labels_from_prompt=labels_from_prompt) for p in prompts]
         predictions = self.predict(images, parsed)
         return [assemble(p, *image.size, soft=soft) for p, image in zip(predictions, images)]
 
-    def detect(self, images: list[Image.Image], prompts: list[str] | str) -> list[SegmentationResult]:
+    def detect(
+        self, images: list[Image.Image], prompts: list[str] | str, *, labels_from_prompt: bool = False
+    ) -> list[SegmentationResult]:
         """Boxes only (`detect` prompts: no mask codes are generated)."""
-        return self.segment(images, prompts, task="detect")
+        return self.segment(images, prompts, task="detect", labels_from_prompt=labels_from_prompt)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -46,14 +47,16 @@ def check_model(value: str | None, served: list[str]) -> str:
     return value
 
 
-def check_prompt(prompt: str | None, task: Task, settings: Settings) -> Prompt:
+def check_prompt(prompt: str | None, task: Task, settings: Settings, *, labels_from_prompt: bool = False) -> Prompt:
+    """The request's prompt; `labels_from_prompt` restricts labels to its classes (see `Prompt`)."""
     try:
-        return parse_prompt(
+        parsed = parse_prompt(
             prompt if prompt is not None else "", task,
             max_chars=settings.max_prompt_chars, max_classes=settings.max_classes,
         )
     except PromptError as exc:
         raise RequestError(str(exc)) from exc
+    return dataclasses.replace(parsed, labels_from_prompt=bool(labels_from_prompt))
 
 
 async def read_image(

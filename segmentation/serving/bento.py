@@ -42,6 +42,7 @@ class EngineItem(bentoml.IODescriptor):
     task: str
     classes: list[str]
     max_new_tokens: int | None = None
+    labels_from_prompt: bool = False
 
 
 class EngineOutcome(bentoml.IODescriptor):
@@ -61,6 +62,7 @@ class BatchEntry(BaseModel):
     model: str | None = None
     mask_format: str = "rle"
     task: str = Field("segment", pattern="^(segment|detect)$")
+    labels_from_prompt: bool = False
 
 
 def strict_api(**options):

@@ -2,6 +2,7 @@
 
 import re
 
+import numpy as np
 import pytest
 import torch
 
@@ -96,3 +97,55 @@ def test_vocabulary_requires_paligemma_tokens():
     plain = GemmaTokenizer()  # no <loc>/<seg> tokens
     with pytest.raises(ValueError, match="loc"):
         Vocabulary(plain, len(plain))
+
+
+CLASSES = ["cat", "the man on the left", "zebra crossing", "ünïcode", "car"]
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("budget", [200, 27, 40])
+def test_labels_from_prompt_are_exactly_the_classes(tokenizer, vocab, seed, budget):
+    allowed = tuple(tuple(tokenizer(" " + c, add_special_tokens=False).input_ids) for c in CLASSES)
+    rows = [RowSpec("segment", budget, allowed_labels=allowed), RowSpec("detect", budget, allowed_labels=allowed[1:3]),
+            RowSpec("detect", budget)]
+    generated, _ = run_grammar(vocab, rows, seed)
+    texts = [row_text(tokenizer, ids, vocab.eos_id) for ids in generated]
+    restricted = [parse_objects(t) for t in texts[:2]]
+    assert restricted[0] or budget < 21, texts[0]  # random logits pick the end now and then, not always
+    assert all(o.label in CLASSES for o in restricted[0]), texts[0]
+    assert all(o.label in CLASSES[1:3] for o in restricted[1]), texts[1]
+    # Without the option random logits write labels that are none of the classes.
+    assert any(o.label not in CLASSES for o in parse_objects(texts[2])) or budget < 21
+
+
+def test_labels_from_prompt_only_start_an_object_whose_label_fits(tokenizer, vocab):
+    long_only = (tuple(tokenizer(" the man on the left", add_special_tokens=False).input_ids),)  # 5 tokens
+    for seed in range(4):
+        generated, _ = run_grammar(vocab, [RowSpec("detect", 8, allowed_labels=long_only)], seed, eos_bias=-20)
+        text = row_text(tokenizer, generated[0], vocab.eos_id)
+        assert [o.label for o in parse_objects(text)] in ([], ["the man on the left"]), text
+        generated, _ = run_grammar(vocab, [RowSpec("detect", 9, allowed_labels=long_only)], seed, eos_bias=-20)
+        assert [o.label for o in parse_objects(row_text(tokenizer, generated[0], vocab.eos_id))] == \
+            ["the man on the left"]
+
+
+def test_labels_from_prompt_batched_equals_solo(segmenter):
+    """The real tiny model: the option on and off mixed in one batch, each row as it is alone."""
+    from dataclasses import replace
+
+    from PIL import Image
+
+    from segmentation.model.prompts import parse_prompt
+
+    rng = np.random.default_rng(4)
+    images = [Image.fromarray(rng.integers(0, 255, (40 + 9 * i, 50, 3), dtype=np.uint8)) for i in range(4)]
+    prompts = [replace(parse_prompt(p), labels_from_prompt=on) for p, on in
+               [("cat ; dog", True), ("cat ; dog", False), ("the man on the left", True), ("bus", False)]]
+    batched = segmenter.engine.generate(images, prompts)
+    solo = [segmenter.engine.generate([image], [prompt])[0] for image, prompt in zip(images, prompts)]
+    assert [g.token_ids for g in batched] == [g.token_ids for g in solo]
+    for prompt, generation in zip(prompts, batched):
+        labels = [o.label for o in parse_objects(generation.text)]
+        if prompt.labels_from_prompt:
+            assert labels and set(labels) <= set(prompt.classes), generation.text
+    assert any(o.label not in ("cat", "dog") for o in parse_objects(batched[1].text)), batched[1].text

@@ -1,0 +1,332 @@
+"""A Python client for a running segmentation server that answers what the library answers.
+
+    from segmentation.client import RemoteSegmenter
+    with RemoteSegmenter("http://127.0.0.1:3000") as segmenter:
+        [result] = segmenter.segment(["docs/example.png"], "cat ; car")
+    for obj in result.objects:
+        print(obj.label, obj.score, obj.box, obj.mask.shape)   # mask: bool [H, W]
+
+`RemoteSegmenter.segment()` / `detect()` take the arguments of `Segmenter.segment()` / `detect()` and
+return the same `SegmentationResult` / `DetectedObject` types, with masks decoded to numpy booleans
+(`mask64`, the decoder's raw output, stays on the server: it is None here). Images may be PIL images,
+paths or encoded bytes. `AsyncRemoteSegmenter` is the asyncio twin for concurrent use.
+
+Predictions are pure, so a request is retried with exponential backoff when the server sheds load
+(429, 502, 503) or the connection drops; a 4xx raises `RequestRejected` carrying the server's message.
+
+Needs only numpy, pillow, httpx and pycocotools (`pip install "paligemma-segmentation[client]"`):
+importing this module loads no torch, JAX or BentoML.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import random
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Literal
+
+import httpx
+import numpy as np
+from PIL import Image
+from pycocotools import mask as coco_mask
+
+from .model.results import DetectedObject, SegmentationResult
+
+ImageInput = Image.Image | str | Path | bytes
+Task = Literal["segment", "detect"]
+Images = ImageInput | Sequence[ImageInput]  # one image, or several
+Prompts = Sequence[str] | str  # one prompt per image, or one for all
+
+RETRY_STATUSES = frozenset({429, 502, 503})
+DEFAULT_TIMEOUT_S = 300.0
+DEFAULT_RETRIES = 6
+DEFAULT_BACKOFF_S = 0.5
+MAX_BACKOFF_S = 30.0
+DEFAULT_CONCURRENCY = 8
+
+
+class RemoteError(Exception):
+    """A request the server did not answer with a result. `status` is None for a lost connection."""
+
+    def __init__(self, message: str, status: int | None = None):
+        super().__init__(f"{status}: {message}" if status is not None else message)
+        self.message = message
+        self.status = status
+
+
+class RequestRejected(RemoteError):
+    """The server refused the request (4xx); `message` is the server's own explanation."""
+
+
+class ServerUnavailable(RemoteError):
+    """The server stayed overloaded, failed (5xx) or unreachable after every retry."""
+
+
+def image_bytes(image: ImageInput) -> bytes:
+    """The encoded image to upload: a file's bytes as they are, a PIL image as lossless PNG."""
+    if isinstance(image, bytes | bytearray | memoryview):
+        return bytes(image)
+    if isinstance(image, str | Path):
+        return Path(image).read_bytes()
+    if isinstance(image, Image.Image):
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        return buffer.getvalue()
+    raise TypeError(f"an image must be a PIL image, a path or bytes, not {type(image).__name__}")
+
+
+def request_body(data: bytes, prompt: str, model: str | None, task: Task) -> dict:
+    """The JSON body of /segment or /detect (base64 avoids BentoML's JSON decoding of multipart text)."""
+    body = {"image_base64": base64.b64encode(data).decode("ascii"), "prompt": prompt}
+    if model is not None:
+        body["model"] = model
+    if task == "segment":
+        body["mask_format"] = "rle"
+    return body
+
+
+def decode_mask(mask: dict | None) -> np.ndarray | None:
+    """A server mask `{"format": "rle", "size": [h, w], "counts": str}` as a bool [h, w] array."""
+    if mask is None:
+        return None
+    if mask.get("format") != "rle":
+        raise ValueError(f"expected an RLE mask, got format {mask.get('format')!r}")
+    rle = {"size": list(mask["size"]), "counts": mask["counts"].encode("ascii")}
+    return coco_mask.decode(rle).astype(bool)
+
+
+def parse_answer(body: dict) -> SegmentationResult:
+    """The server's JSON answer (see `segmentation.serving.api.response_body`) as library types."""
+    objects = [
+        DetectedObject(
+            label=o["label"],
+            score=float(o["score"]),
+            box=tuple(int(v) for v in o["box"]),
+            box_normalized=tuple(float(v) for v in o["box_normalized"]),
+            mask=decode_mask(o.get("mask")),
+        )
+        for o in body["objects"]
+    ]
+    return SegmentationResult(
+        prompt=body["prompt"], text=body["text"], width=int(body["width"]), height=int(body["height"]),
+        objects=objects,
+    )
+
+
+def error_message(response: httpx.Response) -> str:
+    """The server's explanation: `{"error": msg}`, BentoML's `[{"error": msg}]`, or the raw text."""
+    try:
+        body = response.json()
+    except ValueError:
+        return response.text.strip() or response.reason_phrase
+    if isinstance(body, list) and body and isinstance(body[0], dict):
+        body = body[0]
+    if isinstance(body, dict) and "error" in body:
+        return str(body["error"])
+    return response.text.strip()
+
+
+def retry_delay(attempt: int, response: httpx.Response | None, backoff_s: float) -> float:
+    """Seconds to wait before try `attempt + 1`: the server's Retry-After if it sent one, else
+    exponential backoff with full jitter (so clients shed together do not return together)."""
+    if response is not None:
+        retry_after = response.headers.get("retry-after", "")
+        if retry_after.replace(".", "", 1).isdigit():
+            return min(float(retry_after), MAX_BACKOFF_S)
+    return random.uniform(0, min(backoff_s * 2**attempt, MAX_BACKOFF_S))
+
+
+def outcome(response: httpx.Response) -> SegmentationResult | None:
+    """The result of a final answer; None when the answer calls for a retry; raises for the rest."""
+    if response.status_code == 200:
+        return parse_answer(response.json())
+    if response.status_code in RETRY_STATUSES:
+        return None
+    if 400 <= response.status_code < 500:
+        raise RequestRejected(error_message(response), response.status_code)
+    raise ServerUnavailable(error_message(response), response.status_code)
+
+
+def as_batch(images: Images, prompts: Prompts) -> list[tuple[ImageInput, str]]:
+    """Pairs of (image, prompt): one prompt per image, or one prompt for all (as `Segmenter.segment`)."""
+    if isinstance(images, Image.Image | str | Path | bytes):
+        images = [images]
+    images = list(images)
+    if isinstance(prompts, str):
+        prompts = [prompts] * len(images)
+    if len(prompts) != len(images):
+        raise ValueError(f"{len(images)} images but {len(prompts)} prompts; give one prompt per image, or one string")
+    return list(zip(images, prompts))
+
+
+def check_soft(soft: bool) -> None:
+    if soft:
+        raise ValueError("the server answers hard masks only; soft=True needs the local Segmenter")
+
+
+def _headers(api_key: str | None) -> dict[str, str]:
+    return {"Authorization": f"Bearer {api_key}"} if api_key else {}
+
+
+# A dropped or refused connection: safe to retry. A read timeout is not retried (the server is
+# working on it; a second try would double the load).
+_RETRY_ERRORS = (httpx.ConnectError, httpx.ConnectTimeout, httpx.ReadError, httpx.WriteError,
+                 httpx.RemoteProtocolError, httpx.PoolTimeout)
+
+
+class RemoteSegmenter:
+    """`Segmenter`'s `segment()` and `detect()` against a server at `url`.
+
+    Several images are sent `concurrency` at a time, so the server can batch them. `retries` is how
+    many times a shed request (429/502/503) or a dropped connection is tried again.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        api_key: str | None = None,
+        *,
+        model: str | None = None,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+        retries: int = DEFAULT_RETRIES,
+        backoff_s: float = DEFAULT_BACKOFF_S,
+        concurrency: int = DEFAULT_CONCURRENCY,
+    ):
+        self.model = model
+        self.retries = retries
+        self.backoff_s = backoff_s
+        self.concurrency = concurrency
+        self._http = httpx.Client(
+            base_url=url.rstrip("/"), headers=_headers(api_key), timeout=timeout_s,
+            limits=httpx.Limits(max_connections=max(concurrency, 1)),
+        )
+
+    def segment(
+        self,
+        images: Images,
+        prompts: Prompts,
+        *,
+        task: Task = "segment",
+        soft: bool = False,
+    ) -> list[SegmentationResult]:
+        """Objects with boxes and masks for each image (`prompts`: one per image, or one for all)."""
+        check_soft(soft)
+        pairs = as_batch(images, prompts)
+        if len(pairs) <= 1 or self.concurrency <= 1:
+            return [self.segment_one(image, prompt, task=task) for image, prompt in pairs]
+        with ThreadPoolExecutor(min(self.concurrency, len(pairs))) as pool:
+            return list(pool.map(lambda pair: self.segment_one(*pair, task=task), pairs))
+
+    def detect(self, images: Images, prompts: Prompts) -> list[SegmentationResult]:
+        """Boxes only (no masks)."""
+        return self.segment(images, prompts, task="detect")
+
+    def segment_one(self, image: ImageInput, prompt: str, *, task: Task = "segment") -> SegmentationResult:
+        """One image, one request, retried while the server sheds load or the connection drops."""
+        body = request_body(image_bytes(image), prompt, self.model, task)
+        for attempt in range(self.retries + 1):
+            response = None
+            try:
+                response = self._http.post(f"/{task}", json=body)
+                result = outcome(response)
+                if result is not None:
+                    return result
+                failure = ServerUnavailable(error_message(response), response.status_code)
+            except _RETRY_ERRORS as exc:
+                failure = ServerUnavailable(f"connection failed: {exc!r}")
+            if attempt < self.retries:
+                time.sleep(retry_delay(attempt, response, self.backoff_s))
+        raise failure
+
+    def models(self) -> list[dict]:
+        """The served models: `{"id", "image_size", "default"}` each."""
+        response = self._http.post("/models", json={})
+        if response.status_code != 200:
+            raise RequestRejected(error_message(response), response.status_code)
+        return response.json()["models"]
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> RemoteSegmenter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class AsyncRemoteSegmenter:
+    """The asyncio twin of `RemoteSegmenter`: `await segmenter.segment(...)`; safe to call from many
+    tasks at once (at most `concurrency` requests are in flight per client)."""
+
+    def __init__(
+        self,
+        url: str,
+        api_key: str | None = None,
+        *,
+        model: str | None = None,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+        retries: int = DEFAULT_RETRIES,
+        backoff_s: float = DEFAULT_BACKOFF_S,
+        concurrency: int = 32,
+    ):
+        self.model = model
+        self.retries = retries
+        self.backoff_s = backoff_s
+        self.concurrency = concurrency
+        self._http = httpx.AsyncClient(
+            base_url=url.rstrip("/"), headers=_headers(api_key), timeout=timeout_s,
+            limits=httpx.Limits(max_connections=max(concurrency, 1)),
+        )
+        self._slots = asyncio.Semaphore(max(concurrency, 1))
+
+    async def segment(
+        self,
+        images: Images,
+        prompts: Prompts,
+        *,
+        task: Task = "segment",
+        soft: bool = False,
+    ) -> list[SegmentationResult]:
+        """Objects with boxes and masks for each image, the images sent concurrently."""
+        check_soft(soft)
+        pairs = as_batch(images, prompts)
+        return list(await asyncio.gather(*(self.segment_one(image, prompt, task=task) for image, prompt in pairs)))
+
+    async def detect(self, images: Images, prompts: Prompts) -> list[SegmentationResult]:
+        """Boxes only (no masks)."""
+        return await self.segment(images, prompts, task="detect")
+
+    async def segment_one(self, image: ImageInput, prompt: str, *, task: Task = "segment") -> SegmentationResult:
+        """One image, one request, retried while the server sheds load or the connection drops."""
+        data = image if isinstance(image, bytes) else await asyncio.to_thread(image_bytes, image)
+        body = request_body(data, prompt, self.model, task)
+        for attempt in range(self.retries + 1):
+            response = None
+            try:
+                async with self._slots:
+                    response = await self._http.post(f"/{task}", json=body)
+                # Decoding masks is CPU work: off the event loop, so other answers keep flowing.
+                result = await asyncio.to_thread(outcome, response)
+                if result is not None:
+                    return result
+                failure = ServerUnavailable(error_message(response), response.status_code)
+            except _RETRY_ERRORS as exc:
+                failure = ServerUnavailable(f"connection failed: {exc!r}")
+            if attempt < self.retries:
+                await asyncio.sleep(retry_delay(attempt, response, self.backoff_s))
+        raise failure
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def __aenter__(self) -> AsyncRemoteSegmenter:
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.aclose()

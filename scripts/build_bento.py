@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""`bentoml build` with the models of SEG_MODELS recorded in the bento and named in its image.
+"""`bentoml build` with the models of SEG_MODELS (and the LoRA adapters of SEG_ADAPTERS) recorded in the bento and named in its image.
 
 SEG_MODEL_SOURCE is baked in too: a `hub` bento records no PaliGemma weights and downloads them at
 start.
@@ -30,7 +30,8 @@ from segmentation.serving.settings import Settings  # noqa: E402
 def main() -> int:
     settings = Settings.from_env()
     config = yaml.safe_load((ROOT / "bentofile.yaml").read_text())
-    ours = {"SEG_MODELS": ",".join(settings.models), "SEG_VAE_TAG": settings.vae_tag,
+    ours = {"SEG_MODELS": ",".join(settings.models), "SEG_ADAPTERS": ",".join(settings.adapters),
+            "SEG_VAE_TAG": settings.vae_tag,
             "SEG_MODEL_SOURCE": settings.model_source}
     envs = [e for e in config.get("envs", []) if e["name"] not in ours]
     envs += [{"name": name, "value": value} for name, value in ours.items()]

@@ -13,6 +13,7 @@ or a server start at once with its name and the cause.
 from __future__ import annotations
 
 import json
+from functools import lru_cache
 from pathlib import Path
 
 from .checkpoints import CheckpointError
@@ -26,8 +27,13 @@ class AdapterError(CheckpointError):
     """An adapter directory that is not a usable LoRA adapter of the given base."""
 
 
-def base_module_names(base_dir: str | Path) -> set[str]:
+def base_module_names(base_dir: str | Path) -> frozenset[str]:
     """Names of every module of the PaliGemma model in `base_dir`, read from its config (no weights)."""
+    return _module_names(str(base_dir))
+
+
+@lru_cache(maxsize=8)  # several adapters of one base: build the meta model once
+def _module_names(base_dir: str) -> frozenset[str]:
     import torch
     from transformers import AutoConfig, PaliGemmaForConditionalGeneration
 
@@ -36,7 +42,7 @@ def base_module_names(base_dir: str | Path) -> set[str]:
         raise AdapterError(f"{base_dir}: model_type is {config.model_type!r}, expected 'paligemma'")
     with torch.device("meta"):
         model = PaliGemmaForConditionalGeneration(config)
-    return {name for name, _ in model.named_modules() if name}
+    return frozenset(name for name, _ in model.named_modules() if name)
 
 
 def _lora_config(path: Path):

@@ -52,7 +52,9 @@ def import_adapter(source: Path, base_id: str, adapter_id: str) -> str:
     try:
         base = bentoml.models.get(model_tag(base_id))
     except bentoml.exceptions.NotFound:
-        raise SystemExit(f"base model {base_id!r} is not in the model store: import it first (--local or --hub)")
+        raise SystemExit(
+            f"base model {base_id!r} is not in the model store: import it first (--local or --hub)"
+        ) from None
     try:
         config = check_lora_dir(source, base.path)
     except AdapterError as exc:

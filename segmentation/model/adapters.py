@@ -12,11 +12,10 @@ or a server start at once with its name and the cause.
 
 from __future__ import annotations
 
-import json
 from functools import lru_cache
 from pathlib import Path
 
-from .checkpoints import CheckpointError
+from .checkpoints import CheckpointError, config_field
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -49,12 +48,8 @@ def _lora_config(path: Path):
     from peft import LoraConfig, PeftConfig
 
     config_file = path / ADAPTER_CONFIG
-    if not config_file.is_file():
-        raise AdapterError(f"{path}: not a PEFT adapter ({ADAPTER_CONFIG} not found)")
-    try:
-        peft_type = json.loads(config_file.read_text()).get("peft_type")
-    except (OSError, ValueError) as exc:
-        raise AdapterError(f"{config_file}: unreadable ({exc})") from exc
+    peft_type = config_field(config_file, "peft_type", f"{path}: not a PEFT adapter ({ADAPTER_CONFIG} not found)",
+                             AdapterError)
     if peft_type != "LORA":
         raise AdapterError(f"{config_file}: peft_type is {peft_type!r}; only LoRA adapters ('LORA') are served")
     try:

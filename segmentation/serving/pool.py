@@ -2,10 +2,10 @@
 
 A server's batch mixes requests for different models and holds requests that may fail. The pool
 groups a batch by base model (requests for a LoRA adapter join their base's group: PEFT runs rows of
-the base and of several adapters in one call), generates each group in one call, and decodes the masks of every object of
-the whole batch in one decoder call. A group whose generation raises (out of memory, say) is retried
-in halves down to single requests, so one bad request fails alone and its neighbours still get
-their answers.
+the base and of several adapters in one call), generates each group in one call, and decodes the
+masks of every object of the whole batch in one decoder call. A group whose generation raises (out
+of memory, say) is retried in halves down to single requests, so one bad request fails alone and its
+neighbours still get their answers.
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ def test_benchmark_script_writes_a_complete_report(tiny_fixtures, tmp_path):
         [sys.executable, str(ROOT / "scripts" / "benchmark.py"), "--start", "--size", "tiny",
          "--fixtures", str(tiny_fixtures), "--requests", "8", "--warmup", "2", "--concurrency", "1,4",
          "--max-new-tokens", "24", "--micro", "--compare-adapters", "2", "--out", str(out), "--plot", str(png)],
-        cwd=ROOT, capture_output=True, text=True, timeout=420,
+        cwd=ROOT, capture_output=True, text=True, timeout=560,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     report = json.loads(out.read_text())

@@ -47,8 +47,12 @@ VAE_FILE = "vae-oid.npz"
 
 
 def _stored_path(tag: str) -> Path:
+    return Path(_stored(tag).path)
+
+
+def _stored(tag: str):
     try:
-        return Path(bentoml.models.get(tag).path)
+        return bentoml.models.get(tag)
     except bentoml.exceptions.NotFound as exc:
         raise CheckpointError(
             f"model {tag!r} is not in the BentoML model store ({exc}); import it with scripts/import_models.py"
@@ -57,8 +61,7 @@ def _stored_path(tag: str) -> Path:
 
 def _adapter_base(adapter_id: str) -> str:
     """The model id an imported adapter adapts (recorded by import_models.py); it must be served."""
-    _stored_path(adapter_tag(adapter_id))
-    base = bentoml.models.get(adapter_tag(adapter_id)).info.metadata.get("base_model")
+    base = _stored(adapter_tag(adapter_id)).info.metadata.get("base_model")
     if base not in SETTINGS.models:
         raise CheckpointError(
             f"adapter {adapter_id!r} adapts the model {base!r}, which is not served "

@@ -76,3 +76,28 @@ def finetuned_adapter(tiny_fixtures, tmp_path_factory) -> Path:
     assert result.returncode == 0, result.stdout + result.stderr[-3000:]
     (out / "finetune.log").write_text(result.stdout + result.stderr)
     return out / "adapter"
+
+
+@pytest.fixture(scope="session")
+def adapter_home(tmp_path_factory, tiny_fixtures, lora_adapters, finetuned_adapter) -> Path:
+    """A BentoML home with the demo model, two random LoRA adapters and a fine-tuned one imported."""
+    from lora import ADAPTERS, FINETUNED, import_adapter
+    from servers import import_fixtures
+
+    home = tmp_path_factory.mktemp("adapter-home")
+    import_fixtures(home, tiny_fixtures)
+    for adapter_id, name in ADAPTERS.items():
+        import_adapter(home, lora_adapters[name], adapter_id)
+    import_adapter(home, finetuned_adapter, FINETUNED)
+    return home
+
+
+@pytest.fixture(scope="session")
+def adapter_server(adapter_home):
+    """A server of the demo model and its adapters (SEG_ADAPTERS), shared by tests/service and tests/ui."""
+    from lora import SERVED_ADAPTERS
+    from servers import kill_tree, start_server
+
+    srv = start_server(adapter_home, {"SEG_ADAPTERS": ",".join(SERVED_ADAPTERS)})
+    yield srv
+    kill_tree(srv.process.pid)

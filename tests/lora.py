@@ -2,7 +2,17 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
+
+from servers import DEMO_MODEL, ROOT
+
+# The adapters the shared adapter server serves (tests/conftest.py): two random ones, one fine-tuned.
+ADAPTERS = {"acme/lora-a": "a", "acme/lora-b": "b"}
+FINETUNED = "acme/finetuned"
+SERVED_ADAPTERS = [*ADAPTERS, FINETUNED]
 
 # The tiny model's attention and MLP projections (text and vision towers).
 TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -26,3 +36,14 @@ def write_random_adapter(base_dir: Path, out: Path, seed: int, scale: float = 1.
                 param.mul_(scale)
     peft_model.save_pretrained(out)
     return out
+
+
+def run_import(home: Path, *args) -> subprocess.CompletedProcess:
+    """scripts/import_models.py with `args` into the BentoML home `home`."""
+    return subprocess.run([sys.executable, str(ROOT / "scripts" / "import_models.py"), *map(str, args)],
+                          env={**os.environ, "BENTOML_HOME": str(home)}, capture_output=True, text=True, timeout=300)
+
+
+def import_adapter(home: Path, directory: Path, adapter_id: str, base: str = DEMO_MODEL) -> None:
+    result = run_import(home, "--adapter", directory, "--base", base, "--as", adapter_id)
+    assert result.returncode == 0, result.stdout + result.stderr

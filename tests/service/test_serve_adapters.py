@@ -17,23 +17,10 @@ import numpy as np
 import pytest
 import yaml
 from answers import same_answer
+from lora import ADAPTERS, FINETUNED, SERVED_ADAPTERS, import_adapter, run_import
 from PIL import Image
-from servers import DEMO_MODEL, ROOT, import_fixtures, kill_tree, start_server
+from servers import DEMO_MODEL, ROOT, import_fixtures
 from test_load import batch_histogram, post_all
-
-ADAPTERS = {"acme/lora-a": "a", "acme/lora-b": "b"}
-FINETUNED = "acme/finetuned"
-SERVED_ADAPTERS = [*ADAPTERS, FINETUNED]
-
-
-def run_import(home: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "scripts" / "import_models.py"), *map(str, args)],
-                          env={**os.environ, "BENTOML_HOME": str(home)}, capture_output=True, text=True, timeout=300)
-
-
-def import_adapter(home: Path, directory: Path, adapter_id: str, base: str = DEMO_MODEL) -> None:
-    result = run_import(home, "--adapter", directory, "--base", base, "--as", adapter_id)
-    assert result.returncode == 0, result.stdout + result.stderr
 
 
 def image_b64(seed: int, width: int = 200, height: int = 150) -> str:
@@ -41,23 +28,6 @@ def image_b64(seed: int, width: int = 200, height: int = 150) -> str:
     buffer = io.BytesIO()
     Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(buffer, "PNG")
     return base64.b64encode(buffer.getvalue()).decode()
-
-
-@pytest.fixture(scope="module")
-def adapter_home(tmp_path_factory, tiny_fixtures, lora_adapters, finetuned_adapter) -> Path:
-    home = tmp_path_factory.mktemp("adapter-home")
-    import_fixtures(home, tiny_fixtures)
-    for adapter_id, name in ADAPTERS.items():
-        import_adapter(home, lora_adapters[name], adapter_id)
-    import_adapter(home, finetuned_adapter, FINETUNED)
-    return home
-
-
-@pytest.fixture(scope="module")
-def adapter_server(adapter_home):
-    server = start_server(adapter_home, {"SEG_ADAPTERS": ",".join(SERVED_ADAPTERS)})
-    yield server
-    kill_tree(server.process.pid)
 
 
 def test_import_stores_the_adapter_under_its_tag_with_its_base(adapter_home):

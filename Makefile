@@ -60,7 +60,7 @@ serve: install
 
 # Throughput and latency of the medium random model, batching on vs off, against the raw model, and
 # base-only against base + 3 LoRA adapters mixed
-# (about 8 minutes; figures and plot in docs/benchmarks.md).
+# (about 12 minutes; figures and plot in docs/benchmarks.md).
 bench: install
 	$(PY) scripts/benchmark.py --start --size medium --compare-batching --baseline --micro --readyz --compare-adapters 3 \
 		--concurrency 1,4,16 --requests 64 --warmup 16 --rounds 2 --out benchmarks-out/medium.json --plot docs/benchmark.png

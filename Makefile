@@ -59,10 +59,11 @@ demo: fixtures import-demo
 serve: install
 	$(VENV)/bin/bentoml serve service:Segmentation --host 127.0.0.1 --port $(PORT)
 
-# Throughput and latency of the medium random model, batching on vs off, against the raw model
-# (about 8 minutes; figures and plot in docs/benchmarks.md).
+# Throughput and latency of the medium random model, batching on vs off, against the raw model, and
+# base-only against base + 3 LoRA adapters mixed
+# (about 12 minutes; figures and plot in docs/benchmarks.md).
 bench: install
-	$(PY) scripts/benchmark.py --start --size medium --compare-batching --baseline --micro --readyz \
+	$(PY) scripts/benchmark.py --start --size medium --compare-batching --baseline --micro --readyz --compare-adapters 3 \
 		--concurrency 1,4,16 --requests 64 --warmup 16 --rounds 2 --out benchmarks-out/medium.json --plot docs/benchmark.png
 
 # Build the bento into $(BENTOML_HOME): the models named by SEG_MODELS (import them first), or the

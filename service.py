@@ -23,6 +23,7 @@ import aiohttp
 import bentoml
 from PIL import Image
 
+from segmentation.model.adapters import check_lora_dir
 from segmentation.model.checkpoints import CheckpointError, check_paligemma_dir, load_vae_checkpoint
 from segmentation.model.images import model_input
 from segmentation.model.predictions import Prediction, assemble
@@ -39,7 +40,7 @@ from segmentation.serving.bento import (
 )
 from segmentation.serving.guard import RequestGuard
 from segmentation.serving.probes import HealthProbes, Readiness
-from segmentation.serving.settings import Settings, model_tag, read_secret
+from segmentation.serving.settings import Settings, adapter_tag, model_tag, read_secret
 
 logger = logging.getLogger("segmentation.service")
 SETTINGS = Settings.from_env()
@@ -50,27 +51,47 @@ VAE_FILE = "vae-oid.npz"
 
 
 def _stored_path(tag: str) -> Path:
+    return Path(_stored(tag).path)
+
+
+def _stored(tag: str):
     try:
-        return Path(bentoml.models.get(tag).path)
+        return bentoml.models.get(tag)
     except bentoml.exceptions.NotFound as exc:
         raise CheckpointError(
             f"model {tag!r} is not in the BentoML model store ({exc}); import it with scripts/import_models.py"
         ) from exc
 
 
-def _preflight() -> None:
+def _adapter_base(adapter_id: str) -> str:
+    """The model id an imported adapter adapts (recorded by import_models.py); it must be served."""
+    base = _stored(adapter_tag(adapter_id)).info.metadata.get("base_model")
+    if base not in SETTINGS.models:
+        raise CheckpointError(
+            f"adapter {adapter_id!r} adapts the model {base!r}, which is not served "
+            f"(SEG_MODELS={','.join(SETTINGS.models)}): serve its base too, or drop the adapter from SEG_ADAPTERS"
+        )
+    return base
+
+
+def _preflight() -> dict[str, str]:
     """Check every model file now: a bad one stops `bentoml serve` with its name, instead of
-    crashing the engine worker, which BentoML would restart forever."""
+    crashing the engine worker, which BentoML would restart forever. Returns each adapter's base."""
     try:
         if SETTINGS.model_source == "store":
             for model_id in SETTINGS.models:
                 check_paligemma_dir(_stored_path(model_tag(model_id)))
+        adapter_bases = {adapter_id: _adapter_base(adapter_id) for adapter_id in SETTINGS.adapters}
+        for adapter_id, base in adapter_bases.items():
+            base_dir = _stored_path(model_tag(base)) if SETTINGS.model_source == "store" else None
+            check_lora_dir(_stored_path(adapter_tag(adapter_id)), base_dir)
         load_vae_checkpoint(_stored_path(SETTINGS.vae_tag) / VAE_FILE)
     except CheckpointError as exc:
         raise SystemExit(f"cannot serve: {exc}") from None
+    return adapter_bases
 
 
-_preflight()
+ADAPTER_BASES = _preflight()
 
 
 def _load_mask_encoder():
@@ -83,6 +104,7 @@ def _load_mask_encoder():
         raise api.RequestError(f"this server cannot encode masks: {exc}", 501) from exc
     encoder.warmup()
     return encoder
+
 
 refuse_bentoml_downloads()
 
@@ -120,9 +142,16 @@ class SegmentationEngine:
             )
             for i, model_id in enumerate(SETTINGS.models)
         }
+        for base, engine in engines.items():  # each base's adapters, unmerged, loaded once
+            attached = {
+                adapter_id: Path(getattr(self, f"adapter_{i}").path)
+                for i, adapter_id in enumerate(SETTINGS.adapters) if ADAPTER_BASES[adapter_id] == base
+            }
+            if attached:
+                engine.attach_adapters(attached)
         decoder = MaskDecoder.from_npz(Path(self.vae.path) / VAE_FILE)
         decoder.warmup()
-        self.pool = ModelPool(engines, decoder)
+        self.pool = ModelPool(engines, decoder, ADAPTER_BASES)
         self._warm_up()
 
     def _model_dir(self, index: int, model_id: str) -> Path:
@@ -139,7 +168,8 @@ class SegmentationEngine:
         from segmentation.model.prompts import parse_prompt
         from segmentation.serving.pool import PredictRequest
 
-        for model_id, engine in self.pool.engines.items():
+        for model_id in [*self.pool.engines, *self.pool.adapters]:
+            engine = self.pool.engines[self.pool.adapters.get(model_id, model_id)]
             picture = Image.new("RGB", (engine.image_size, engine.image_size))
             [outcome] = self.pool.predict([PredictRequest(model_id, picture, parse_prompt("cat"), max_new_tokens=2)])
             if outcome.error:
@@ -147,11 +177,16 @@ class SegmentationEngine:
 
     @bentoml.api
     def describe(self) -> list[dict]:
-        """The served models: id, input size, default."""
-        return [
+        """The served models: id, input size, default; then the LoRA adapters with their base."""
+        models = [
             {"id": model_id, "image_size": engine.image_size, "default": model_id == self.pool.default_model}
             for model_id, engine in self.pool.engines.items()
         ]
+        adapters = [
+            {"id": adapter_id, "image_size": self.pool.engines[base].image_size, "default": False, "base": base}
+            for adapter_id, base in self.pool.adapters.items()
+        ]
+        return models + adapters
 
     # BentoML refuses max_batch_size=1 for a batchable API: SEG_MAX_BATCH_SIZE=1 turns batching off.
     @bentoml.api(**(
@@ -191,6 +226,8 @@ class SegmentationEngine:
 if SETTINGS.model_source == "store":
     for _index, _model_id in enumerate(SETTINGS.models):
         setattr(SegmentationEngine, f"paligemma_{_index}", bentoml.models.BentoModel(model_tag(_model_id)))
+for _index, _adapter_id in enumerate(SETTINGS.adapters):  # adapters always come from the store
+    setattr(SegmentationEngine, f"adapter_{_index}", bentoml.models.BentoModel(adapter_tag(_adapter_id)))
 SegmentationEngine.vae = bentoml.models.BentoModel(SETTINGS.vae_tag)
 SegmentationEngine = bentoml.service(
     name="paligemma-engine",
@@ -382,7 +419,8 @@ class Segmentation:
 
     @bentoml.api(route="/models")
     async def models(self) -> dict:
-        """The served models with their input size; `default` marks the one used when none is named."""
+        """The served models with their input size; `default` marks the one used when none is named;
+        LoRA adapters (named in `model` like any model) come last with their `base`."""
         return {"models": await self.served_models()}
 
 

@@ -14,7 +14,10 @@ histogram and the mean seconds per stage. `--compare-batching` runs the same loa
 server with `SEG_MAX_BATCH_SIZE=1`; `--baseline` runs the same inputs through `Segmenter.predict`
 in this process (no server) at the batch size the server used most; `--micro` times mask decode +
 paste + RLE per object and checks the decoder never recompiles after warm-up; `--readyz` times a
-tiny-model server from start to a green `/readyz`.
+tiny-model server from start to a green `/readyz`. `--compare-adapters N` starts one server with
+N random LoRA adapters of the model (SEG_ADAPTERS) and sends the same load at the highest
+concurrency twice per round: every request to the base, then requests spread over the base and the
+N adapters (same model, same server, interleaved): throughput ratio and mean batch size of each.
 
 Random-weight models generate up to their token budget, so the budget is what the benchmark controls:
 `--max-new-tokens` sets the server's `SEG_MAX_NEW_TOKENS` ceiling (and the baseline's). Writes JSON
@@ -33,6 +36,7 @@ import os
 import platform
 import random
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -57,6 +61,7 @@ TARGETS = {
     "service_fraction": 0.85,  # end-to-end / raw batched throughput
     "decode_paste_rle_ms": 3.0,  # per object at 640x480
     "readyz_tiny_s": 15.0,
+    "adapter_mix_fraction": 0.8,  # base + adapters mixed / base-only throughput, same server
 }
 
 
@@ -271,11 +276,21 @@ def fixtures_for(size: str, cache_dir: Path, seed: int) -> Path:
 
 
 @contextlib.contextmanager
-def served(fixtures: Path, model_id: str, env: dict[str, str], target: str = "service:Segmentation"):
-    """A `bentoml serve` on 127.0.0.1 with its own BENTOML_HOME; yields (server, seconds to /readyz)."""
+def served(fixtures: Path, model_id: str, env: dict[str, str], target: str = "service:Segmentation",
+           adapters: dict[str, Path] | None = None):
+    """A `bentoml serve` on 127.0.0.1 with its own BENTOML_HOME; yields (server, seconds to /readyz).
+
+    `adapters` (adapter id -> LoRA directory of the model) are imported and served too.
+    """
     with tempfile.TemporaryDirectory(prefix="seg-bench-") as tmp:
         home = Path(tmp)
         import_fixtures(home, fixtures, model_id)
+        for adapter_id, directory in (adapters or {}).items():
+            subprocess.run([sys.executable, str(ROOT / "scripts" / "import_models.py"), "--adapter", str(directory),
+                            "--base", model_id, "--as", adapter_id],
+                           env={**os.environ, "BENTOML_HOME": str(home)}, check=True, capture_output=True)
+        if adapters:
+            env = {**env, "SEG_ADAPTERS": ",".join(adapters)}
         start = time.perf_counter()
         server = start_server(home, {"SEG_MODELS": model_id, **env}, target=target, ready_timeout=600)
         ready = time.perf_counter() - start
@@ -396,6 +411,43 @@ def readyz_runs(cache_dir: Path, seed: int, runs: int, env: dict[str, str]) -> d
             "poll_interval_s": 0.5}
 
 
+def spread_over(work: list[dict], models: list[str]) -> list[dict]:
+    """The same requests, the i-th sent to `models[i % len(models)]`."""
+    return [{**item, "body": json.dumps({**json.loads(item["body"]), "model": models[i % len(models)]}).encode()}
+            for i, item in enumerate(work)]
+
+
+def adapters_comparison(fixtures: Path, model_id: str, work: list[dict], env: dict[str, str], count: int,
+                        concurrency: int, rounds: int, warmup: int, timeout: float) -> dict:
+    """Base-only against base + `count` random adapters mixed, on one server (see the module docstring)."""
+    from lora import write_random_adapter  # tests/lora.py
+
+    adapters = {}
+    for index in range(count):
+        directory = fixtures / f"lora-{index}"
+        if not (directory / "adapter_config.json").is_file():
+            write_random_adapter(fixtures / "paligemma", directory, seed=index + 1)
+        adapters[f"bench/lora-{index}"] = directory
+    loads = {"base_only": work, "mixed": spread_over(work, [model_id, *adapters])}
+    runs: dict[str, list] = {name: [] for name in loads}
+    with served(fixtures, model_id, env, adapters=adapters) as (server, ready):
+        print(f"[adapters] {model_id} + {count} adapters ready in {ready:.1f} s at {server.url}", flush=True)
+        asyncio.run(_drive(server.url, loads["mixed"][:warmup], min(warmup, concurrency), timeout))
+        for round_index in range(rounds):
+            for name in (loads if round_index % 2 == 0 else reversed(loads)):
+                runs[name].append(run_level(server.url, loads[name], concurrency, timeout))
+                one = summarize_level(concurrency, runs[name][-1:])
+                print(f"[adapters {name} round {round_index + 1}] c={concurrency} {one['requests_per_s']:.2f} req/s  "
+                      f"batch mean {one['batch_size_mean']}  errors {one['errors'] or 0}", flush=True)
+    ratios = [r for r in (_ratio(_throughput(m), _throughput(b)) for m, b in zip(runs["mixed"], runs["base_only"]))
+              if r is not None]
+    return {
+        "adapters": count, "concurrency": concurrency,
+        "levels": {name: summarize_level(concurrency, rs) for name, rs in runs.items()},
+        "ratio": _round(statistics.median(ratios), 3) if ratios else None, "rounds": [round(r, 3) for r in ratios],
+    }
+
+
 # ------------------------------------------------------------------------------------------- report
 
 def machine() -> dict:
@@ -441,6 +493,10 @@ def evaluate(report: dict) -> dict:
         recompiled = report["micro"]["recompiled_after_warmup"] or (report.get("baseline") or {}).get(
             "decoder_recompiled", False)
         targets["no_recompilation"] = {"value": not recompiled, "target": True, "met": not recompiled}
+    if report.get("adapters"):
+        value = report["adapters"]["ratio"]
+        targets["adapter_mix_fraction"] = {"value": value, "target": f">= {TARGETS['adapter_mix_fraction']}",
+                                           "met": value is not None and value >= TARGETS["adapter_mix_fraction"]}
     if report.get("readyz"):
         value = report["readyz"]["median_s"]
         targets["readyz_tiny_s"] = {"value": value, "target": f"<= {TARGETS['readyz_tiny_s']}",
@@ -498,6 +554,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="extra server environment with --start (repeatable)")
     parser.add_argument("--compare-batching", action="store_true",
                         help="also run a server with SEG_MAX_BATCH_SIZE=1 and print the throughput ratio")
+    parser.add_argument("--compare-adapters", type=int, default=0, metavar="N",
+                        help="also serve N random LoRA adapters and compare base-only with mixed load")
     parser.add_argument("--baseline", action="store_true", help="raw batched Segmenter.predict, no server")
     parser.add_argument("--baseline-batch", type=int, help="baseline batch size (default: the server's mean)")
     parser.add_argument("--micro", action="store_true", help="decode + paste + RLE per object; recompilation")
@@ -510,8 +568,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not (args.url or args.start or args.baseline or args.micro or args.readyz):
         parser.error("give --url or --start (or only --baseline / --micro / --readyz with --fixtures)")
-    if args.compare_batching and not args.start:
-        parser.error("--compare-batching starts its servers: use it with --start")
+    if (args.compare_batching or args.compare_adapters) and not args.start:
+        parser.error("--compare-batching and --compare-adapters start their servers: use them with --start")
     levels = [int(c) for c in args.concurrency.split(",") if c.strip()]
     extra_env = dict(item.split("=", 1) for item in args.env)
     server_env = {"SEG_MAX_NEW_TOKENS": str(args.max_new_tokens),
@@ -607,6 +665,13 @@ def main(argv: list[str] | None = None) -> int:
             "service_fraction_rounds": fractions,
             "decoder_recompiled": any(r["decoder_recompiled"] for r in raw_rounds),
         }
+
+    if args.compare_adapters:
+        report["adapters"] = adapters_comparison(
+            fixtures, f"demo/paligemma2-{args.size}-random", work, server_env, args.compare_adapters, top,
+            args.rounds, args.warmup, args.timeout)
+        print(f"mixed base + {args.compare_adapters} adapters / base only at {top} clients: "
+              f"{report['adapters']['ratio']}x (rounds {report['adapters']['rounds']})", flush=True)
 
     if args.micro:
         report["micro"] = micro(fixtures, args.seed)

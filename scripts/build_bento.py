@@ -1,12 +1,13 @@
 #!/usr/bin/env python
-"""`bentoml build` with the models of SEG_MODELS recorded in the bento and named in its image.
+"""`bentoml build` with the models of SEG_MODELS and the LoRA adapters of SEG_ADAPTERS recorded in the
+bento and named in its image.
 
 SEG_MODEL_SOURCE is baked in too: a `hub` bento records no PaliGemma weights and downloads them at
 start.
 
 BentoML records the models the service declares (chosen by SEG_MODELS when service.py is imported)
-but a bentofile's `envs` are static: this script adds SEG_MODELS (and SEG_VAE_TAG) to them in a
-temporary copy of bentofile.yaml, so the container serves exactly what was baked into it.
+but a bentofile's `envs` are static: this script adds SEG_MODELS, SEG_ADAPTERS (and SEG_VAE_TAG) to
+them in a temporary copy of bentofile.yaml, so the container serves exactly what was baked into it.
 
     SEG_MODELS=google/paligemma2-3b-mix-448 python scripts/build_bento.py   # prints the bento tag
 """
@@ -30,7 +31,8 @@ from segmentation.serving.settings import Settings  # noqa: E402
 def main() -> int:
     settings = Settings.from_env()
     config = yaml.safe_load((ROOT / "bentofile.yaml").read_text())
-    ours = {"SEG_MODELS": ",".join(settings.models), "SEG_VAE_TAG": settings.vae_tag,
+    ours = {"SEG_MODELS": ",".join(settings.models), "SEG_ADAPTERS": ",".join(settings.adapters),
+            "SEG_VAE_TAG": settings.vae_tag,
             "SEG_MODEL_SOURCE": settings.model_source}
     envs = [e for e in config.get("envs", []) if e["name"] not in ours]
     envs += [{"name": name, "value": value} for name, value in ours.items()]

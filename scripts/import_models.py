@@ -8,9 +8,13 @@
     # a local directory (save_pretrained layout), served under a model id of your choice
     python scripts/import_models.py --local .fixtures/tiny/paligemma --as demo/paligemma2-tiny-random \
         --vae-file .fixtures/tiny/vae-oid.npz
+    # a PEFT LoRA adapter of an imported model, served under an adapter id (SEG_ADAPTERS)
+    python scripts/import_models.py --adapter out/my-lora --base demo/paligemma2-tiny-random --as acme/my-lora
 
 Tags: a model id's last part, lower-cased (`google/paligemma2-3b-mix-448` -> `paligemma2-3b-mix-448`),
-and `vae-oid` for the decoder. The store is $BENTOML_HOME/models (default ~/bentoml).
+`lora-` and the same for an adapter id (`acme/my-lora` -> `lora-my-lora`; its base model id is
+recorded in the metadata as `base_model`), and `vae-oid` for the decoder. The store is
+$BENTOML_HOME/models (default ~/bentoml).
 """
 
 from __future__ import annotations
@@ -23,7 +27,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from segmentation.serving.settings import VAE_TAG, model_tag, read_secret  # noqa: E402
+from segmentation.model.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterError, check_lora_dir  # noqa: E402
+from segmentation.serving.settings import VAE_TAG, adapter_tag, model_tag, read_secret  # noqa: E402
 
 VAE_FILE = "vae-oid.npz"
 
@@ -37,6 +42,28 @@ def import_paligemma(source: Path, model_id: str, *, origin: str) -> str:
     labels = {"kind": "paligemma", "source": origin}
     with bentoml.models.create(model_tag(model_id), labels=labels, metadata={"model_id": model_id}) as model:
         shutil.copytree(source, model.path, dirs_exist_ok=True, ignore=shutil.ignore_patterns(".cache", "*.md"))
+    return str(model.tag)
+
+
+def import_adapter(source: Path, base_id: str, adapter_id: str) -> str:
+    """Check a LoRA adapter against its base (which must be in the store) and store it; return the tag."""
+    import bentoml
+
+    try:
+        base = bentoml.models.get(model_tag(base_id))
+    except bentoml.exceptions.NotFound:
+        raise SystemExit(
+            f"base model {base_id!r} is not in the model store: import it first (--local or --hub)"
+        ) from None
+    try:
+        config = check_lora_dir(source, base.path)
+    except AdapterError as exc:
+        raise SystemExit(f"refused: {exc}") from None
+    labels = {"kind": "lora-adapter", "base": model_tag(base_id)}
+    metadata = {"adapter_id": adapter_id, "base_model": base_id, "rank": config.r}
+    with bentoml.models.create(adapter_tag(adapter_id), labels=labels, metadata=metadata) as model:
+        for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
+            shutil.copyfile(source / name, Path(model.path) / name)
     return str(model.tag)
 
 
@@ -78,19 +105,27 @@ def main(argv: list[str] | None = None) -> int:
                         help="Hugging Face model id to download and import (repeatable)")
     parser.add_argument("--revision", help="Hub revision (branch, tag or commit) for --hub")
     parser.add_argument("--local", type=Path, help="local PaliGemma directory to import")
-    parser.add_argument("--as", dest="as_id", metavar="MODEL_ID", help="model id to serve --local under")
+    parser.add_argument("--as", dest="as_id", metavar="MODEL_ID", help="model id to serve --local or --adapter under")
+    parser.add_argument("--adapter", type=Path, help="PEFT LoRA adapter directory to import (needs --base, --as)")
+    parser.add_argument("--base", metavar="MODEL_ID", help="the imported model id the --adapter was trained on")
     parser.add_argument("--vae-file", type=Path, help="local vae-oid.npz to import")
     parser.add_argument("--vae-url", help="URL of vae-oid.npz to download and import")
     args = parser.parse_args(argv)
-    if not (args.hub or args.local or args.vae_file or args.vae_url):
-        parser.error("nothing to import: give --hub, --local, --vae-file or --vae-url")
-    if args.local and not args.as_id:
-        parser.error("--local needs --as MODEL_ID (the id clients select it by)")
+    if not (args.hub or args.local or args.vae_file or args.vae_url or args.adapter):
+        parser.error("nothing to import: give --hub, --local, --adapter, --vae-file or --vae-url")
+    if (args.local or args.adapter) and not args.as_id:
+        parser.error("--local and --adapter need --as MODEL_ID (the id clients select it by)")
+    if args.local and args.adapter:
+        parser.error("--local and --adapter each need their own --as: import them one at a time")
+    if args.adapter and not args.base:
+        parser.error("--adapter needs --base MODEL_ID (the served model it adapts)")
 
     for model_id in args.hub:
         print(f"imported {import_paligemma(download_hub(model_id, args.revision), model_id, origin='hub')}")
     if args.local:
         print(f"imported {import_paligemma(args.local, args.as_id, origin='local')}")
+    if args.adapter:
+        print(f"imported {import_adapter(args.adapter, args.base, args.as_id)}")
     if args.vae_file:
         print(f"imported {import_vae(args.vae_file, origin='file')}")
     if args.vae_url:

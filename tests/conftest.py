@@ -57,3 +57,57 @@ def server(server_home):
     srv = start_server(server_home, {"SEG_URL_ALLOWLIST": "localhost"})
     yield srv
     kill_tree(srv.process.pid)
+
+
+@pytest.fixture(scope="session")
+def lora_adapters(tiny_fixtures, tmp_path_factory) -> dict[str, Path]:
+    """Two random LoRA adapters of the tiny model (non-zero weights: they change answers)."""
+    from lora import write_random_adapter
+
+    out = tmp_path_factory.mktemp("adapters")
+    return {name: write_random_adapter(tiny_fixtures / "paligemma", out / name, seed=seed)
+            for name, seed in (("a", 1), ("b", 2))}
+
+
+@pytest.fixture(scope="session")
+def finetuned_adapter(tiny_fixtures, tmp_path_factory) -> Path:
+    """A LoRA adapter trained by scripts/finetune.py for a few steps on a small synthetic set."""
+    import subprocess
+
+    out = tmp_path_factory.mktemp("finetune")
+    script = [sys.executable, str(ROOT / "scripts" / "finetune.py")]
+    subprocess.run([*script, "--write-synthetic", str(out / "data"), "--examples", "4"], check=True,
+                   capture_output=True)
+    result = subprocess.run(
+        [*script, "--base", str(tiny_fixtures / "paligemma"), "--data", str(out / "data" / "train.jsonl"),
+         "--out", str(out / "adapter"), "--steps", "12", "--batch-size", "2", "--learning-rate", "1e-2"],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr[-3000:]
+    (out / "finetune.log").write_text(result.stdout + result.stderr)
+    return out / "adapter"
+
+
+@pytest.fixture(scope="session")
+def adapter_home(tmp_path_factory, tiny_fixtures, lora_adapters, finetuned_adapter) -> Path:
+    """A BentoML home with the demo model, two random LoRA adapters and a fine-tuned one imported."""
+    from lora import ADAPTERS, FINETUNED, import_adapter
+    from servers import import_fixtures
+
+    home = tmp_path_factory.mktemp("adapter-home")
+    import_fixtures(home, tiny_fixtures)
+    for adapter_id, name in ADAPTERS.items():
+        import_adapter(home, lora_adapters[name], adapter_id)
+    import_adapter(home, finetuned_adapter, FINETUNED)
+    return home
+
+
+@pytest.fixture(scope="session")
+def adapter_server(adapter_home):
+    """A server of the demo model and its adapters (SEG_ADAPTERS), shared by tests/service and tests/ui."""
+    from lora import SERVED_ADAPTERS
+    from servers import kill_tree, start_server
+
+    srv = start_server(adapter_home, {"SEG_ADAPTERS": ",".join(SERVED_ADAPTERS)})
+    yield srv
+    kill_tree(srv.process.pid)

@@ -18,8 +18,8 @@ def test_benchmark_script_writes_a_complete_report(tiny_fixtures, tmp_path):
     done = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "benchmark.py"), "--start", "--size", "tiny",
          "--fixtures", str(tiny_fixtures), "--requests", "8", "--warmup", "2", "--concurrency", "1,4",
-         "--max-new-tokens", "24", "--micro", "--out", str(out), "--plot", str(png)],
-        cwd=ROOT, capture_output=True, text=True, timeout=240,
+         "--max-new-tokens", "24", "--micro", "--compare-adapters", "2", "--out", str(out), "--plot", str(png)],
+        cwd=ROOT, capture_output=True, text=True, timeout=560,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     report = json.loads(out.read_text())
@@ -40,6 +40,15 @@ def test_benchmark_script_writes_a_complete_report(tiny_fixtures, tmp_path):
         assert 1 <= level["batch_size_mean"] <= 4
         assert {"decode_input", "generate", "mask_decode", "encode"} <= set(level["stage_seconds_mean"])
         assert 0 < level["generated_tokens_mean"] <= 24
+
+    # Base-only against base + 2 adapters mixed, on one server at the highest concurrency.
+    adapters = report["adapters"]
+    assert adapters["adapters"] == 2 and adapters["concurrency"] == 4
+    for name in ("base_only", "mixed"):
+        level = adapters["levels"][name]
+        assert level["requests"] == level["ok"] == 8 and level["errors"] == {}
+        assert 1 <= level["batch_size_mean"] <= 4
+    assert adapters["ratio"] > 0 and report["targets"]["adapter_mix_fraction"]["value"] == adapters["ratio"]
 
     micro = report["micro"]
     assert micro["recompiled_after_warmup"] is False

@@ -60,18 +60,23 @@ def load_vae_checkpoint(path: str | Path) -> dict[str, np.ndarray]:
     return arrays
 
 
+def config_field(file: Path, key: str, missing: str, error: type[CheckpointError] = CheckpointError):
+    """`key` of the JSON object in `file`; `error(missing)` when there is no file, naming it when unreadable."""
+    if not file.is_file():
+        raise error(missing)
+    try:
+        return json.loads(file.read_text()).get(key)
+    except (OSError, ValueError) as exc:
+        raise error(f"{file}: unreadable ({exc})") from exc
+
+
 def check_paligemma_dir(path: str | Path) -> None:
     """A `save_pretrained` PaliGemma directory: config, tokenizer and readable safetensors headers."""
     from safetensors import safe_open
 
     path = Path(path)
     config = path / "config.json"
-    if not config.is_file():
-        raise CheckpointError(f"{path}: no PaliGemma model here (config.json not found)")
-    try:
-        kind = json.loads(config.read_text()).get("model_type")
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"{config}: unreadable ({exc})") from exc
+    kind = config_field(config, "model_type", f"{path}: no PaliGemma model here (config.json not found)")
     if kind != "paligemma":
         raise CheckpointError(f"{config}: model_type is {kind!r}, expected 'paligemma'")
     if not (path / "tokenizer.json").is_file() and not (path / "tokenizer.model").is_file():

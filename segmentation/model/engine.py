@@ -61,6 +61,7 @@ class PaliGemmaEngine:
         self.device = next(model.parameters()).device
         width = model.get_output_embeddings().weight.shape[0]
         self.vocab = Vocabulary(self.tokenizer, width).to(self.device)
+        self.adapters: dict[str, str] = {}  # adapter id -> PEFT adapter name (see attach_adapters)
 
     @classmethod
     def from_pretrained(
@@ -90,6 +91,17 @@ class PaliGemmaEngine:
         logger.info("loaded %s on %s (%s) in %.1fs", model_dir, device, dtype, time.perf_counter() - start)
         return cls(model, processor, **kwargs)
 
+    def attach_adapters(self, adapters: dict[str, str | Path]) -> None:
+        """Load LoRA adapters (adapter id -> directory) unmerged beside the base model, once.
+
+        PEFT names its adapters as modules: ids like `acme/v1.2` are not valid names, so each gets one.
+        """
+        from .adapters import attach_adapters
+
+        names = {adapter_id: f"adapter_{i}" for i, adapter_id in enumerate(adapters)}
+        self.model = attach_adapters(self.model, {names[a]: directory for a, directory in adapters.items()})
+        self.adapters = names
+
     @property
     def image_size(self) -> int:
         """The side of the square picture the model reads (224 or 448 for PaliGemma 2 mix)."""
@@ -115,10 +127,12 @@ class PaliGemmaEngine:
         prompts: list[Prompt],
         *,
         max_new_tokens: list[int] | None = None,
+        adapters: list[str | None] | None = None,
     ) -> list[Generation]:
         """Greedy generation for a batch; one `Generation` per (image, prompt), in order.
 
         `max_new_tokens` overrides each row's budget (benchmarks force a token count with it).
+        `adapters` names each row's LoRA adapter (an id given to `attach_adapters`; None: the base).
         """
         if len(images) != len(prompts):
             raise ValueError(f"{len(images)} images for {len(prompts)} prompts")
@@ -133,6 +147,10 @@ class PaliGemmaEngine:
         inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
         prompt_length = inputs["input_ids"].shape[1]
         grammar = ObjectGrammar(self.vocab, rows, prompt_length)
+        if self.adapters:  # a PEFT model: every row names its adapter, or PEFT applies the active one
+            inputs["adapter_names"] = self._adapter_names(adapters or [None] * len(prompts))
+        elif adapters and any(adapters):
+            raise ValueError(f"no adapters are attached; asked for {sorted(set(filter(None, adapters)))}")
         with torch.inference_mode():
             sequences = self.model.generate(
                 **inputs,
@@ -146,6 +164,14 @@ class PaliGemmaEngine:
         generated = sequences[:, prompt_length:].cpu()
         logprobs = grammar.finish(generated)
         return [self._row(ids, lps) for ids, lps in zip(generated.tolist(), logprobs)]
+
+    def _adapter_names(self, adapters: list[str | None]) -> list[str]:
+        from .adapters import BASE_ROW
+
+        unknown = sorted({a for a in adapters if a and a not in self.adapters})
+        if unknown:
+            raise ValueError(f"unknown adapters {unknown}; attached: {sorted(self.adapters)}")
+        return [self.adapters[a] if a else BASE_ROW for a in adapters]
 
     def _row(self, ids: list[int], logprobs: list[float]) -> Generation:
         if self.vocab.eos_id in ids:

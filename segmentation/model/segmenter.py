@@ -59,10 +59,12 @@ def parse_generations(
     prompts: list[Prompt],
     *,
     max_new_tokens: list[int] | None = None,
+    adapters: list[str | None] | None = None,
 ) -> list[ParsedGeneration]:
-    """One batched `generate` call, parsed into objects with scores."""
+    """One batched `generate` call, parsed into objects with scores (`adapters`: each row's LoRA adapter)."""
     parsed = []
-    for prompt, generation in zip(prompts, engine.generate(images, prompts, max_new_tokens=max_new_tokens)):
+    generations = engine.generate(images, prompts, max_new_tokens=max_new_tokens, adapters=adapters)
+    for prompt, generation in zip(prompts, generations):
         objects = parse_objects(generation.text)
         scores = [object_score(o, generation, engine.vocab.seg_ids) for o in objects]
         parsed.append(ParsedGeneration(prompt, generation, objects, scores))

@@ -1,10 +1,11 @@
 """Several PaliGemma models and one mask decoder serving mixed batches, one failure at a time.
 
 A server's batch mixes requests for different models and holds requests that may fail. The pool
-groups a batch by model, generates each group in one call, and decodes the masks of every object of
-the whole batch in one decoder call. A group whose generation raises (out of memory, say) is retried
-in halves down to single requests, so one bad request fails alone and its neighbours still get
-their answers.
+groups a batch by base model (requests for a LoRA adapter join their base's group: PEFT runs rows of
+the base and of several adapters in one call), generates each group in one call, and decodes the
+masks of every object of the whole batch in one decoder call. A group whose generation raises (out
+of memory, say) is retried in halves down to single requests, so one bad request fails alone and its
+neighbours still get their answers.
 """
 
 from __future__ import annotations
@@ -43,11 +44,18 @@ class PredictOutcome:
 
 
 class ModelPool:
-    def __init__(self, engines: dict[str, PaliGemmaEngine], decoder: MaskDecoder):
+    """Engines by model id, and the adapters attached to them (adapter id -> its base's model id)."""
+
+    def __init__(self, engines: dict[str, PaliGemmaEngine], decoder: MaskDecoder,
+                 adapters: dict[str, str] | None = None):
         if not engines:
             raise ValueError("a pool needs at least one model")
         self.engines = engines
         self.decoder = decoder
+        self.adapters = dict(adapters or {})
+        for adapter_id, base in self.adapters.items():
+            if base not in engines or adapter_id not in engines[base].adapters:
+                raise ValueError(f"adapter {adapter_id!r} is not attached to a served base ({base!r})")
 
     @property
     def default_model(self) -> str:
@@ -60,12 +68,14 @@ class ModelPool:
         start = time.perf_counter()
         groups: dict[str, list[int]] = {}
         for index, request in enumerate(requests):
-            if request.model not in self.engines:
+            base = self.adapters.get(request.model, request.model)
+            if base not in self.engines:
+                served = [*self.engines, *self.adapters]
                 outcomes[index] = PredictOutcome(
-                    error=f"unknown model {request.model!r}; served: {', '.join(self.engines)}", status=400
+                    error=f"unknown model {request.model!r}; served: {', '.join(served)}", status=400
                 )
             else:
-                groups.setdefault(request.model, []).append(index)
+                groups.setdefault(base, []).append(index)
         for model, indices in groups.items():
             self._generate(self.engines[model], [requests[i] for i in indices], indices, parsed, outcomes)
         generate_seconds = time.perf_counter() - start
@@ -96,6 +106,7 @@ class ModelPool:
                 max_new_tokens=None if all(r.max_new_tokens is None for r in requests) else [
                     r.max_new_tokens or engine.row_spec(r.prompt).budget for r in requests
                 ],
+                adapters=[r.model if r.model in self.adapters else None for r in requests],
             )
         except Exception as exc:
             if len(requests) == 1:

@@ -18,6 +18,8 @@ VAE_TAG = "vae-oid"
 
 ENV_DOCS: dict[str, tuple[str, str]] = {
     "SEG_MODELS": (DEFAULT_MODEL, "comma-separated model ids to serve; the first is the default"),
+    "SEG_ADAPTERS": ("", "comma-separated LoRA adapter ids to serve (imported with `import_models.py --adapter`); "
+                         "each adapter's base must be in SEG_MODELS"),
     "SEG_MODEL_SOURCE": ("store", "`store`: models from the BentoML model store (baked into a bento); "
                                   "`hub`: download at start into the Hugging Face cache (HF_HOME)"),
     "SEG_VAE_TAG": (VAE_TAG, "BentoML model tag of the vae-oid.npz mask decoder"),
@@ -61,9 +63,18 @@ def model_tag(model_id: str) -> str:
     return name
 
 
+def adapter_tag(adapter_id: str) -> str:
+    """The BentoML model-store name of a LoRA adapter id: `acme/cat-lora` -> `lora-cat-lora`.
+
+    The `lora-` prefix keeps adapters apart from models whose ids end alike.
+    """
+    return "lora-" + model_tag(adapter_id)
+
+
 @dataclass(frozen=True)
 class Settings:
     models: tuple[str, ...] = (DEFAULT_MODEL,)
+    adapters: tuple[str, ...] = field(default_factory=tuple)
     model_source: str = "store"
     vae_tag: str = VAE_TAG
     max_batch_size: int = 16
@@ -92,8 +103,12 @@ class Settings:
         source = _env("SEG_MODEL_SOURCE").lower()
         if source not in ("store", "hub"):
             raise ValueError(f"SEG_MODEL_SOURCE must be 'store' or 'hub', not {source!r}")
+        adapters = tuple(a.strip() for a in _env("SEG_ADAPTERS").split(",") if a.strip())
+        if set(adapters) & set(models):
+            raise ValueError(f"SEG_ADAPTERS and SEG_MODELS share ids: {sorted(set(adapters) & set(models))}")
         return cls(
             models=models,
+            adapters=adapters,
             model_source=source,
             vae_tag=_env("SEG_VAE_TAG"),
             max_batch_size=int(_env("SEG_MAX_BATCH_SIZE")),

@@ -159,8 +159,11 @@
       const models = Array.isArray(data.models) ? data.models : [];
       if (!models.length) throw new Error("The server lists no models.");
       el.model.replaceChildren(...models.map((m) => {
-        const option = new Option(m.id + (m.default ? " (default)" : ""), m.id, Boolean(m.default), Boolean(m.default));
+        // A LoRA adapter names its base: "acme/cat-lora (LoRA of google/paligemma2-3b-mix-448)".
+        const note = m.default ? " (default)" : m.base ? " (LoRA of " + m.base + ")" : "";
+        const option = new Option(m.id + note, m.id, Boolean(m.default), Boolean(m.default));
         option.dataset.imageSize = String(m.image_size);
+        if (m.base) option.dataset.base = String(m.base);
         return option;
       }));
       state.modelCount = models.length;
@@ -180,8 +183,9 @@
     const option = el.model.selectedOptions[0];
     if (!option || !option.dataset.imageSize) return;
     const count = state.modelCount === 1 ? "1 model served" : state.modelCount + " models served";
+    const adapter = option.dataset.base ? " It is a LoRA adapter of " + option.dataset.base + "." : "";
     el.modelStatus.textContent = count + "; this one sees pictures at " + option.dataset.imageSize + "×" +
-      option.dataset.imageSize + " px.";
+      option.dataset.imageSize + " px." + adapter;
   }
 
   el.model.addEventListener("change", describeModel);

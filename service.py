@@ -37,6 +37,7 @@ from segmentation.serving.bento import (
     refuse_bentoml_downloads,
     strict_api,
 )
+from segmentation.serving.gpu import GPUError, check_cuda_device
 from segmentation.serving.guard import RequestGuard
 from segmentation.serving.settings import Settings, model_tag, read_secret
 
@@ -62,7 +63,9 @@ def _preflight() -> None:
             for model_id in SETTINGS.models:
                 check_paligemma_dir(_stored_path(model_tag(model_id)))
         load_vae_checkpoint(_stored_path(SETTINGS.vae_tag) / VAE_FILE)
-    except CheckpointError as exc:
+        # A GPU deployment whose driver is too old for torch's CUDA build stops here, not on the CPU.
+        check_cuda_device(SETTINGS.device)
+    except (CheckpointError, GPUError) as exc:
         raise SystemExit(f"cannot serve: {exc}") from None
 
 

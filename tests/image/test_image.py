@@ -137,9 +137,9 @@ def test_the_container_serves_the_models_baked_into_it(container):
     assert env["SEG_MODEL_SOURCE"] == "store"
     bento = bentoml.bentos.get(container.config["Labels"]["ai.bentoml.bento"])  # the store `make image` used
     baked = container.root / env["BENTO_PATH"].lstrip("/") / "models"
-    assert {info.tag.name for info in bento.info.models} == {
+    assert {info.tag.name for info in bento.info.all_models} == {
         env["SEG_VAE_TAG"], *(model_tag(m) for m in env["SEG_MODELS"].split(","))}
-    for info in bento.info.models:
+    for info in bento.info.all_models:
         stored = Path(bentoml.models.get(info.tag).path)
         inside = baked / info.tag.name / info.tag.version
         assert inside.is_dir(), f"{info.tag} is not in the image"

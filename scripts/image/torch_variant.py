@@ -66,15 +66,15 @@ def relock(context: Path, torch: str, find_links: Path | None, index_url: str | 
                                        if name != "torch"))
         overrides = Path(temp) / "overrides.txt"
         overrides.write_text(f"torch=={torch}\n")
-        command = ["uv", "pip", "compile", str(requirements), "-c", str(constraints), "--overrides", str(overrides),
+        uv = shutil.which("uv") or str(Path(sys.executable).with_name("uv"))  # the venv's uv (BentoML's)
+        command = [uv, "pip", "compile", str(requirements), "-c", str(constraints), "--overrides", str(overrides),
                    "--python-version", "3.11", "--python-platform", "x86_64-manylinux_2_28",
                    "--no-header", "--no-annotate", "--quiet"]
         if find_links:
             command += ["--find-links", str(find_links)]
         if index_url:
             command += ["--extra-index-url", index_url, "--index-strategy", "unsafe-best-match"]
-        uv = shutil.which("uv") or str(Path(sys.executable).with_name("uv"))
-        result = subprocess.run([uv, *command[1:]], capture_output=True, text=True)
+        result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
         raise SystemExit(f"uv pip compile failed:\n{result.stderr}")
     return result.stdout

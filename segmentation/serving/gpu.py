@@ -72,7 +72,7 @@ def driver_version(proc_version: Path = PROC_VERSION) -> str | None:
         finally:
             pynvml.nvmlShutdown()
         return version.decode() if isinstance(version, bytes) else version
-    except Exception:  # noqa: BLE001 - no NVML library or no driver: try the kernel module's file
+    except Exception:  # no NVML library, or no driver behind it: try the kernel module's file
         pass
     try:
         found = re.search(r"Kernel Module\s+(?:for \S+\s+)?(\d+(?:\.\d+)+)", proc_version.read_text())

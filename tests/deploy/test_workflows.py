@@ -52,6 +52,11 @@ def step_using(workflow: dict, action: str) -> dict:
     return step
 
 
+def step_with_id(workflow: dict, step_id: str) -> dict:
+    [step] = [s for s in steps(workflow) if s.get("id") == step_id]
+    return step
+
+
 def step_index(workflow: dict, predicate) -> int:
     return next(i for i, s in enumerate(steps(workflow)) if predicate(s))
 
@@ -158,7 +163,7 @@ def test_release_pushes_only_outside_pull_requests():
     login = step_using(workflow, "docker/login-action")
     assert login["if"].strip() == not_pr
     assert login["with"] == {"username": "${{ vars.DOCKERHUB_USERNAME }}", "password": "${{ secrets.DOCKERHUB_TOKEN }}"}
-    build = step_using(workflow, "docker/build-push-action")["with"]
+    build = step_with_id(workflow, "build")["with"]
     assert build["push"] == "${{ " + not_pr + " }}"
     assert "${{ vars.DOCKERHUB_USERNAME" in workflow["env"]["IMAGE"]
     assert workflow["env"]["IMAGE"].endswith("/paligemma-segmentation")
@@ -166,19 +171,46 @@ def test_release_pushes_only_outside_pull_requests():
 
 def test_release_builds_both_platforms_with_a_layer_cache():
     workflow = load(RELEASE)
-    build = step_using(workflow, "docker/build-push-action")["with"]
+    build = step_with_id(workflow, "build")["with"]
     assert set(build["platforms"].split(",")) == {"linux/amd64", "linux/arm64"}
     assert build["cache-from"].startswith("type=gha")
     assert build["cache-to"].startswith("type=gha")
     assert build["tags"] == "${{ steps.meta.outputs.tags }}"
     assert build["file"] == build["context"] + "/env/docker/Dockerfile"
     assert build["build-args"].splitlines() == ["SEG_MODEL_SOURCE=${{ env.SEG_MODEL_SOURCE }}"]
-    position = step_index(workflow, lambda s: s.get("uses", "").startswith("docker/build-push-action"))
+    position = step_index(workflow, lambda s: s.get("id") == "build")
     for action in ("docker/setup-qemu-action", "docker/setup-buildx-action", "docker/metadata-action"):
         assert step_index(workflow, lambda s, a=action: s.get("uses", "").startswith(a)) < position
     context = step_index(workflow, lambda s: "scripts/bento_context.py" in s.get("run", ""))
     bento = step_index(workflow, lambda s: "make --no-print-directory build" in s.get("run", ""))
     assert bento < context < position
+
+
+def test_release_starts_the_amd64_image_and_segments_once_before_pushing():
+    workflow = load(RELEASE)
+    builds = [s for s in steps(workflow) if s.get("uses", "").startswith("docker/build-push-action")]
+    [check_build] = [s for s in builds if s.get("id") != "build"]
+    release = step_with_id(workflow, "build")["with"]
+    assert check_build["with"]["platforms"] == "linux/amd64"
+    assert check_build["with"]["load"] is True and check_build["with"]["push"] is False
+    for same in ("context", "file", "build-args", "cache-from"):
+        assert check_build["with"][same] == release[same], f"the start check builds another {same}"
+    tag = check_build["with"]["tags"]
+    run = "docker run -d --name start-check -p 127.0.0.1:3000:3000"
+    [start] = [s for s in steps(workflow) if run in s.get("run", "")]
+    assert tag in start["run"] and "scripts/image/smoke.py http://127.0.0.1:3000" in start["run"]
+    assert start["run"].rstrip().endswith('exit "$status"'), "a failed check fails the job"
+    order = [step_index(workflow, lambda s, x=x: s is x) for x in (check_build, start)]
+    assert order == sorted(order) and order[-1] < step_index(workflow, lambda s: s.get("id") == "build")
+    assert order[-1] < step_index(workflow, lambda s: s.get("uses", "").startswith("docker/login-action"))
+
+
+def test_release_labels_the_image_with_its_cuda_version():
+    workflow = load(RELEASE)
+    context = step_with_id(workflow, "context")
+    assert 'scripts/image/torch_variant.py "$RUNNER_TEMP/context"' in context["run"]
+    labels = step_using(workflow, "docker/metadata-action")["with"]["labels"]
+    assert "paligemma-segmentation.cuda=${{ steps.context.outputs.cuda }}" in labels.splitlines()
 
 
 def test_release_tags_latest_sha_and_semver():
@@ -214,7 +246,7 @@ def test_release_builds_pull_requests_from_offline_fixtures():
 def test_release_calls_scripts_and_flags_that_exist():
     """The flags the workflows pass are the ones the scripts and the Makefile accept today."""
     runs = "\n".join(s.get("run", "") for p in WORKFLOWS for s in steps(load(p)))
-    for script in sorted(set(re.findall(r"scripts/[\w.]+\.py", runs))):
+    for script in sorted(set(re.findall(r"scripts/[\w./]+\.py", runs))):
         assert (ROOT / script).is_file(), script
     help_text = subprocess.run([sys.executable, "scripts/import_models.py", "--help"], cwd=ROOT,
                                capture_output=True, text=True, timeout=60).stdout

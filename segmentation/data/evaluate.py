@@ -8,8 +8,9 @@ Sets:
 
 - JSONL, one example a line: `{"image": path relative to the file, "prefix": "segment cat ; dog",
   "suffix": "<loc…>×4 <seg…>×16 cat ; …"}`, with an optional `"masks"`: one COCO RLE
-  (`{"size": [h, w], "counts": str}`) per object of the suffix, in its order. Ground-truth boxes and
-  labels come from the suffix (`bin / 1023`); masks from `"masks"` when present, else the suffix's
+  (`{"size": [h, w], "counts": str}`) per object of the suffix, in its order. Ground-truth boxes
+  (normalized (y1, x1, y2, x2), big_vision's order: `bin / 1023` of the `<loc>` tokens) and labels
+  come from the suffix; masks from `"masks"` when present, else the suffix's
   codes decoded by the VQ-VAE (`--vae`) and pasted into the box, as the service pastes answers.
 - COCO: an instances annotation file and its image folder. Each image with objects is one example;
   its prompt names the categories annotated in it (by category id, at most 32), so the set measures
@@ -49,9 +50,17 @@ from ..model.encoding import mask_to_rle, rle_to_mask
 from ..model.images import open_image
 from ..model.masks import paste_mask
 from ..model.prompts import MAX_CLASSES, TASKS, parse_prompt
-from ..model.results import NormalizedBox, SegmentationResult
-from ..model.tokens import box_normalized, box_to_pixels, is_valid_box, parse_objects
-from .evaluation import ReferringScore, coco_mask_ap, first_object, score_referring, summarize_referring
+from ..model.results import SegmentationResult
+from ..model.tokens import box_to_pixels, is_valid_box, parse_objects
+from .evaluation import (
+    ReferringScore,
+    box_of_locs,
+    coco_mask_ap,
+    first_object,
+    score_referring,
+    summarize_referring,
+)
+from .targets import Box
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +75,7 @@ class SegmenterLike(Protocol):
 class GroundTruthObject:
     label: str
     mask: np.ndarray  # bool [H, W] at the original image size
-    box: NormalizedBox  # (x0, y0, x1, y1) fractions
+    box: Box  # normalized (y1, x1, y2, x2)
     iscrowd: bool = False
 
 
@@ -165,7 +174,7 @@ def suffix_objects(suffix: str, masks: list[dict] | None, width: int, height: in
             raise ValueError(f"{where}: no 'masks' field, and the suffix's codes need the VAE (--vae) to decode")
         maps = decoder.decode(np.array([o.codes for o in objects], dtype=np.int32))
         full = [paste_mask(m, box_to_pixels(o.locs, width, height), width, height) for o, m in zip(objects, maps)]
-    return [GroundTruthObject(object_label(o.label, classes), m, box_normalized(o.locs)) for o, m in zip(objects, full)]
+    return [GroundTruthObject(object_label(o.label, classes), m, box_of_locs(o.locs)) for o, m in zip(objects, full)]
 
 
 class CocoSet(EvaluationSet):
@@ -202,7 +211,7 @@ class CocoSet(EvaluationSet):
             if mask.shape != (height, width):
                 raise ValueError(f"image {image_id}: annotations are {mask.shape[::-1]}, the file {width}x{height}")
             x, y, w, h = a["bbox"]
-            box = (x / width, y / height, (x + w) / width, (y + h) / height)
+            box = (y / height, x / width, (y + h) / height, (x + w) / width)
             objects.append(GroundTruthObject(names[a["category_id"]], mask, box, bool(a.get("iscrowd", 0))))
         return objects
 
@@ -225,7 +234,7 @@ def referring_score_of(result: SegmentationResult, objects: list[GroundTruthObje
         if tuple(answered.box) != box or answered.mask is None:
             raise ValueError(f"the answer's first object {answered.box} does not match its text's {box}")
         mask = answered.mask
-    return score_referring(box_normalized(first.locs), mask, target.mask, target.box)
+    return score_referring(box_of_locs(first.locs), mask, target.mask, target.box)
 
 
 def outcome_record(example: Example, result: SegmentationResult, objects: list[GroundTruthObject],

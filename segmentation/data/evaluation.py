@@ -31,6 +31,7 @@ import numpy as np
 
 from ..model.masks import paste_mask
 from ..model.tokens import CODES_PER_MASK, LOC_BINS, SEG_CODES, ParsedObject, box_to_pixels
+from .coco import pycocotools_rle
 from .targets import Box
 
 __all__ = [
@@ -183,7 +184,7 @@ def coco_mask_ap(ground_truth, detections: Iterable[dict], image_ids: Sequence[i
     from pycocotools.cocoeval import COCOeval
 
     names = ["AP", "AP50", "AP75", "AP_small", "AP_medium", "AP_large", "AR1", "AR10", "AR100"]
-    detections = [dict(d, segmentation=_rle_bytes(d["segmentation"])) for d in detections]
+    detections = [dict(d, segmentation=pycocotools_rle(d["segmentation"])) for d in detections]
     ids = list(image_ids) if image_ids is not None else ground_truth.getImgIds()
     if not detections:
         # COCO.loadRes cannot load an empty list; nothing detected scores 0 where there are objects.
@@ -198,7 +199,3 @@ def coco_mask_ap(ground_truth, detections: Iterable[dict], image_ids: Sequence[i
         evaluator.summarize()
     return {name: float(value) for name, value in zip(names, evaluator.stats)}
 
-
-def _rle_bytes(rle: dict) -> dict:
-    counts = rle["counts"]
-    return {"size": list(rle["size"]), "counts": counts.encode("ascii") if isinstance(counts, str) else counts}

@@ -14,7 +14,9 @@ Sets:
   codes decoded by the VQ-VAE (`--vae`) and pasted into the box, as the service pastes answers.
 - COCO: an instances annotation file and its image folder. Each image with objects is one example;
   its prompt names the categories annotated in it (by category id, at most 32), so the set measures
-  masks and labels, not rejection of absent classes. Crowd regions are ignored by COCO AP.
+  masks and labels, not rejection of absent classes. Crowd regions are ignored by COCO AP. The file
+  is read by `segmentation.data.coco`, as the fine-tuning set writer reads it: a bad annotation is
+  logged and left out; ground-truth boxes are the masks' tight boxes.
 
 Reported (`--metrics`, JSON, and a table on screen): big_vision's `miou`, `boxacc@0.5`,
 `boxacc@0.75`, `invalid`, `total` (the first object of each answer against the example's first

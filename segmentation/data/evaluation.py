@@ -81,7 +81,7 @@ def box_iou(box: Box, other: Box) -> float:
 
     inter = area(max(box[0], other[0]), max(box[1], other[1]), min(box[2], other[2]), min(box[3], other[3]))
     union = area(*box) + area(*other) - inter
-    return inter / union if union > 0 else 0.0
+    return float(inter / union) if union > 0 else 0.0
 
 
 @dataclass(frozen=True)

@@ -112,3 +112,9 @@ def test_coco_mode_reads_the_same_file(coco_file, tiny_fixtures, tmp_path, caplo
     first = evaluate.read_outcomes(out)["1"]
     assert first["prompt"] == "segment cat ; car ; sun"
     assert [o["label"] for o in first["ground_truth"]] == ["cat", "car", "sun"]
+    # Ground-truth boxes are (y1, x1, y2, x2): the cat polygon spans x 120..340, y 168..380 of 640x480.
+    dataset = evaluate.CocoSet(coco_file, coco_file.parent / "images")
+    cat = dataset.examples[0].load_objects(640, 480)[0]
+    assert cat.box == pytest.approx((168 / 480, 120 / 640, 380 / 480, 340 / 640), abs=2 / 480)
+    with pytest.raises(ValueError, match="annotated as 640x480"):
+        dataset.examples[0].load_objects(480, 640)

@@ -8,12 +8,15 @@ Sets:
 
 - JSONL, one example a line: `{"image": path relative to the file, "prefix": "segment cat ; dog",
   "suffix": "<loc…>×4 <seg…>×16 cat ; …"}`, with an optional `"masks"`: one COCO RLE
-  (`{"size": [h, w], "counts": str}`) per object of the suffix, in its order. Ground-truth boxes and
-  labels come from the suffix (`bin / 1023`); masks from `"masks"` when present, else the suffix's
+  (`{"size": [h, w], "counts": str}`) per object of the suffix, in its order. Ground-truth boxes
+  (normalized (y1, x1, y2, x2), big_vision's order: `bin / 1023` of the `<loc>` tokens) and labels
+  come from the suffix; masks from `"masks"` when present, else the suffix's
   codes decoded by the VQ-VAE (`--vae`) and pasted into the box, as the service pastes answers.
 - COCO: an instances annotation file and its image folder. Each image with objects is one example;
   its prompt names the categories annotated in it (by category id, at most 32), so the set measures
-  masks and labels, not rejection of absent classes. Crowd regions are ignored by COCO AP.
+  masks and labels, not rejection of absent classes. Crowd regions are ignored by COCO AP. The file
+  is read by `segmentation.data.coco`, as the fine-tuning set writer reads it: a bad annotation is
+  logged and left out; ground-truth boxes are the masks' tight boxes.
 
 Reported (`--metrics`, JSON, and a table on screen): big_vision's `miou`, `boxacc@0.5`,
 `boxacc@0.75`, `invalid`, `total` (the first object of each answer against the example's first
@@ -49,9 +52,18 @@ from ..model.encoding import mask_to_rle, rle_to_mask
 from ..model.images import open_image
 from ..model.masks import paste_mask
 from ..model.prompts import MAX_CLASSES, TASKS, parse_prompt
-from ..model.results import NormalizedBox, SegmentationResult
-from ..model.tokens import box_normalized, box_to_pixels, is_valid_box, parse_objects
-from .evaluation import ReferringScore, coco_mask_ap, first_object, score_referring, summarize_referring
+from ..model.results import SegmentationResult
+from ..model.tokens import box_to_pixels, is_valid_box, parse_objects
+from .coco import CocoAnnotations, Report, image_file, pycocotools_rle, resolve_jsonl_image
+from .evaluation import (
+    ReferringScore,
+    box_of_locs,
+    coco_mask_ap,
+    first_object,
+    score_referring,
+    summarize_referring,
+)
+from .targets import Box, tight_box
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +78,7 @@ class SegmenterLike(Protocol):
 class GroundTruthObject:
     label: str
     mask: np.ndarray  # bool [H, W] at the original image size
-    box: NormalizedBox  # (x0, y0, x1, y1) fractions
+    box: Box  # normalized (y1, x1, y2, x2)
     iscrowd: bool = False
 
 
@@ -97,7 +109,7 @@ class EvaluationSet:
         for outcome in outcomes:
             images.append({"id": outcome["image_id"], "width": outcome["width"], "height": outcome["height"]})
             for obj in outcome["ground_truth"]:
-                rle = {"size": obj["mask"]["size"], "counts": obj["mask"]["counts"].encode("ascii")}
+                rle = pycocotools_rle(obj["mask"])
                 annotations.append({
                     "id": len(annotations) + 1, "image_id": outcome["image_id"],
                     "category_id": self.categories[obj["label"]], "segmentation": obj["mask"],
@@ -132,7 +144,7 @@ def load_jsonl_set(path: Path, decoder=None) -> EvaluationSet:
             categories.setdefault(name, len(categories) + 1)
         where = f"{path}:{number}"
         examples.append(Example(
-            key=str(number), image_id=number, image_path=path.parent / image, prompt=prompt.text,
+            key=str(number), image_id=number, image_path=resolve_jsonl_image(path, image), prompt=prompt.text,
             load_objects=functools.partial(suffix_objects, suffix, record.get("masks"), decoder=decoder,
                                            where=where, classes=prompt.classes),
         ))
@@ -165,49 +177,44 @@ def suffix_objects(suffix: str, masks: list[dict] | None, width: int, height: in
             raise ValueError(f"{where}: no 'masks' field, and the suffix's codes need the VAE (--vae) to decode")
         maps = decoder.decode(np.array([o.codes for o in objects], dtype=np.int32))
         full = [paste_mask(m, box_to_pixels(o.locs, width, height), width, height) for o, m in zip(objects, maps)]
-    return [GroundTruthObject(object_label(o.label, classes), m, box_normalized(o.locs)) for o, m in zip(objects, full)]
+    return [GroundTruthObject(object_label(o.label, classes), m, box_of_locs(o.locs)) for o, m in zip(objects, full)]
 
 
 class CocoSet(EvaluationSet):
-    """A COCO instances file: ground truth and AP straight from its annotations."""
+    """A COCO instances file, read as the fine-tuning set writer reads it (`segmentation.data.coco`):
+    a bad annotation is logged with its id and reason and left out of the ground truth."""
 
     def __init__(self, annotation_file: Path, image_dir: Path):
-        from pycocotools.coco import COCO
-
-        with contextlib.redirect_stdout(io.StringIO()):
-            self.coco = COCO(str(annotation_file))
-        names = {c["id"]: c["name"] for c in self.coco.loadCats(self.coco.getCatIds())}
+        self.coco = CocoAnnotations.read(annotation_file)
+        names = self.coco.categories
         examples = []
-        for image_id in sorted(self.coco.getImgIds()):
-            annotations = self.coco.loadAnns(self.coco.getAnnIds(imgIds=image_id, iscrowd=False))
-            present = sorted({a["category_id"] for a in annotations})[:MAX_CLASSES]
+        for image_id in sorted(self.coco.images):
+            present = self.coco.category_ids(image_id)[:MAX_CLASSES]
             if not present:
                 continue
-            info = self.coco.loadImgs(image_id)[0]
             examples.append(Example(
-                key=str(image_id), image_id=image_id, image_path=image_dir / info["file_name"],
+                key=str(image_id), image_id=image_id, image_path=image_file(image_dir, self.coco.images[image_id]),
                 prompt="segment " + " ; ".join(names[c] for c in present),
-                load_objects=functools.partial(self._objects, image_id, tuple(present), names),
+                load_objects=functools.partial(self._objects, image_id, tuple(present)),
             ))
         super().__init__(examples, {name: i for i, name in names.items()})
 
-    def _objects(self, image_id, categories, names, width, height) -> list[GroundTruthObject]:
+    def _objects(self, image_id, categories, width, height) -> list[GroundTruthObject]:
         """The image's objects of the prompt's categories, in prompt order (the first is scored by
         big_vision's rules), crowd regions last."""
-        annotations = self.coco.loadAnns(self.coco.getAnnIds(imgIds=image_id, catIds=list(categories)))
-        annotations.sort(key=lambda a: (a.get("iscrowd", 0), categories.index(a["category_id"]), a["id"]))
-        objects = []
-        for a in annotations:
-            mask = self.coco.annToMask(a).astype(bool)
-            if mask.shape != (height, width):
-                raise ValueError(f"image {image_id}: annotations are {mask.shape[::-1]}, the file {width}x{height}")
-            x, y, w, h = a["bbox"]
-            box = (x / width, y / height, (x + w) / width, (y + h) / height)
-            objects.append(GroundTruthObject(names[a["category_id"]], mask, box, bool(a.get("iscrowd", 0))))
-        return objects
-
-    def coco_ground_truth(self, outcomes: list[dict]):
-        return self.coco
+        record = self.coco.images[image_id]
+        if (int(record["width"]), int(record["height"])) != (width, height):
+            raise ValueError(f"image {image_id}: annotated as {record['width']}x{record['height']}, "
+                             f"the file is {width}x{height}")
+        report = Report()
+        annotations = [a for a in self.coco.annotations(image_id, report, keep_crowd=True)
+                       if a.category_id in categories]
+        for error in report.errors:
+            logger.warning("image %s: annotation %s left out: %s", image_id, error["annotation_id"], error["reason"])
+        annotations.sort(key=lambda a: (a.iscrowd, categories.index(a.category_id), a.id))
+        if not any(not a.iscrowd for a in annotations):
+            raise ValueError(f"image {image_id}: no usable annotation of {categories}")
+        return [GroundTruthObject(a.label, a.mask, tight_box(a.mask), a.iscrowd) for a in annotations]
 
 
 def referring_score_of(result: SegmentationResult, objects: list[GroundTruthObject]) -> ReferringScore:
@@ -225,7 +232,7 @@ def referring_score_of(result: SegmentationResult, objects: list[GroundTruthObje
         if tuple(answered.box) != box or answered.mask is None:
             raise ValueError(f"the answer's first object {answered.box} does not match its text's {box}")
         mask = answered.mask
-    return score_referring(box_normalized(first.locs), mask, target.mask, target.box)
+    return score_referring(box_of_locs(first.locs), mask, target.mask, target.box)
 
 
 def outcome_record(example: Example, result: SegmentationResult, objects: list[GroundTruthObject],
@@ -396,7 +403,10 @@ def main(argv: Iterable[str] | None = None) -> int:
         from ..model.vae import MaskDecoder
 
         decoder = MaskDecoder.from_npz(args.vae)
-    dataset = CocoSet(args.coco, args.images) if args.coco else load_jsonl_set(args.jsonl, decoder)
+    try:
+        dataset = CocoSet(args.coco, args.images) if args.coco else load_jsonl_set(args.jsonl, decoder)
+    except (OSError, ValueError) as exc:
+        raise SystemExit(str(exc)) from None
     if args.limit is not None:
         dataset.examples = dataset.examples[: args.limit]
     segmenter = _segmenter(args, decoder)

@@ -30,13 +30,15 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..model.masks import paste_mask
-from ..model.results import NormalizedBox
-from ..model.tokens import CODES_PER_MASK, LOC_BINS, SEG_CODES, ParsedObject, box_normalized, box_to_pixels
+from ..model.tokens import CODES_PER_MASK, LOC_BINS, SEG_CODES, ParsedObject, box_to_pixels
+from .coco import pycocotools_rle
+from .targets import Box
 
 __all__ = [
     "BOX_IOU_THRESHOLDS",
     "ReferringScore",
     "box_iou",
+    "box_of_locs",
     "coco_mask_ap",
     "first_object",
     "referring_metrics",
@@ -66,14 +68,20 @@ def first_object(text: str) -> ParsedObject | None:
     return ParsedObject(label="", locs=(y1, x1, y2, x2), codes=codes, span=match.span())
 
 
-def box_iou(box: NormalizedBox, other: NormalizedBox) -> float:
-    """IoU of two (x0, y0, x1, y1) boxes; 0 when both are empty (big_vision's 0/0 compares False)."""
-    def area(x0, y0, x1, y1):
-        return max(x1 - x0, 0.0) * max(y1 - y0, 0.0)
+def box_of_locs(locs: tuple[int, int, int, int]) -> Box:
+    """The normalized (y1, x1, y2, x2) of four `<loc>` bins (0..1023): `bin / 1023`, as big_vision."""
+    return tuple(v / (LOC_BINS - 1) for v in locs)
+
+
+def box_iou(box: Box, other: Box) -> float:
+    """IoU of two normalized (y1, x1, y2, x2) boxes; 0 when both are empty (big_vision's 0/0 compares
+    False). Inverted sides (y2 < y1) count as empty."""
+    def area(y1, x1, y2, x2):
+        return max(y2 - y1, 0.0) * max(x2 - x1, 0.0)
 
     inter = area(max(box[0], other[0]), max(box[1], other[1]), min(box[2], other[2]), min(box[3], other[3]))
     union = area(*box) + area(*other) - inter
-    return inter / union if union > 0 else 0.0
+    return float(inter / union) if union > 0 else 0.0
 
 
 @dataclass(frozen=True)
@@ -92,17 +100,17 @@ class ReferringScore:
 
 
 def score_referring(
-    predicted_box: NormalizedBox | None,
+    predicted_box: Box | None,
     predicted_mask: np.ndarray | None,
     gt_mask: np.ndarray,
-    gt_box: NormalizedBox,
+    gt_box: Box,
 ) -> ReferringScore:
     """Score one answer's first object against the ground truth.
 
-    `predicted_box`: (x0, y0, x1, y1) fractions of the first object, None when the answer is invalid
+    `predicted_box`: normalized (y1, x1, y2, x2) of the first object, None when the answer is invalid
     by its tokens (`first_object`). `predicted_mask`: bool `[H, W]` full-size mask, None when the answer
     is invalid (by its tokens, or because its pixel box is empty). `gt_mask`: bool `[H, W]`.
-    `gt_box`: (x0, y0, x1, y1) fractions in 0..1.
+    `gt_box`: normalized (y1, x1, y2, x2) in 0..1, the order of `<loc>` tokens and `encode_object`.
     """
     gt_mask = np.asarray(gt_mask, dtype=bool)
     gt_area = int(gt_mask.sum())
@@ -135,14 +143,15 @@ def summarize_referring(scores: Sequence[ReferringScore]) -> dict:
 def referring_metrics(
     texts: Sequence[str],
     gt_masks: Sequence[np.ndarray],
-    gt_boxes: Sequence[NormalizedBox],
+    gt_boxes: Sequence[Box],
     decoder,
 ) -> dict:
     """big_vision's evaluator on model texts, plus `ciou`.
 
     `texts`: raw model answers. `gt_masks`: bool `[H, W]` masks at the original image size (H, W give
-    the image size). `gt_boxes`: (x0, y0, x1, y1) fractions in 0..1 (the project's `box_normalized`
-    order, not big_vision's y-first order). `decoder`: a `MaskDecoder` (or a function) turning
+    the image size). `gt_boxes`: normalized (y1, x1, y2, x2) in 0..1 — big_vision's order, that of the
+    `<loc>` tokens and of `segmentation.encoder.encode_object` (not the service's x-first
+    `box_normalized`). `decoder`: a `MaskDecoder` (or a function) turning
     `[N, 16]` codes into `[N, 64, 64]` float maps. Keys: `miou`, `ciou`, `boxacc@0.5`, `boxacc@0.75`,
     `invalid`, `total`.
     """
@@ -161,7 +170,7 @@ def referring_metrics(
         predicted = None
         if i in maps:
             predicted = paste_mask(maps[i], pixel_boxes[i], mask.shape[1], mask.shape[0])
-        scores.append(score_referring(box_normalized(obj.locs) if obj else None, predicted, mask, gt_box))
+        scores.append(score_referring(box_of_locs(obj.locs) if obj else None, predicted, mask, gt_box))
     return summarize_referring(scores)
 
 
@@ -175,7 +184,7 @@ def coco_mask_ap(ground_truth, detections: Iterable[dict], image_ids: Sequence[i
     from pycocotools.cocoeval import COCOeval
 
     names = ["AP", "AP50", "AP75", "AP_small", "AP_medium", "AP_large", "AR1", "AR10", "AR100"]
-    detections = [dict(d, segmentation=_rle_bytes(d["segmentation"])) for d in detections]
+    detections = [dict(d, segmentation=pycocotools_rle(d["segmentation"])) for d in detections]
     ids = list(image_ids) if image_ids is not None else ground_truth.getImgIds()
     if not detections:
         # COCO.loadRes cannot load an empty list; nothing detected scores 0 where there are objects.
@@ -190,7 +199,3 @@ def coco_mask_ap(ground_truth, detections: Iterable[dict], image_ids: Sequence[i
         evaluator.summarize()
     return {name: float(value) for name, value in zip(names, evaluator.stats)}
 
-
-def _rle_bytes(rle: dict) -> dict:
-    counts = rle["counts"]
-    return {"size": list(rle["size"]), "counts": counts.encode("ascii") if isinstance(counts, str) else counts}

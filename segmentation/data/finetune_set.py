@@ -5,8 +5,13 @@
     python -m segmentation.data.finetune_set --refexp ...   # one expression, one mask per line
 
 The layout is the one Hugging Face's and big_vision's PaliGemma fine-tuning recipes read: `image`
-(the image path: `--images` joined with the file name), `prefix` (the prompt, `segment cat ; dog`),
-`suffix` (the target text, `<loc…>×4<seg…>×16 cat ; <loc…>… dog`, see `segmentation.data.targets`).
+(the image's path relative to the JSONL file's folder, as `segmentation.data.evaluate` resolves it),
+`prefix` (the prompt, `segment cat ; dog`), `suffix` (the target text, `<loc…>×4<seg…>×16 cat ;
+<loc…>… dog`, see `segmentation.data.targets`), and `masks`: the exact ground truth, one COCO RLE
+`{"size": [h, w], "counts": str}` per suffix object in suffix order, which the evaluation scores
+against instead of the 16-code approximation. The masks are on by default: an exact evaluation is
+worth a larger file (a 640×480 object's RLE is 200–450 bytes, its suffix text about 170, so lines
+grow about threefold), and fine-tuning readers ignore the extra field; `--no-masks` leaves them out.
 
 Class mode (default): per image, its classes (the category names of its usable objects) sorted by
 name; at most `--classes-per-line` classes per line (an image with more gives several lines); in the
@@ -32,112 +37,17 @@ import json
 import sys
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-from pycocotools import mask as coco_mask
 from tqdm import tqdm
 
+from ..model.encoding import mask_to_rle
+from .coco import Annotation, CocoAnnotations, Report, image_file, jsonl_image_path, segmentation_mask
 from .targets import ObjectMask, TargetError, encode_objects, tight_box
 
+__all__ = ["ORDERS", "class_lines", "convert", "main", "segmentation_mask", "sort_key", "write_jsonl"]
+
 ORDERS = ("position", "area", "id")
-
-
-@dataclass(frozen=True)
-class Annotation:
-    """One usable COCO object: its id, class name, full-size bool mask and expressions."""
-
-    id: int
-    label: str
-    mask: np.ndarray
-    sentences: tuple[str, ...] = ()
-
-
-@dataclass
-class Report:
-    """What a conversion did: lines and objects written, and what it skipped (with ids and reasons)."""
-
-    lines: int = 0
-    objects: int = 0
-    crowd: int = 0
-    over_limit: int = 0
-    errors: list[dict] = field(default_factory=list)
-
-    def skip(self, annotation_id, reason: str) -> None:
-        self.errors.append({"annotation_id": annotation_id, "reason": reason})
-
-    def summary(self) -> str:
-        return (f"{self.lines} lines, {self.objects} objects; skipped {len(self.errors)} bad annotations, "
-                f"{self.crowd} crowd regions, {self.over_limit} objects over --max-objects")
-
-
-def segmentation_mask(segmentation, height: int, width: int) -> np.ndarray:
-    """A COCO `segmentation` (polygon list, uncompressed RLE with a counts list, or compressed RLE
-    with a counts string) as a bool `[height, width]` mask. ValueError says what is malformed."""
-    if isinstance(segmentation, list):
-        polygons = [p for p in segmentation if isinstance(p, list)]
-        if not polygons or len(polygons) != len(segmentation):
-            raise ValueError("polygon segmentation must be a non-empty list of [x0, y0, x1, y1, ...] lists")
-        for polygon in polygons:
-            if len(polygon) < 6 or len(polygon) % 2 or not all(isinstance(v, int | float) for v in polygon):
-                raise ValueError("each polygon needs at least 3 points as an even count of numbers")
-        rles = coco_mask.frPyObjects(polygons, height, width)
-        return coco_mask.decode(coco_mask.merge(rles)).astype(bool)
-    if isinstance(segmentation, dict) and "counts" in segmentation and "size" in segmentation:
-        if [int(v) for v in segmentation["size"]] != [height, width]:
-            raise ValueError(f"RLE size {segmentation['size']} differs from the image's [{height}, {width}]")
-        counts = segmentation["counts"]
-        if isinstance(counts, list):
-            if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in counts):
-                raise ValueError("uncompressed RLE counts must be non-negative integers")
-            if sum(counts) != height * width:
-                raise ValueError(f"uncompressed RLE counts sum to {sum(counts)}, not {height}x{width}")
-            rle = coco_mask.frPyObjects(segmentation, height, width)
-        elif isinstance(counts, str):
-            rle = {"size": [height, width], "counts": counts.encode("ascii")}
-        else:
-            raise ValueError("RLE counts must be a list of run lengths or a compressed string")
-        try:
-            return coco_mask.decode(rle).astype(bool)
-        except Exception as exc:  # pycocotools raises bare exceptions on corrupt strings
-            raise ValueError(f"unreadable RLE ({exc})") from exc
-    raise ValueError("segmentation must be a polygon list or an RLE {'size', 'counts'}")
-
-
-def _sentences(annotation: dict) -> tuple[str, ...]:
-    found = annotation.get("sentences") or ([annotation["caption"]] if annotation.get("caption") else [])
-    return tuple(s["sent"] if isinstance(s, dict) else str(s) for s in found)
-
-
-def load_annotations(coco: dict, report: Report) -> dict[int, tuple[dict, list[Annotation]]]:
-    """Image id → (image record, its usable annotations); bad and crowd ones go to `report`."""
-    images = {image["id"]: image for image in coco.get("images", [])}
-    names = {c["id"]: c["name"] for c in coco.get("categories", [])}
-    per_image: dict[int, tuple[dict, list[Annotation]]] = {i: (image, []) for i, image in images.items()}
-    for ann in coco.get("annotations", []):
-        ann_id = ann.get("id")
-        if ann.get("iscrowd"):
-            report.crowd += 1
-            continue
-        image = images.get(ann.get("image_id"))
-        if image is None:
-            report.skip(ann_id, f"unknown image_id {ann.get('image_id')!r}")
-            continue
-        if ann.get("category_id") not in names:
-            report.skip(ann_id, f"unknown category_id {ann.get('category_id')!r}")
-            continue
-        try:
-            mask = segmentation_mask(ann.get("segmentation"), int(image["height"]), int(image["width"]))
-        except (ValueError, TypeError, KeyError) as exc:
-            report.skip(ann_id, str(exc))
-            continue
-        if not mask.any():
-            report.skip(ann_id, "the segmentation covers no pixel")
-            continue
-        label = names[ann["category_id"]]
-        per_image[image["id"]][1].append(Annotation(ann_id, label, mask, _sentences(ann)))
-    return per_image
 
 
 def sort_key(order: str):
@@ -166,36 +76,47 @@ def class_lines(annotations: list[Annotation], classes_per_line: int, max_object
         yield chunk, objects
 
 
-def convert(coco: dict, images_dir: Path, encoder, *, classes_per_line: int = 4, max_objects: int = 8,
-            order: str = "position", refexp: bool = False, progress: bool = True) -> tuple[list[dict], Report]:
-    """The JSONL records of a COCO dataset (see the module docstring) and the report of the run."""
+def convert(coco: dict, images_dir: Path, encoder, *, jsonl_dir: Path, classes_per_line: int = 4,
+            max_objects: int = 8, order: str = "position", refexp: bool = False, masks: bool = True,
+            progress: bool = True) -> tuple[list[dict], Report]:
+    """The JSONL records of a COCO dataset (see the module docstring) and the report of the run.
+
+    `jsonl_dir`: the folder the JSONL file goes to; each line's `image` is relative to it. `masks`:
+    add each line's exact ground truth, one COCO RLE per suffix object in suffix order.
+    """
     report = Report()
     records = []
-    per_image = load_annotations(coco, report)
-    for image, image_annotations in tqdm(per_image.values(), desc="images", unit="img", disable=not progress):
-        path = str(images_dir / image["file_name"])
-        if image_annotations and not Path(path).is_file():
+    annotations = CocoAnnotations(coco)
+    annotations.report_orphans(report)
+    for image_id, image in tqdm(annotations.images.items(), desc="images", unit="img", disable=not progress):
+        image_annotations = annotations.annotations(image_id, report)
+        path = image_file(images_dir, image)
+        if image_annotations and not path.is_file():
             for ann in image_annotations:
                 report.skip(ann.id, f"image file {path} not found")
             continue
         if refexp:
-            usable = [a for a in image_annotations if a.sentences]
-            texts = _encode(encoder, usable, [""] * len(usable), report)
-            for ann, text in zip(usable, texts):
-                for sentence in ([] if text is None else ann.sentences):
-                    records.append({"image": path, "prefix": f"segment {sentence}", "suffix": text})
-                    report.objects += 1
-            continue
-        for classes, objects in class_lines(image_annotations, classes_per_line, max_objects, order, report):
-            texts = _encode(encoder, objects, [a.label for a in objects], report)
-            kept = [(a.label, t) for a, t in zip(objects, texts) if t is not None]
+            objects = [a for a in image_annotations if a.sentences]
+            texts = _encode(encoder, objects, [""] * len(objects), report)
+            lines = [([sentence], [(a, text)]) for a, text in zip(objects, texts) for sentence in a.sentences]
+        else:
+            chunks = list(class_lines(image_annotations, classes_per_line, max_objects, order, report))
+            flat = [a for _, objects in chunks for a in objects]
+            texts = iter(_encode(encoder, flat, [a.label for a in flat], report))  # the image in one batch
+            lines = [(classes, [(a, next(texts)) for a in objects]) for classes, objects in chunks]
+        for phrases, objects in lines:
+            kept = [(a, text) for a, text in objects if text is not None]
+            if not kept:
+                continue
             # A class whose every object failed leaves the prompt too: naming it with no object would
             # teach the model that it is absent.
-            named = [c for c in classes if any(label == c for label, _ in kept)]
-            if kept:
-                records.append({"image": path, "prefix": "segment " + " ; ".join(named),
-                                "suffix": " ; ".join(t for _, t in kept)})
-                report.objects += len(kept)
+            named = phrases if refexp else [c for c in phrases if any(a.label == c for a, _ in kept)]
+            record = {"image": jsonl_image_path(path, jsonl_dir), "prefix": "segment " + " ; ".join(named),
+                      "suffix": " ; ".join(text for _, text in kept)}
+            if masks:
+                record["masks"] = [mask_to_rle(a.mask) for a, _ in kept]
+            records.append(record)
+            report.objects += len(kept)
     report.lines = len(records)
     return records, report
 
@@ -235,6 +156,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-objects", type=int, default=8, help="objects kept per class and line (default 8)")
     parser.add_argument("--order", choices=ORDERS, default="position", help="object order within a class")
     parser.add_argument("--refexp", action="store_true", help="one referring expression and one mask per line")
+    parser.add_argument("--no-masks", action="store_true",
+                        help="leave out the exact ground-truth masks (COCO RLE per suffix object)")
     parser.add_argument("--errors", type=Path, help="write the skipped annotations (id, reason) as JSON here")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
@@ -244,12 +167,15 @@ def main(argv: list[str] | None = None) -> int:
         coco = json.loads(args.annotations.read_text())
     except (OSError, ValueError) as exc:
         parser.error(f"cannot read {args.annotations}: {exc}")
+    if not isinstance(coco, dict):
+        parser.error(f"{args.annotations} is not a COCO annotation file (a JSON object with images, annotations)")
 
     from ..model.encoder import MaskEncoder
 
     encoder = MaskEncoder.from_npz(args.vae)
-    records, report = convert(coco, args.images, encoder, classes_per_line=args.classes_per_line,
-                              max_objects=args.max_objects, order=args.order, refexp=args.refexp,
+    records, report = convert(coco, args.images, encoder, jsonl_dir=args.out.parent,
+                              classes_per_line=args.classes_per_line, max_objects=args.max_objects,
+                              order=args.order, refexp=args.refexp, masks=not args.no_masks,
                               progress=not args.no_progress)
     write_jsonl(records, args.out)
     for error in report.errors:

@@ -7,6 +7,8 @@ from pycocotools.coco import COCO
 
 from segmentation.evaluation import (
     ReferringScore,
+    box_iou,
+    box_of_locs,
     coco_mask_ap,
     first_object,
     referring_metrics,
@@ -28,8 +30,8 @@ def positive_maps(codes):
     return np.ones((len(codes), 64, 64), np.float32)
 
 
-def mask(rows, cols, size=10):
-    m = np.zeros((size, size), bool)
+def mask(rows, cols, height=10, width=20):
+    m = np.zeros((height, width), bool)
     m[rows, cols] = True
     return m
 
@@ -48,27 +50,40 @@ def test_first_object_follows_big_vision_validity():
 
 
 def test_referring_metrics_hand_computed_table():
-    # 10x10 images; the positive decoder makes each predicted mask its pixel box (int(bin/1023*10)).
+    # 10x20 images (height 10, width 20, so a swapped box order changes the results); the positive
+    # decoder makes each predicted mask its pixel box (int(bin/1023*side)). Boxes are (y1, x1, y2, x2).
     texts = [
-        answer(0, 0, 1023, 511),  # pixels x 0..4, y 0..10: 40 px inside a 50 px ground truth: IoU 0.8
+        answer(0, 0, 1023, 511),  # rows 0..10, cols 0..int(9.99)=9: 90 px inside a 100 px truth: IoU 0.9
         "oops " + answer(0, 0, 1023, 1023),  # invalid: text before the first object
         answer(0, 0, 1023, 1023),  # the whole image against an empty ground truth: IoU 0
-        answer(512, 512, 1023, 1023),  # touches the bottom-right border: rows/cols 5..9, exact: IoU 1
-        answer(0, 0, 50, 1023),  # y 0..int(0.489)=0 in pixels: invalid after int(), box IoU still counts
+        answer(512, 512, 1023, 1023),  # touches the bottom-right border: rows 5..10, cols 10..20, exact: IoU 1
+        answer(0, 0, 60, 1023),  # rows 0..int(0.587)=0 in pixels: invalid after int(), box IoU still counts
     ]
-    gt_masks = [mask(slice(0, 10), slice(0, 5)), np.ones((10, 10), bool), np.zeros((10, 10), bool),
-                mask(slice(5, 10), slice(5, 10)), mask(0, slice(0, 10))]
-    gt_boxes = [(0, 0, 0.5, 1), (0, 0, 1, 1), (0, 0, 0, 0), (0.5, 0.5, 1, 1), (0, 0, 1, 0.08)]
+    gt_masks = [mask(slice(0, 10), slice(0, 10)), np.ones((10, 20), bool), np.zeros((10, 20), bool),
+                mask(slice(5, 10), slice(10, 20)), mask(0, slice(0, 20))]
+    gt_boxes = [(0, 0, 1, 0.5), (0, 0, 1, 1), (0, 0, 0, 0), (0.5, 0.5, 1, 1), (0, 0, 0.1, 1)]
     metrics = referring_metrics(texts, gt_masks, gt_boxes, positive_maps)
     assert metrics["total"] == 5
     assert metrics["invalid"] == 2
-    assert metrics["miou"] == pytest.approx((0.8 + 0 + 0 + 1 + 0) / 5)
-    # intersections 40 + 0 + 0 + 25 + 0 over unions 50 + 100 + 100 + 25 + 10
-    assert metrics["ciou"] == pytest.approx(65 / 285)
-    # box IoUs: 0.999, 0, 0, 0.998, (50/1023)/0.08 = 0.611
+    assert metrics["miou"] == pytest.approx((0.9 + 0 + 0 + 1 + 0) / 5)
+    # intersections 90 + 0 + 0 + 50 + 0 over unions 100 + 200 + 200 + 50 + 20
+    assert metrics["ciou"] == pytest.approx(140 / 570)
+    # box IoUs: 0.999, 0, 0, 0.998, (60/1023)/0.1 = 0.587 (with x-first boxes: 0.333, ..., 0.038)
     assert metrics["boxacc@0.5"] == pytest.approx(3 / 5)
     assert metrics["boxacc@0.75"] == pytest.approx(2 / 5)
     assert set(metrics) == {"miou", "ciou", "boxacc@0.5", "boxacc@0.75", "invalid", "total"}
+
+
+def test_box_order_is_big_vision_y_first():
+    """A tall thin box: its (y1, x1, y2, x2) fractions are the `<loc>` bins over 1023, and only the
+    same order matches it."""
+    tall = box_of_locs((0, 0, 1023, 256))
+    assert tall == pytest.approx((0.0, 0.0, 1.0, 256 / 1023))
+    assert box_iou(tall, (0, 0, 1, 0.25)) == pytest.approx(0.25 / (256 / 1023))
+    assert box_iou(tall, (0, 0, 0.25, 1)) < 0.2
+    metrics_tall = referring_metrics([answer(0, 0, 1023, 256)], [mask(slice(0, 10), slice(0, 5))],
+                                     [(0, 0, 1, 0.25)], positive_maps)
+    assert metrics_tall["boxacc@0.75"] == 1 and metrics_tall["miou"] == pytest.approx(1.0)
 
 
 def test_referring_metrics_score_the_masks_the_library_answers(tiny_fixtures):
@@ -83,7 +98,7 @@ def test_referring_metrics_score_the_masks_the_library_answers(tiny_fixtures):
     assert predicted.any() and not predicted.all()
     gt = np.zeros((20, 30), bool)
     gt[5:15, 5:25] = True
-    metrics = referring_metrics([text], [gt], [(5 / 30, 5 / 20, 25 / 30, 15 / 20)], decoder)
+    metrics = referring_metrics([text], [gt], [(5 / 20, 5 / 30, 15 / 20, 25 / 30)], decoder)
     expected = (predicted & gt).sum() / (predicted | gt).sum()
     assert metrics["miou"] == pytest.approx(expected)
     assert metrics["ciou"] == pytest.approx(expected)

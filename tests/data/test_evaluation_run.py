@@ -96,7 +96,7 @@ def test_ground_truth_from_codes_is_the_decoded_pasted_mask(tiny_fixtures, jsonl
     [map64] = decoder.decode(np.array([[int(s) for s in segs(1).replace("<seg", " ").split(">") if s.strip()]]))
     assert obj.mask.tolist() == paste_mask(map64, box_to_pixels((100, 200, 900, 800), width, height),
                                            width, height).tolist()
-    assert obj.box == pytest.approx((200 / 1023, 100 / 1023, 800 / 1023, 900 / 1023))
+    assert obj.box == pytest.approx((100 / 1023, 200 / 1023, 900 / 1023, 800 / 1023))  # (y1, x1, y2, x2)
     with pytest.raises(ValueError, match="--vae"):
         load_jsonl_set(jsonl_set).examples[1].load_objects(width, height)
 

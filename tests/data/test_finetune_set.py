@@ -10,9 +10,10 @@ from PIL import Image
 
 from make_vae_fixture import make_vae_checkpoint
 from segmentation.data import finetune_set
+from segmentation.data.coco import resolve_jsonl_image
 from segmentation.data.targets import location_bins, tight_box
 from segmentation.encoder import MaskEncoder
-from segmentation.model.encoding import mask_to_rle
+from segmentation.model.encoding import mask_to_rle, rle_to_mask
 from segmentation.tokens import parse_objects
 
 H, W = 60, 80
@@ -95,9 +96,9 @@ def test_malformed_segmentations_are_named(segmentation, message):
 
 def test_class_lines_with_order_and_bad_annotations_reported(dataset, encoder):
     folder, coco = dataset
-    records, report = finetune_set.convert(coco, folder, encoder, progress=False)
+    records, report = finetune_set.convert(coco, folder, encoder, jsonl_dir=folder, progress=False)
     assert [r["prefix"] for r in records] == ["segment cat ; dog", "segment car"]
-    assert records[0]["image"] == str(folder / "a.png")
+    assert records[0]["image"] == "a.png"  # relative to the JSONL file's folder
     objects = parse_objects(records[0]["suffix"])
     assert [o.label for o in objects] == ["cat", "cat", "dog"]
     # position order: the cat at the top (rows 2..) before the one below (rows 30..)
@@ -112,21 +113,47 @@ def test_class_lines_with_order_and_bad_annotations_reported(dataset, encoder):
     assert (report.lines, report.objects, report.crowd) == (2, 4, 1)
 
 
+def test_masks_field_is_the_exact_ground_truth_in_suffix_order(dataset, encoder):
+    folder, coco = dataset
+    records, _ = finetune_set.convert(coco, folder, encoder, jsonl_dir=folder, progress=False)
+    assert [[rle_to_mask(m).tolist() for m in r["masks"]] for r in records] == [
+        [rect(2, 40, 20, 70).tolist(), rect(30, 5, 50, 25).tolist(), rect(10, 10, 25, 30).tolist()],
+        [rect(5, 5, 55, 75).tolist()],
+    ]
+    assert all(len(r["masks"]) == len(parse_objects(r["suffix"])) for r in records)
+    refs, _ = finetune_set.convert(coco, folder, encoder, jsonl_dir=folder, refexp=True, progress=False)
+    assert [rle_to_mask(m).tolist() for r in refs for m in r["masks"]] == [rect(10, 10, 25, 30).tolist()] * 2
+    bare, _ = finetune_set.convert(coco, folder, encoder, jsonl_dir=folder, masks=False, progress=False)
+    assert [set(r) for r in bare] == [{"image", "prefix", "suffix"}] * 2
+
+
+def test_image_paths_are_relative_to_the_jsonl_folder(dataset, encoder, tmp_path_factory):
+    """Wherever the set is written, `jsonl folder / image` is the image (as the evaluation reads it)."""
+    folder, coco = dataset
+    elsewhere = tmp_path_factory.mktemp("sets") / "deep" / "er"
+    for jsonl_dir, expected in [(folder, "a.png"), (folder / "sub", "../a.png"), (elsewhere, None)]:
+        records, _ = finetune_set.convert(coco, folder, encoder, jsonl_dir=jsonl_dir, progress=False)
+        image = records[0]["image"]
+        assert expected is None or image == expected
+        assert not image.startswith("/") and resolve_jsonl_image(jsonl_dir / "set.jsonl", image).resolve() == (
+            folder / "a.png").resolve()
+
+
 def test_order_limits_and_classes_per_line(dataset, encoder):
     folder, coco = dataset
-    records, report = finetune_set.convert(coco, folder, encoder, classes_per_line=1, max_objects=1,
+    records, report = finetune_set.convert(coco, folder, encoder, jsonl_dir=folder, classes_per_line=1, max_objects=1,
                                            order="area", progress=False)
     assert [r["prefix"] for r in records] == ["segment cat", "segment dog", "segment car"]
     [largest_cat] = parse_objects(records[0]["suffix"])  # 30x18 = 540 px beats 20x20 = 400 px
     assert largest_cat.locs == location_bins(tight_box(rect(2, 40, 20, 70)))
     assert report.over_limit == 1
-    by_id, _ = finetune_set.convert(coco, folder, encoder, order="id", progress=False)
+    by_id, _ = finetune_set.convert(coco, folder, encoder, jsonl_dir=folder, order="id", progress=False)
     assert parse_objects(by_id[0]["suffix"])[0].locs == location_bins(tight_box(rect(30, 5, 50, 25)))
 
 
 def test_refexp_lines_have_one_expression_and_one_mask(dataset, encoder):
     folder, coco = dataset
-    records, _ = finetune_set.convert(coco, folder, encoder, refexp=True, progress=False)
+    records, _ = finetune_set.convert(coco, folder, encoder, jsonl_dir=folder, refexp=True, progress=False)
     assert [r["prefix"] for r in records] == ["segment the dog on the left", "segment a small dog"]
     [obj] = parse_objects(records[0]["suffix"])
     assert obj.label == "" and obj.locs == location_bins(tight_box(rect(10, 10, 25, 30)))
@@ -137,7 +164,7 @@ def test_a_class_whose_objects_all_fail_leaves_the_prompt(dataset, encoder):
     folder, coco = dataset
     coco["categories"].append({"id": 4, "name": "bad ; name"})
     coco["annotations"].append({"id": 30, "image_id": 2, "category_id": 4, "segmentation": polygon(1, 1, 9, 9)})
-    records, report = finetune_set.convert(coco, folder, encoder, progress=False)
+    records, report = finetune_set.convert(coco, folder, encoder, jsonl_dir=folder, progress=False)
     assert [r["prefix"] for r in records] == ["segment cat ; dog", "segment car"]
     assert any(e["annotation_id"] == 30 and "';'" in e["reason"] for e in report.errors)
 
@@ -145,7 +172,7 @@ def test_a_class_whose_objects_all_fail_leaves_the_prompt(dataset, encoder):
 def test_missing_image_file_is_reported(dataset, encoder):
     folder, coco = dataset
     (folder / "b.png").unlink()
-    records, report = finetune_set.convert(coco, folder, encoder, progress=False)
+    records, report = finetune_set.convert(coco, folder, encoder, jsonl_dir=folder, progress=False)
     assert [r["prefix"] for r in records] == ["segment cat ; dog"]
     assert any(e["annotation_id"] == 13 and "not found" in e["reason"] for e in report.errors)
 
@@ -158,7 +185,11 @@ def test_command_line(dataset, tmp_path_factory, capsys):
     assert finetune_set.main(["--annotations", str(folder / "instances.json"), "--images", str(folder),
                               "--vae", str(vae), "--out", str(out), "--errors", str(errors)]) == 0
     lines = [json.loads(line) for line in out.read_text().splitlines()]
-    assert [set(line) for line in lines] == [{"image", "prefix", "suffix"}] * 2
+    assert [set(line) for line in lines] == [{"image", "prefix", "suffix", "masks"}] * 2
     stderr = capsys.readouterr().err
     assert "skipped annotation 20:" in stderr and "2 lines, 4 objects" in stderr
     assert len(json.loads(errors.read_text())) == 6
+    bare = folder / "bare.jsonl"
+    assert finetune_set.main(["--annotations", str(folder / "instances.json"), "--images", str(folder),
+                              "--vae", str(vae), "--out", str(bare), "--no-masks", "--no-progress"]) == 0
+    assert [set(json.loads(line)) for line in bare.read_text().splitlines()] == [{"image", "prefix", "suffix"}] * 2

@@ -42,10 +42,10 @@ from pathlib import Path
 from tqdm import tqdm
 
 from ..model.encoding import mask_to_rle
-from .coco import Annotation, CocoAnnotations, Report, image_file, jsonl_image_path, segmentation_mask
+from .coco import Annotation, CocoAnnotations, Report, image_file, jsonl_image_path
 from .targets import ObjectMask, TargetError, encode_objects, tight_box
 
-__all__ = ["ORDERS", "class_lines", "convert", "main", "segmentation_mask", "sort_key", "write_jsonl"]
+__all__ = ["ORDERS", "class_lines", "convert", "main", "sort_key", "write_jsonl"]
 
 ORDERS = ("position", "area", "id")
 

@@ -164,7 +164,7 @@ def read_mask(
     """The request's bool `[H, W]` mask from exactly one of: an uploaded image file (PNG or any
     accepted format; nonzero pixels are the object), base64 image bytes, a COCO RLE, or polygons with
     the image's `width` and `height`."""
-    from ..data.finetune_set import segmentation_mask
+    from ..data.coco import segmentation_mask
 
     given = [name for name, v in (("mask", upload), ("mask_base64", mask_base64), ("rle", rle),
                                   ("polygons", polygons)) if v]

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from segmentation.data.finetune_set import segmentation_mask
+from segmentation.data.coco import segmentation_mask
 from segmentation.encoder import MaskEncoder, encode_object
 from segmentation.model.encoding import mask_to_polygons, mask_to_rle
 from segmentation.tokens import parse_objects

@@ -141,10 +141,10 @@ def retry_delay(attempt: int, response: httpx.Response | None, backoff_s: float)
     return random.uniform(0, min(backoff_s * 2**attempt, MAX_BACKOFF_S))
 
 
-def outcome(response: httpx.Response) -> SegmentationResult | None:
-    """The result of a final answer; None when the answer calls for a retry; raises for the rest."""
+def outcome(response: httpx.Response) -> dict | None:
+    """The JSON body of a successful answer; None when the answer calls for a retry; raises for the rest."""
     if response.status_code == 200:
-        return parse_answer(response.json())
+        return response.json()
     if response.status_code in RETRY_STATUSES:
         return None
     if 400 <= response.status_code < 500:
@@ -228,14 +228,18 @@ class RemoteSegmenter:
 
     def segment_one(self, image: ImageInput, prompt: str, *, task: Task = "segment") -> SegmentationResult:
         """One image, one request, retried while the server sheds load or the connection drops."""
+        return parse_answer(self.answer(image, prompt, task=task))
+
+    def answer(self, image: ImageInput, prompt: str, *, task: Task = "segment") -> dict:
+        """The server's JSON answer for one image (masks as COCO RLE), retried like `segment_one`."""
         body = request_body(image_bytes(image), prompt, self.model, task)
         for attempt in range(self.retries + 1):
             response = None
             try:
                 response = self._http.post(f"/{task}", json=body)
-                result = outcome(response)
-                if result is not None:
-                    return result
+                answer = outcome(response)
+                if answer is not None:
+                    return answer
                 failure = ServerUnavailable(error_message(response), response.status_code)
             except _RETRY_ERRORS as exc:
                 failure = ServerUnavailable(f"connection failed: {exc!r}")
@@ -304,6 +308,12 @@ class AsyncRemoteSegmenter:
 
     async def segment_one(self, image: ImageInput, prompt: str, *, task: Task = "segment") -> SegmentationResult:
         """One image, one request, retried while the server sheds load or the connection drops."""
+        answer = await self.answer(image, prompt, task=task)
+        # Decoding masks is CPU work: off the event loop, so other answers keep flowing.
+        return await asyncio.to_thread(parse_answer, answer)
+
+    async def answer(self, image: ImageInput, prompt: str, *, task: Task = "segment") -> dict:
+        """The server's JSON answer for one image (masks as COCO RLE), retried like `segment_one`."""
         data = image if isinstance(image, bytes) else await asyncio.to_thread(image_bytes, image)
         body = request_body(data, prompt, self.model, task)
         for attempt in range(self.retries + 1):
@@ -311,10 +321,9 @@ class AsyncRemoteSegmenter:
             try:
                 async with self._slots:
                     response = await self._http.post(f"/{task}", json=body)
-                # Decoding masks is CPU work: off the event loop, so other answers keep flowing.
-                result = await asyncio.to_thread(outcome, response)
-                if result is not None:
-                    return result
+                answer = outcome(response)
+                if answer is not None:
+                    return answer
                 failure = ServerUnavailable(error_message(response), response.status_code)
             except _RETRY_ERRORS as exc:
                 failure = ServerUnavailable(f"connection failed: {exc!r}")

@@ -14,7 +14,10 @@ histogram and the mean seconds per stage. `--compare-batching` runs the same loa
 server with `SEG_MAX_BATCH_SIZE=1`; `--baseline` runs the same inputs through `Segmenter.predict`
 in this process (no server) at the batch size the server used most; `--micro` times mask decode +
 paste + RLE per object and checks the decoder never recompiles after warm-up; `--readyz` times a
-tiny-model server from start to a green `/readyz`.
+tiny-model server from start to a green `/readyz`. `--label` times `python -m segmentation.label`'s
+work (`label_folder`, default concurrency) on a folder of the workload's images against the first
+server, beside the service's best throughput on the same images and prompt (raw JSON requests at
+16/32/64 clients) and a sequential `RemoteSegmenter` loop.
 
 Random-weight models generate up to their token budget, so the budget is what the benchmark controls:
 `--max-new-tokens` sets the server's `SEG_MAX_NEW_TOKENS` ceiling (and the baseline's). Writes JSON
@@ -57,7 +60,10 @@ TARGETS = {
     "service_fraction": 0.85,  # end-to-end / raw batched throughput
     "decode_paste_rle_ms": 3.0,  # per object at 640x480
     "readyz_tiny_s": 15.0,
+    "label_fraction": 0.9,  # the labelling command / the service's best throughput, same images and prompt
 }
+LABEL_PROMPT = "cat ; dog"
+LABEL_SERVICE_LEVELS = (16, 32, 64)
 
 
 # ----------------------------------------------------------------------------------------- workload
@@ -398,6 +404,50 @@ def readyz_runs(cache_dir: Path, seed: int, runs: int, env: dict[str, str]) -> d
 
 # ------------------------------------------------------------------------------------------- report
 
+def label_bench(url: str, work: list[dict], timeout: float) -> dict:
+    """The labelling command's images/s on a folder of the workload's images, beside the service's
+    best images/s on the same images and prompt (raw requests) and a sequential client loop."""
+    from segmentation.client import AsyncRemoteSegmenter, RemoteSegmenter
+    from segmentation.data.labelling import DEFAULT_CONCURRENCY, label_folder
+
+    with tempfile.TemporaryDirectory(prefix="seg-label-bench-") as tmp:
+        folder, out = Path(tmp) / "images", Path(tmp) / "labels"
+        folder.mkdir()
+        for index, item in enumerate(work):
+            (folder / f"img{index:05d}.jpg").write_bytes(item["image"])
+        same = [{**item, "body": json.dumps({"image_base64": base64.b64encode(item["image"]).decode("ascii"),
+                                             "prompt": LABEL_PROMPT, "mask_format": "rle"}).encode()}
+                for item in work]
+        service = {}
+        for concurrency in LABEL_SERVICE_LEVELS:
+            wall, results = asyncio.run(_drive(url, same, concurrency, timeout))
+            service[concurrency] = sum(1 for status, _ in results if status == "200") / wall
+            print(f"[label] service c={concurrency}: {service[concurrency]:.2f} images/s", flush=True)
+        start = time.perf_counter()
+        summary = label_folder(folder, out, LABEL_PROMPT, AsyncRemoteSegmenter(url, timeout_s=timeout),
+                               remote=True, progress=False)
+        label_wall = time.perf_counter() - start
+        labelled = summary.labelled / label_wall
+        print(f"[label] labelling command c={DEFAULT_CONCURRENCY}: {labelled:.2f} images/s "
+              f"({summary.labelled} images, {len(summary.failed)} failed, {summary.objects} objects)", flush=True)
+        start = time.perf_counter()
+        with RemoteSegmenter(url, timeout_s=timeout) as client:
+            for item in work:
+                client.segment_one(item["image"], LABEL_PROMPT)
+        sequential = len(work) / (time.perf_counter() - start)
+        print(f"[label] sequential RemoteSegmenter loop: {sequential:.2f} images/s", flush=True)
+    best = max(service.values())
+    return {
+        "prompt": LABEL_PROMPT, "images": len(work), "concurrency": DEFAULT_CONCURRENCY,
+        "label_images_per_s": round(labelled, 3), "label_failed": len(summary.failed),
+        "service_images_per_s": {str(c): round(v, 3) for c, v in service.items()},
+        "service_best_images_per_s": round(best, 3),
+        "sequential_images_per_s": round(sequential, 3),
+        "fraction_of_service": _round(_ratio(labelled, best), 3),
+        "speedup_over_sequential": _round(_ratio(labelled, sequential), 3),
+    }
+
+
 def machine() -> dict:
     cpu = "unknown"
     with contextlib.suppress(OSError):
@@ -441,6 +491,10 @@ def evaluate(report: dict) -> dict:
         recompiled = report["micro"]["recompiled_after_warmup"] or (report.get("baseline") or {}).get(
             "decoder_recompiled", False)
         targets["no_recompilation"] = {"value": not recompiled, "target": True, "met": not recompiled}
+    if report.get("label"):
+        value = report["label"]["fraction_of_service"]
+        targets["label_fraction"] = {"value": value, "target": f">= {TARGETS['label_fraction']}",
+                                     "met": value is not None and value >= TARGETS["label_fraction"]}
     if report.get("readyz"):
         value = report["readyz"]["median_s"]
         targets["readyz_tiny_s"] = {"value": value, "target": f"<= {TARGETS['readyz_tiny_s']}",
@@ -503,6 +557,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--micro", action="store_true", help="decode + paste + RLE per object; recompilation")
     parser.add_argument("--readyz", type=int, nargs="?", const=2, default=0, metavar="RUNS",
                         help="time a tiny-model server from start to /readyz green (RUNS times, default 2)")
+    parser.add_argument("--label", action="store_true",
+                        help="the labelling command's images/s vs the service's best and a sequential loop")
     parser.add_argument("--timeout", type=float, default=300.0, help="per-request timeout, seconds")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks-out" / "benchmark.json")
@@ -510,6 +566,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not (args.url or args.start or args.baseline or args.micro or args.readyz):
         parser.error("give --url or --start (or only --baseline / --micro / --readyz with --fixtures)")
+    if args.label and not (args.url or args.start):
+        parser.error("--label drives a server: use it with --url or --start")
     if args.compare_batching and not args.start:
         parser.error("--compare-batching starts its servers: use it with --start")
     levels = [int(c) for c in args.concurrency.split(",") if c.strip()]
@@ -574,6 +632,8 @@ def main(argv: list[str] | None = None) -> int:
                           f"p50 {one['latency_s']['p50']}s  p95 {one['latency_s']['p95']}s  "
                           f"batch mean {one['batch_size_mean']}  tokens {one['generated_tokens_mean']}  "
                           f"errors {one['errors'] or 0}", flush=True)
+            if args.label and round_index == args.rounds - 1:
+                report["label"] = label_bench(next(iter(urls.values())), work, args.timeout)
             if bench is not None:
                 served_top = summarize_level(top, [runs[configs[0][0]][top][-1]]) if configs else {}
                 batch = args.baseline_batch or max(1, round(served_top.get("batch_size_mean") or top))

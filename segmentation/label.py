@@ -11,6 +11,7 @@ rerun resumes from). See `segmentation.data.labelling`. Exit status 0 when every
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 from pathlib import Path
 
@@ -39,6 +40,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--model-dir needs --vae FILE (the vae-oid.npz mask decoder)")
     if not args.images.is_dir():
         parser.error(f"{args.images} is not a folder")
+    if args.yolo and importlib.util.find_spec("cv2") is None:
+        parser.error("--yolo traces mask outlines with OpenCV: pip install opencv-python-headless")
     if args.concurrency < 1 or args.batch_size < 1:
         parser.error("--concurrency and --batch-size must be at least 1")
     return args

@@ -19,7 +19,8 @@ from segmentation.data.labelling import AnswerLog, scan_folder
 from segmentation.label import main
 
 ROOT = Path(__file__).resolve().parents[2]
-PROMPT = "cat ; dog ; car"
+# One class: random weights write to the token budget, which grows with the classes (keeps the test short).
+PROMPT = "cat"
 IMAGE_COUNT = 50
 
 
@@ -63,10 +64,12 @@ def check_coco_against_library(out: Path, folder: Path, segmenter, names: list[s
     coco = COCO(str(out / "coco.json"))
     assert sorted(image["file_name"] for image in coco.dataset["images"]) == sorted(names)
     categories = {c["id"]: c["name"] for c in coco.dataset["categories"]}
-    assert [categories[i] for i in (1, 2, 3)] == ["cat", "dog", "car"]
-    for image in coco.dataset["images"]:
-        picture = Image.open(folder / image["file_name"]).convert("RGB")
-        [expected] = segmenter.segment([picture], PROMPT)
+    assert categories[1] == "cat"  # the prompt's class first, then other labels the model wrote
+    images = coco.dataset["images"]
+    pictures = [Image.open(folder / image["file_name"]).convert("RGB") for image in images]
+    # In batches: the library's batched answers equal its one-at-a-time answers (tests/model).
+    library = [r for at in range(0, len(pictures), 10) for r in segmenter.segment(pictures[at:at + 10], PROMPT)]
+    for image, expected in zip(images, library):
         annotations = coco.loadAnns(coco.getAnnIds(imgIds=[image["id"]]))
         assert [categories[a["category_id"]] for a in annotations] == [o.label for o in expected.objects]
         for annotation, obj in zip(annotations, expected.objects):
@@ -115,7 +118,7 @@ def test_killed_run_resumes_and_labels_every_image_once(server, segmenter, folde
 
     # The optional outputs: one YOLO file and one instance map per image, agreeing with coco.json.
     classes = (out / "yolo" / "classes.txt").read_text().splitlines()
-    assert classes[:3] == ["cat", "dog", "car"]
+    assert classes[0] == "cat"
     for image in coco.dataset["images"]:
         annotations = coco.loadAnns(coco.getAnnIds(imgIds=[image["id"]]))
         yolo = (out / "yolo" / image["file_name"]).with_suffix(".txt").read_text().splitlines()
@@ -136,7 +139,7 @@ def test_killed_run_resumes_and_labels_every_image_once(server, segmenter, folde
 
 def test_local_mode_equals_server(server, tiny_fixtures, segmenter, folder, tmp_path):
     subset = tmp_path / "subset"
-    for name in images_in(folder)[:8] + ["a/broken.png"]:
+    for name in images_in(folder)[:5] + ["a/broken.png"]:
         (subset / name).parent.mkdir(parents=True, exist_ok=True)
         (subset / name).write_bytes((folder / name).read_bytes())
     local, remote = tmp_path / "local", tmp_path / "remote"

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import tomllib
@@ -89,7 +90,7 @@ def test_fresh_client_environment_runs_the_readme_examples(client_venv, server, 
     for i in range(3):
         pixels = np.random.default_rng(i).integers(0, 256, (60 + 10 * i, 80, 3), dtype=np.uint8)
         Image.fromarray(pixels).save(photos / f"p{i}.png")
-    command = blocks["bash"].strip().replace("http://127.0.0.1:3000", server.url).split()
+    command = shlex.split(blocks["bash"].replace("http://127.0.0.1:3000", server.url))
     assert command[:3] == ["python", "-m", "segmentation.label"]
     done = subprocess.run([python, *command[1:], "--no-progress"], cwd=tmp_path, capture_output=True, text=True,
                           timeout=300)

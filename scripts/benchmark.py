@@ -448,6 +448,15 @@ def label_bench(url: str, work: list[dict], timeout: float) -> dict:
     }
 
 
+def combine_label_rounds(rounds: list[dict]) -> dict:
+    """The label figures over rounds: each figure's median, and the per-round values of the ratios."""
+    figures = ("label_images_per_s", "service_best_images_per_s", "sequential_images_per_s",
+               "fraction_of_service", "speedup_over_sequential")
+    combined = {**rounds[-1], **{name: _round(statistics.median(r[name] for r in rounds), 3) for name in figures}}
+    combined["rounds"] = [{name: r[name] for name in figures} for r in rounds]
+    return combined
+
+
 def machine() -> dict:
     cpu = "unknown"
     with contextlib.suppress(OSError):
@@ -605,6 +614,7 @@ def main(argv: list[str] | None = None) -> int:
     runs: dict[str, dict[int, list]] = {name: {c: [] for c in levels} for name, _ in configs}
     top = max(levels)
     raw_rounds: list[dict] = []
+    label_rounds: list[dict] = []
     with contextlib.ExitStack() as stack:
         urls = {}
         for name, target in configs:
@@ -632,8 +642,8 @@ def main(argv: list[str] | None = None) -> int:
                           f"p50 {one['latency_s']['p50']}s  p95 {one['latency_s']['p95']}s  "
                           f"batch mean {one['batch_size_mean']}  tokens {one['generated_tokens_mean']}  "
                           f"errors {one['errors'] or 0}", flush=True)
-            if args.label and round_index == args.rounds - 1:
-                report["label"] = label_bench(next(iter(urls.values())), work, args.timeout)
+            if args.label:
+                label_rounds.append(label_bench(next(iter(urls.values())), work, args.timeout))
             if bench is not None:
                 served_top = summarize_level(top, [runs[configs[0][0]][top][-1]]) if configs else {}
                 batch = args.baseline_batch or max(1, round(served_top.get("batch_size_mean") or top))
@@ -656,6 +666,10 @@ def main(argv: list[str] | None = None) -> int:
                                       if ratios else None, "rounds": [round(r, 3) for r in ratios]}
         print(f"adaptive batching / max_batch_size=1 at {top} clients: {report['batching_speedup']['ratio']}x "
               f"(rounds {report['batching_speedup']['rounds']})")
+
+    if label_rounds:
+        report["label"] = combine_label_rounds(label_rounds)
+        print(f"[label] median over {len(label_rounds)} rounds: {json.dumps(report['label'])}", flush=True)
 
     if raw_rounds:
         fractions = [r["service_fraction"] for r in raw_rounds if r.get("service_fraction") is not None]

@@ -25,6 +25,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TextIO
 
 import numpy as np
 from PIL import Image
@@ -72,18 +73,22 @@ class AnswerLog:
     path: Path
     answers: dict[str, dict] = field(default_factory=dict)
     failures: dict[str, dict] = field(default_factory=dict)
+    _out: TextIO | None = None
 
     @classmethod
     def open(cls, path: Path) -> AnswerLog:
         """Read what earlier runs finished. A torn last line (a run killed mid-write) is ignored."""
         log = cls(path)
-        if path.exists():
-            for line in path.read_text(encoding="utf-8").splitlines():
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                log._remember(record)
+        text = path.read_text(encoding="utf-8") if path.exists() else ""
+        for line in text.splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            log._remember(record)
+        log._out = path.open("a", encoding="utf-8")
+        if text and not text.endswith("\n"):
+            log._out.write("\n")  # after a torn line, start a fresh one
         return log
 
     def _remember(self, record: dict) -> None:
@@ -95,18 +100,14 @@ class AnswerLog:
             self.failures[name] = {"file": name, "error": record["error"], "status": record.get("status")}
 
     def append(self, record: dict) -> None:
-        """Write one finished image now: a process killed after this keeps it."""
-        line = json.dumps(record, separators=(",", ":")) + "\n"
-        if self.path.exists() and self.path.stat().st_size and not self._ends_with_newline():
-            line = "\n" + line  # after a torn line, start a fresh one
-        with self.path.open("a", encoding="utf-8") as out:
-            out.write(line)
+        """Write one finished image now (flushed to the OS: a process killed after this keeps it)."""
+        self._out.write(json.dumps(record, separators=(",", ":")) + "\n")
+        self._out.flush()
         self._remember(record)
 
-    def _ends_with_newline(self) -> bool:
-        with self.path.open("rb") as f:
-            f.seek(-1, 2)
-            return f.read(1) == b"\n"
+    def close(self) -> None:
+        if self._out is not None:
+            self._out.close()
 
 
 @dataclass
@@ -297,6 +298,7 @@ def label_folder(
             label_local(folder, todo, prompt, segmenter, log, batch_size=batch_size, on_done=lambda: bar.update(1))
     finally:
         bar.close()
+        log.close()
         seconds = time.perf_counter() - start
         # Also after Ctrl-C: the files then hold everything finished so far.
         coco = write_outputs(out, log, prompt, yolo=yolo, png_masks=png_masks)

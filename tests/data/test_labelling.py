@@ -170,6 +170,7 @@ def test_answer_log_survives_a_torn_line(tmp_path):
     log = AnswerLog.open(path)
     assert list(log.answers) == ["a.png"] and list(log.failures) == ["b.png"]
     log.append({"file": "b.png", "answer": {"n": 2}})
+    log.close()
     reread = AnswerLog.open(path)
     assert reread.answers == {"a.png": {"n": 1}, "b.png": {"n": 2}} and reread.failures == {}
 

@@ -74,7 +74,7 @@ serve: install
 # (about 12 minutes; figures and plot in docs/benchmarks.md).
 bench: install
 	$(PY) scripts/benchmark.py --start --size medium --compare-batching --baseline --micro --readyz --compare-adapters 3 \
-		--concurrency 1,4,16 --requests 64 --warmup 16 --rounds 2 --out benchmarks-out/medium.json --plot docs/benchmark.png
+		--concurrency 1,4,16 --requests 64 --warmup 16 --rounds 2 --label --out benchmarks-out/medium.json --plot docs/benchmark.png
 
 # Build the bento into $(BENTOML_HOME): the models named by SEG_MODELS (import them first), or the
 # demo fixtures when SEG_MODELS is unset. The last line printed is the bento tag.

@@ -18,6 +18,9 @@ tiny-model server from start to a green `/readyz`. `--compare-adapters N` starts
 N random LoRA adapters of the model (SEG_ADAPTERS) and sends the same load at the highest
 concurrency twice per round: every request to the base, then requests spread over the base and the
 N adapters (same model, same server, interleaved): throughput ratio and mean batch size of each.
+`--label` times `python -m segmentation.label`'s work (`label_folder`, default concurrency) on a
+folder of the workload's images against the first server, beside the service's best throughput on the same images and prompt (raw JSON requests at
+16/32/64 clients) and a sequential `RemoteSegmenter` loop (on the first 16 images).
 
 Random-weight models generate up to their token budget, so the budget is what the benchmark controls:
 `--max-new-tokens` sets the server's `SEG_MAX_NEW_TOKENS` ceiling (and the baseline's). Writes JSON
@@ -62,7 +65,11 @@ TARGETS = {
     "decode_paste_rle_ms": 3.0,  # per object at 640x480
     "readyz_tiny_s": 15.0,
     "adapter_mix_fraction": 0.8,  # base + adapters mixed / base-only throughput, same server
+    "label_fraction": 0.9,  # the labelling command / the service's best throughput, same images and prompt
 }
+LABEL_PROMPT = "cat ; dog"
+LABEL_SERVICE_LEVELS = (16, 32, 64)
+LABEL_SEQUENTIAL_IMAGES = 16
 
 
 # ----------------------------------------------------------------------------------------- workload
@@ -450,6 +457,60 @@ def adapters_comparison(fixtures: Path, model_id: str, work: list[dict], env: di
 
 # ------------------------------------------------------------------------------------------- report
 
+def label_bench(url: str, work: list[dict], timeout: float) -> dict:
+    """The labelling command's images/s on a folder of the workload's images, beside the service's
+    best images/s on the same images and prompt (raw requests) and a sequential client loop."""
+    from segmentation.client import AsyncRemoteSegmenter, RemoteSegmenter
+    from segmentation.data.labelling import DEFAULT_CONCURRENCY, label_folder
+
+    with tempfile.TemporaryDirectory(prefix="seg-label-bench-") as tmp:
+        folder, out = Path(tmp) / "images", Path(tmp) / "labels"
+        folder.mkdir()
+        for index, item in enumerate(work):
+            (folder / f"img{index:05d}.jpg").write_bytes(item["image"])
+        same = [{**item, "body": json.dumps({"image_base64": base64.b64encode(item["image"]).decode("ascii"),
+                                             "prompt": LABEL_PROMPT, "mask_format": "rle"}).encode()}
+                for item in work]
+        service = {}
+        for concurrency in LABEL_SERVICE_LEVELS:
+            wall, results = asyncio.run(_drive(url, same, concurrency, timeout))
+            service[concurrency] = sum(1 for status, _ in results if status == "200") / wall
+            print(f"[label] service c={concurrency}: {service[concurrency]:.2f} images/s", flush=True)
+        start = time.perf_counter()
+        summary = label_folder(folder, out, LABEL_PROMPT, AsyncRemoteSegmenter(url, timeout_s=timeout),
+                               remote=True, progress=False)
+        label_wall = time.perf_counter() - start
+        labelled = summary.labelled / label_wall
+        print(f"[label] labelling command c={DEFAULT_CONCURRENCY}: {labelled:.2f} images/s "
+              f"({summary.labelled} images, {len(summary.failed)} failed, {summary.objects} objects)", flush=True)
+        # One image after another is slow: time the first few only.
+        start = time.perf_counter()
+        with RemoteSegmenter(url, timeout_s=timeout) as client:
+            for item in work[:LABEL_SEQUENTIAL_IMAGES]:
+                client.segment_one(item["image"], LABEL_PROMPT)
+        sequential = len(work[:LABEL_SEQUENTIAL_IMAGES]) / (time.perf_counter() - start)
+        print(f"[label] sequential RemoteSegmenter loop: {sequential:.2f} images/s", flush=True)
+    best = max(service.values())
+    return {
+        "prompt": LABEL_PROMPT, "images": len(work), "concurrency": DEFAULT_CONCURRENCY,
+        "label_images_per_s": round(labelled, 3), "label_failed": len(summary.failed),
+        "service_images_per_s": {str(c): round(v, 3) for c, v in service.items()},
+        "service_best_images_per_s": round(best, 3),
+        "sequential_images_per_s": round(sequential, 3),
+        "fraction_of_service": _round(_ratio(labelled, best), 3),
+        "speedup_over_sequential": _round(_ratio(labelled, sequential), 3),
+    }
+
+
+def combine_label_rounds(rounds: list[dict]) -> dict:
+    """The label figures over rounds: each figure's median, and the per-round values of the ratios."""
+    figures = ("label_images_per_s", "service_best_images_per_s", "sequential_images_per_s",
+               "fraction_of_service", "speedup_over_sequential")
+    combined = {**rounds[-1], **{name: _round(statistics.median(r[name] for r in rounds), 3) for name in figures}}
+    combined["rounds"] = [{name: r[name] for name in figures} for r in rounds]
+    return combined
+
+
 def machine() -> dict:
     cpu = "unknown"
     with contextlib.suppress(OSError):
@@ -497,6 +558,10 @@ def evaluate(report: dict) -> dict:
         value = report["adapters"]["ratio"]
         targets["adapter_mix_fraction"] = {"value": value, "target": f">= {TARGETS['adapter_mix_fraction']}",
                                            "met": value is not None and value >= TARGETS["adapter_mix_fraction"]}
+    if report.get("label"):
+        value = report["label"]["fraction_of_service"]
+        targets["label_fraction"] = {"value": value, "target": f">= {TARGETS['label_fraction']}",
+                                     "met": value is not None and value >= TARGETS["label_fraction"]}
     if report.get("readyz"):
         value = report["readyz"]["median_s"]
         targets["readyz_tiny_s"] = {"value": value, "target": f"<= {TARGETS['readyz_tiny_s']}",
@@ -561,6 +626,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--micro", action="store_true", help="decode + paste + RLE per object; recompilation")
     parser.add_argument("--readyz", type=int, nargs="?", const=2, default=0, metavar="RUNS",
                         help="time a tiny-model server from start to /readyz green (RUNS times, default 2)")
+    parser.add_argument("--label", action="store_true",
+                        help="the labelling command's images/s vs the service's best and a sequential loop")
     parser.add_argument("--timeout", type=float, default=300.0, help="per-request timeout, seconds")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks-out" / "benchmark.json")
@@ -568,6 +635,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not (args.url or args.start or args.baseline or args.micro or args.readyz):
         parser.error("give --url or --start (or only --baseline / --micro / --readyz with --fixtures)")
+    if args.label and not (args.url or args.start):
+        parser.error("--label drives a server: use it with --url or --start")
     if (args.compare_batching or args.compare_adapters) and not args.start:
         parser.error("--compare-batching and --compare-adapters start their servers: use them with --start")
     levels = [int(c) for c in args.concurrency.split(",") if c.strip()]
@@ -605,6 +674,7 @@ def main(argv: list[str] | None = None) -> int:
     runs: dict[str, dict[int, list]] = {name: {c: [] for c in levels} for name, _ in configs}
     top = max(levels)
     raw_rounds: list[dict] = []
+    label_rounds: list[dict] = []
     with contextlib.ExitStack() as stack:
         urls = {}
         for name, target in configs:
@@ -632,6 +702,8 @@ def main(argv: list[str] | None = None) -> int:
                           f"p50 {one['latency_s']['p50']}s  p95 {one['latency_s']['p95']}s  "
                           f"batch mean {one['batch_size_mean']}  tokens {one['generated_tokens_mean']}  "
                           f"errors {one['errors'] or 0}", flush=True)
+            if args.label:
+                label_rounds.append(label_bench(next(iter(urls.values())), work, args.timeout))
             if bench is not None:
                 served_top = summarize_level(top, [runs[configs[0][0]][top][-1]]) if configs else {}
                 batch = args.baseline_batch or max(1, round(served_top.get("batch_size_mean") or top))
@@ -654,6 +726,10 @@ def main(argv: list[str] | None = None) -> int:
                                       if ratios else None, "rounds": [round(r, 3) for r in ratios]}
         print(f"adaptive batching / max_batch_size=1 at {top} clients: {report['batching_speedup']['ratio']}x "
               f"(rounds {report['batching_speedup']['rounds']})")
+
+    if label_rounds:
+        report["label"] = combine_label_rounds(label_rounds)
+        print(f"[label] median over {len(label_rounds)} rounds: {json.dumps(report['label'])}", flush=True)
 
     if raw_rounds:
         fractions = [r["service_fraction"] for r in raw_rounds if r.get("service_fraction") is not None]

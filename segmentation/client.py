@@ -141,12 +141,13 @@ def retry_delay(attempt: int, response: httpx.Response | None, backoff_s: float)
     return random.uniform(0, min(backoff_s * 2**attempt, MAX_BACKOFF_S))
 
 
-def outcome(response: httpx.Response) -> SegmentationResult | None:
-    """The result of a final answer; None when the answer calls for a retry; raises for the rest."""
+def outcome(response: httpx.Response) -> dict | ServerUnavailable:
+    """The JSON body of a successful answer, or the failure to retry after (429, 502, 503); raises
+    `RequestRejected` for other 4xx and `ServerUnavailable` for other 5xx."""
     if response.status_code == 200:
-        return parse_answer(response.json())
+        return response.json()
     if response.status_code in RETRY_STATUSES:
-        return None
+        return ServerUnavailable(error_message(response), response.status_code)
     if 400 <= response.status_code < 500:
         raise RequestRejected(error_message(response), response.status_code)
     raise ServerUnavailable(error_message(response), response.status_code)
@@ -179,12 +180,10 @@ _RETRY_ERRORS = (httpx.ConnectError, httpx.ConnectTimeout, httpx.ReadError, http
                  httpx.RemoteProtocolError, httpx.PoolTimeout)
 
 
-class RemoteSegmenter:
-    """`Segmenter`'s `segment()` and `detect()` against a server at `url`.
+class _Remote:
+    """What the sync and async clients share: settings, the request, the retry rule."""
 
-    Several images are sent `concurrency` at a time, so the server can batch them. `retries` is how
-    many times a shed request (429/502/503) or a dropped connection is tried again.
-    """
+    default_concurrency = DEFAULT_CONCURRENCY
 
     def __init__(
         self,
@@ -195,29 +194,47 @@ class RemoteSegmenter:
         timeout_s: float = DEFAULT_TIMEOUT_S,
         retries: int = DEFAULT_RETRIES,
         backoff_s: float = DEFAULT_BACKOFF_S,
-        concurrency: int = DEFAULT_CONCURRENCY,
+        concurrency: int | None = None,
     ):
         self.model = model
         self.retries = retries
         self.backoff_s = backoff_s
-        self.concurrency = concurrency
-        self._http = httpx.Client(
+        self.concurrency = max(1, concurrency or self.default_concurrency)
+        self._http_options = dict(
             base_url=url.rstrip("/"), headers=_headers(api_key), timeout=timeout_s,
-            limits=httpx.Limits(max_connections=max(concurrency, 1)),
+            limits=httpx.Limits(max_connections=self.concurrency),
         )
 
-    def segment(
-        self,
-        images: Images,
-        prompts: Prompts,
-        *,
-        task: Task = "segment",
-        soft: bool = False,
-    ) -> list[SegmentationResult]:
+    def _body(self, data: bytes, prompt: str, task: Task) -> dict:
+        return request_body(data, prompt, self.model, task)
+
+    def _wait_before_retry(self, attempt: int, result, response: httpx.Response | None) -> float | None:
+        """None when `result` is the answer; else the seconds to wait before trying again. Raises the
+        failure when the tries are used up."""
+        if not isinstance(result, RemoteError):
+            return None
+        if attempt >= self.retries:
+            raise result
+        return retry_delay(attempt, response, self.backoff_s)
+
+
+class RemoteSegmenter(_Remote):
+    """`Segmenter`'s `segment()` and `detect()` against a server at `url`.
+
+    Several images are sent `concurrency` at a time (default 8), so the server can batch them.
+    `retries` is how many times a shed request (429/502/503) or a dropped connection is tried again.
+    """
+
+    def __init__(self, url: str, api_key: str | None = None, **options):
+        super().__init__(url, api_key, **options)
+        self._http = httpx.Client(**self._http_options)
+
+    def segment(self, images: Images, prompts: Prompts, *, task: Task = "segment",
+                soft: bool = False) -> list[SegmentationResult]:
         """Objects with boxes and masks for each image (`prompts`: one per image, or one for all)."""
         check_soft(soft)
         pairs = as_batch(images, prompts)
-        if len(pairs) <= 1 or self.concurrency <= 1:
+        if len(pairs) <= 1 or self.concurrency == 1:
             return [self.segment_one(image, prompt, task=task) for image, prompt in pairs]
         with ThreadPoolExecutor(min(self.concurrency, len(pairs))) as pool:
             return list(pool.map(lambda pair: self.segment_one(*pair, task=task), pairs))
@@ -228,20 +245,22 @@ class RemoteSegmenter:
 
     def segment_one(self, image: ImageInput, prompt: str, *, task: Task = "segment") -> SegmentationResult:
         """One image, one request, retried while the server sheds load or the connection drops."""
-        body = request_body(image_bytes(image), prompt, self.model, task)
+        return parse_answer(self.answer(image, prompt, task=task))
+
+    def answer(self, image: ImageInput, prompt: str, *, task: Task = "segment") -> dict:
+        """The server's JSON answer for one image (masks as COCO RLE), retried like `segment_one`."""
+        body = self._body(image_bytes(image), prompt, task)
         for attempt in range(self.retries + 1):
             response = None
             try:
                 response = self._http.post(f"/{task}", json=body)
                 result = outcome(response)
-                if result is not None:
-                    return result
-                failure = ServerUnavailable(error_message(response), response.status_code)
             except _RETRY_ERRORS as exc:
-                failure = ServerUnavailable(f"connection failed: {exc!r}")
-            if attempt < self.retries:
-                time.sleep(retry_delay(attempt, response, self.backoff_s))
-        raise failure
+                result = ServerUnavailable(f"connection failed: {exc!r}")
+            if (delay := self._wait_before_retry(attempt, result, response)) is None:
+                return result
+            time.sleep(delay)
+        raise AssertionError("unreachable")  # pragma: no cover
 
     def models(self) -> list[dict]:
         """The served models: `{"id", "image_size", "default"}` each."""
@@ -260,39 +279,19 @@ class RemoteSegmenter:
         self.close()
 
 
-class AsyncRemoteSegmenter:
+class AsyncRemoteSegmenter(_Remote):
     """The asyncio twin of `RemoteSegmenter`: `await segmenter.segment(...)`; safe to call from many
-    tasks at once (at most `concurrency` requests are in flight per client)."""
+    tasks at once (at most `concurrency` requests, default 32, are in flight per client)."""
 
-    def __init__(
-        self,
-        url: str,
-        api_key: str | None = None,
-        *,
-        model: str | None = None,
-        timeout_s: float = DEFAULT_TIMEOUT_S,
-        retries: int = DEFAULT_RETRIES,
-        backoff_s: float = DEFAULT_BACKOFF_S,
-        concurrency: int = 32,
-    ):
-        self.model = model
-        self.retries = retries
-        self.backoff_s = backoff_s
-        self.concurrency = concurrency
-        self._http = httpx.AsyncClient(
-            base_url=url.rstrip("/"), headers=_headers(api_key), timeout=timeout_s,
-            limits=httpx.Limits(max_connections=max(concurrency, 1)),
-        )
-        self._slots = asyncio.Semaphore(max(concurrency, 1))
+    default_concurrency = 32
 
-    async def segment(
-        self,
-        images: Images,
-        prompts: Prompts,
-        *,
-        task: Task = "segment",
-        soft: bool = False,
-    ) -> list[SegmentationResult]:
+    def __init__(self, url: str, api_key: str | None = None, **options):
+        super().__init__(url, api_key, **options)
+        self._http = httpx.AsyncClient(**self._http_options)
+        self._slots = asyncio.Semaphore(self.concurrency)
+
+    async def segment(self, images: Images, prompts: Prompts, *, task: Task = "segment",
+                      soft: bool = False) -> list[SegmentationResult]:
         """Objects with boxes and masks for each image, the images sent concurrently."""
         check_soft(soft)
         pairs = as_batch(images, prompts)
@@ -304,23 +303,26 @@ class AsyncRemoteSegmenter:
 
     async def segment_one(self, image: ImageInput, prompt: str, *, task: Task = "segment") -> SegmentationResult:
         """One image, one request, retried while the server sheds load or the connection drops."""
+        answer = await self.answer(image, prompt, task=task)
+        # Decoding masks is CPU work: off the event loop, so other answers keep flowing.
+        return await asyncio.to_thread(parse_answer, answer)
+
+    async def answer(self, image: ImageInput, prompt: str, *, task: Task = "segment") -> dict:
+        """The server's JSON answer for one image (masks as COCO RLE), retried like `segment_one`."""
         data = image if isinstance(image, bytes) else await asyncio.to_thread(image_bytes, image)
-        body = request_body(data, prompt, self.model, task)
+        body = self._body(data, prompt, task)
         for attempt in range(self.retries + 1):
             response = None
             try:
                 async with self._slots:
                     response = await self._http.post(f"/{task}", json=body)
-                # Decoding masks is CPU work: off the event loop, so other answers keep flowing.
-                result = await asyncio.to_thread(outcome, response)
-                if result is not None:
-                    return result
-                failure = ServerUnavailable(error_message(response), response.status_code)
+                result = outcome(response)
             except _RETRY_ERRORS as exc:
-                failure = ServerUnavailable(f"connection failed: {exc!r}")
-            if attempt < self.retries:
-                await asyncio.sleep(retry_delay(attempt, response, self.backoff_s))
-        raise failure
+                result = ServerUnavailable(f"connection failed: {exc!r}")
+            if (delay := self._wait_before_retry(attempt, result, response)) is None:
+                return result
+            await asyncio.sleep(delay)
+        raise AssertionError("unreachable")  # pragma: no cover
 
     async def aclose(self) -> None:
         await self._http.aclose()

@@ -2,7 +2,8 @@
 test_readme): a quickstart that drifts from the code fails here.
 
 Every ```bash and ```python block runs, in order of appearance, unless the line before it says
-`<!-- readme-test: skip (why) -->` (a block that starts a server, needs Docker or the hub, ...).
+`<!-- readme-test: skip (why) -->` (a block that starts a server, needs Docker or the hub, ...) or
+`<!-- tested: tests/... (how) -->` (a block another test runs, e.g. in a fresh virtual environment).
 Blocks run in a scratch folder that links the repository's files, with the demo server's address in
 place of http://127.0.0.1:3000 and the tiny fixtures in place of the placeholder model paths.
 """
@@ -21,7 +22,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 RUNNABLE = ("bash", "python")
-SKIP = re.compile(r"<!--\s*readme-test:\s*skip\s*\((?P<why>[^)]+)\)\s*-->")
+SKIP = re.compile(r"<!--\s*(?:readme-test:\s*skip\s*\((?P<why>[^)]+)\)|tested:\s*(?P<elsewhere>tests/\S+ [^>]+?))\s*-->")
 FENCE = re.compile(r"^```(?P<lang>\w*)\s*$")
 
 
@@ -43,7 +44,7 @@ def readme_blocks(text: str) -> list[Block]:
         end = next(j for j in range(i + 1, len(lines)) if lines[j].startswith("```"))
         before = next((lines[j] for j in range(i - 1, -1, -1) if lines[j].strip()), "")
         skip = SKIP.search(before)
-        blocks.append(Block(i + 1, opening["lang"], "\n".join(lines[i + 1:end]), skip["why"] if skip else None))
+        blocks.append(Block(i + 1, opening["lang"], "\n".join(lines[i + 1:end]), skip["why"] or skip["elsewhere"] if skip else None))
         i = end + 1
     return blocks
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import io
 
-import cv2
 import numpy as np
 from PIL import Image
 from pycocotools import mask as coco_mask
@@ -41,6 +40,8 @@ def png_base64_to_mask(data: str) -> np.ndarray:
 
 def mask_to_polygons(mask: np.ndarray) -> list[list[float]]:
     """Outer contours as COCO polygons `[x0, y0, x1, y1, ...]` in pixel coordinates (holes dropped)."""
+    import cv2  # here, not at the top: the client package has RLE and PNG without OpenCV
+
     contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
     polygons = []
     for contour in contours:

@@ -47,3 +47,24 @@ class SegmentationResult:
     width: int
     height: int
     objects: list[DetectedObject] = field(default_factory=list)
+
+    # Conversions live in `conversions` (imported when called: it needs pycocotools, OpenCV for
+    # polygons, and `supervision`, which the server never loads).
+    def to_coco(self, image_id: int = 0, *, segmentation: str = "rle", categories: dict[str, int] | None = None,
+                first_id: int = 1) -> list[dict]:
+        """COCO annotations (RLE or polygons, `score`, category ids from the prompt's classes, 1..)."""
+        from .conversions import to_coco
+
+        return to_coco(self, image_id, segmentation=segmentation, categories=categories, first_id=first_id)
+
+    def to_yolo_lines(self) -> list[str]:
+        """YOLO segmentation lines `class x1 y1 ...` (normalized; class ids from the prompt, 0..)."""
+        from .conversions import to_yolo_lines
+
+        return to_yolo_lines(self)
+
+    def to_supervision(self):
+        """A `supervision.Detections` (needs the optional `supervision` package)."""
+        from .conversions import to_supervision
+
+        return to_supervision(self)

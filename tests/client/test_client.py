@@ -18,7 +18,8 @@ from segmentation.client import AsyncRemoteSegmenter, RemoteSegmenter, RequestRe
 from segmentation.model.results import SegmentationResult
 
 ROOT = Path(__file__).resolve().parents[2]
-PROMPTS = ["cat ; dog", "car", "person ; bicycle ; bus"]
+# Few classes: random weights write to the token budget, which grows with the classes (shorter tests).
+PROMPTS = ["cat ; dog", "car", "bus"]
 
 
 def write_image(path: Path, width: int, height: int, seed: int) -> Path:

@@ -19,8 +19,9 @@ N random LoRA adapters of the model (SEG_ADAPTERS) and sends the same load at th
 concurrency twice per round: every request to the base, then requests spread over the base and the
 N adapters (same model, same server, interleaved): throughput ratio and mean batch size of each.
 `--label` times `python -m segmentation.label`'s work (`label_folder`, default concurrency) on a
-folder of the workload's images against the first server, beside the service's best throughput on the same images and prompt (raw JSON requests at
-16/32/64 clients) and a sequential `RemoteSegmenter` loop (on the first 16 images).
+folder of the workload's images against the first server, beside the service's best throughput on
+the same images and prompt (raw JSON requests at 16/32/64 clients) and a sequential
+`RemoteSegmenter` loop (on the first 16 images).
 
 Random-weight models generate up to their token budget, so the budget is what the benchmark controls:
 `--max-new-tokens` sets the server's `SEG_MAX_NEW_TOKENS` ceiling (and the baseline's). Writes JSON

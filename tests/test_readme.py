@@ -22,7 +22,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 RUNNABLE = ("bash", "python")
-SKIP = re.compile(r"<!--\s*(?:readme-test:\s*skip\s*\((?P<why>[^)]+)\)|tested:\s*(?P<elsewhere>tests/\S+ [^>]+?))\s*-->")
+SKIP = re.compile(
+    r"<!--\s*(?:readme-test:\s*skip\s*\((?P<why>[^)]+)\)|tested:\s*(?P<elsewhere>tests/\S+ [^>]+?))\s*-->"
+)
 FENCE = re.compile(r"^```(?P<lang>\w*)\s*$")
 
 
@@ -44,7 +46,8 @@ def readme_blocks(text: str) -> list[Block]:
         end = next(j for j in range(i + 1, len(lines)) if lines[j].startswith("```"))
         before = next((lines[j] for j in range(i - 1, -1, -1) if lines[j].strip()), "")
         skip = SKIP.search(before)
-        blocks.append(Block(i + 1, opening["lang"], "\n".join(lines[i + 1:end]), skip["why"] or skip["elsewhere"] if skip else None))
+        reason = (skip["why"] or skip["elsewhere"]) if skip else None
+        blocks.append(Block(i + 1, opening["lang"], "\n".join(lines[i + 1:end]), reason))
         i = end + 1
     return blocks
 
@@ -72,7 +75,8 @@ def workdir(tmp_path_factory) -> Path:
 def substitute(code: str, server_url: str, fixtures: Path) -> str:
     return (code.replace("http://127.0.0.1:3000", server_url)
             .replace("path/to/paligemma2-3b-mix-448", str(fixtures / "paligemma"))
-            .replace("path/to/vae-oid.npz", str(fixtures / "vae-oid.npz")))
+            .replace("path/to/vae-oid.npz", str(fixtures / "vae-oid.npz"))
+            .replace(".fixtures/tiny", str(fixtures)))
 
 
 @pytest.mark.parametrize("block", RUN, ids=[f"README.md:{b.line}-{b.lang}" for b in RUN])

@@ -23,8 +23,7 @@ import aiohttp
 import bentoml
 from PIL import Image
 
-from segmentation.model.adapters import check_lora_dir
-from segmentation.model.checkpoints import CheckpointError, check_paligemma_dir, load_vae_checkpoint
+from segmentation.model.checkpoints import CheckpointError
 from segmentation.model.images import model_input
 from segmentation.model.predictions import Prediction, assemble
 from segmentation.model.render import render_overlay
@@ -34,128 +33,46 @@ from segmentation.serving.bento import (
     EngineItem,
     EngineOutcome,
     answer,
+    engine_outcome,
     error_response,
+    predict_requests,
     refuse_bentoml_downloads,
     strict_api,
 )
-from segmentation.serving.gpu import GPUError, check_cuda_device
 from segmentation.serving.guard import RequestGuard
+from segmentation.serving.metrics import observe_outcome, observe_stage
 from segmentation.serving.probes import HealthProbes, Readiness
 from segmentation.serving.settings import Settings, adapter_tag, model_tag, read_secret
+from segmentation.serving.store import VAE_FILE, load_mask_encoder, preflight
 
 logger = logging.getLogger("segmentation.service")
 SETTINGS = Settings.from_env()
 # /readyz and /livez are answered by our middleware at once (BentoML's own /readyz can hang while
 # the engine loads): ready once the engine answers.
 READINESS = Readiness()
-VAE_FILE = "vae-oid.npz"
-
-
-def _stored_path(tag: str) -> Path:
-    return Path(_stored(tag).path)
-
-
-def _stored(tag: str):
-    try:
-        return bentoml.models.get(tag)
-    except bentoml.exceptions.NotFound as exc:
-        raise CheckpointError(
-            f"model {tag!r} is not in the BentoML model store ({exc}); import it with scripts/import_models.py"
-        ) from exc
-
-
-def _adapter_base(adapter_id: str) -> str:
-    """The model id an imported adapter adapts (recorded by import_models.py); it must be served."""
-    base = _stored(adapter_tag(adapter_id)).info.metadata.get("base_model")
-    if base not in SETTINGS.models:
-        raise CheckpointError(
-            f"adapter {adapter_id!r} adapts the model {base!r}, which is not served "
-            f"(SEG_MODELS={','.join(SETTINGS.models)}): serve its base too, or drop the adapter from SEG_ADAPTERS"
-        )
-    return base
-
-
-def _preflight() -> dict[str, str]:
-    """Check every model file now: a bad one stops `bentoml serve` with its name, instead of
-    crashing the engine worker, which BentoML would restart forever. Returns each adapter's base."""
-    try:
-        if SETTINGS.model_source == "store":
-            for model_id in SETTINGS.models:
-                check_paligemma_dir(_stored_path(model_tag(model_id)))
-        adapter_bases = {adapter_id: _adapter_base(adapter_id) for adapter_id in SETTINGS.adapters}
-        for adapter_id, base in adapter_bases.items():
-            base_dir = _stored_path(model_tag(base)) if SETTINGS.model_source == "store" else None
-            check_lora_dir(_stored_path(adapter_tag(adapter_id)), base_dir)
-        load_vae_checkpoint(_stored_path(SETTINGS.vae_tag) / VAE_FILE)
-        # A GPU deployment whose driver is too old for torch's CUDA build stops here, not on the CPU.
-        check_cuda_device(SETTINGS.device)
-    except (CheckpointError, GPUError) as exc:
-        raise SystemExit(f"cannot serve: {exc}") from None
-    return adapter_bases
-
-
-ADAPTER_BASES = _preflight()
-
-
-def _load_mask_encoder():
-    """The mask encoder of the served vae-oid.npz, for /encode (small JAX on this process's CPU)."""
-    from segmentation.model.encoder import MaskEncoder
-
-    try:
-        encoder = MaskEncoder.from_npz(_stored_path(SETTINGS.vae_tag) / VAE_FILE)
-    except CheckpointError as exc:
-        raise api.RequestError(f"this server cannot encode masks: {exc}", 501) from exc
-    encoder.warmup()
-    return encoder
-
-
+# Every model file is checked now: a bad one stops `bentoml serve` with its name.
+ADAPTER_BASES = preflight(SETTINGS)
 refuse_bentoml_downloads()
-
-STAGE_SECONDS = bentoml.metrics.Histogram(
-    name="segmentation_stage_seconds",
-    documentation="Seconds spent per request stage",
-    labelnames=["stage"],
-    buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
-)
-OBJECTS = bentoml.metrics.Histogram(
-    name="segmentation_objects_per_request",
-    documentation="Objects found per image",
-    buckets=(0, 1, 2, 3, 5, 8, 13, 21, 34),
-)
-TOKENS = bentoml.metrics.Histogram(
-    name="segmentation_generated_tokens",
-    documentation="Tokens generated per image",
-    buckets=(1, 8, 16, 32, 64, 128, 256, 512, 1024),
-)
 
 
 class SegmentationEngine:
     def __init__(self) -> None:
-        from segmentation.model.engine import PaliGemmaEngine
-        from segmentation.model.vae import MaskDecoder
         from segmentation.serving.pool import ModelPool
 
-        engines = {
-            model_id: PaliGemmaEngine.from_pretrained(
-                self._model_dir(i, model_id),
-                device=SETTINGS.torch_device,
-                constrained=SETTINGS.constrained,
-                max_new_tokens=SETTINGS.max_new_tokens,
-                objects_per_class=SETTINGS.objects_per_class,
-            )
-            for i, model_id in enumerate(SETTINGS.models)
-        }
-        for base, engine in engines.items():  # each base's adapters, unmerged, loaded once
-            attached = {
-                adapter_id: Path(getattr(self, f"adapter_{i}").path)
-                for i, adapter_id in enumerate(SETTINGS.adapters) if ADAPTER_BASES[adapter_id] == base
-            }
-            if attached:
-                engine.attach_adapters(attached)
-        decoder = MaskDecoder.from_npz(Path(self.vae.path) / VAE_FILE)
-        decoder.warmup()
-        self.pool = ModelPool(engines, decoder, ADAPTER_BASES)
-        self._warm_up()
+        self.pool = ModelPool.load(
+            {model_id: self._model_dir(i, model_id) for i, model_id in enumerate(SETTINGS.models)},
+            Path(self.vae.path) / VAE_FILE,
+            adapters={
+                adapter_id: (ADAPTER_BASES[adapter_id], Path(getattr(self, f"adapter_{i}").path))
+                for i, adapter_id in enumerate(SETTINGS.adapters)
+            },
+            device=SETTINGS.torch_device,
+            constrained=SETTINGS.constrained,
+            max_new_tokens=SETTINGS.max_new_tokens,
+            objects_per_class=SETTINGS.objects_per_class,
+        )
+        # One short generation per model, so /readyz turns green only when answers are fast.
+        self.pool.warm_up()
 
     def _model_dir(self, index: int, model_id: str) -> Path:
         if SETTINGS.model_source == "hub":
@@ -166,30 +83,10 @@ class SegmentationEngine:
             return Path(snapshot_download(model_id, token=token))
         return Path(getattr(self, f"paligemma_{index}").path)
 
-    def _warm_up(self) -> None:
-        """One short generation per model, so /readyz turns green only when answers are fast."""
-        from segmentation.model.prompts import parse_prompt
-        from segmentation.serving.pool import PredictRequest
-
-        for model_id in [*self.pool.engines, *self.pool.adapters]:
-            engine = self.pool.engines[self.pool.adapters.get(model_id, model_id)]
-            picture = Image.new("RGB", (engine.image_size, engine.image_size))
-            [outcome] = self.pool.predict([PredictRequest(model_id, picture, parse_prompt("cat"), max_new_tokens=2)])
-            if outcome.error:
-                raise RuntimeError(f"warm-up of {model_id} failed: {outcome.error}")
-
     @bentoml.api
     def describe(self) -> list[dict]:
         """The served models: id, input size, default; then the LoRA adapters with their base."""
-        models = [
-            {"id": model_id, "image_size": engine.image_size, "default": model_id == self.pool.default_model}
-            for model_id, engine in self.pool.engines.items()
-        ]
-        adapters = [
-            {"id": adapter_id, "image_size": self.pool.engines[base].image_size, "default": False, "base": base}
-            for adapter_id, base in self.pool.adapters.items()
-        ]
-        return models + adapters
+        return self.pool.describe()
 
     # BentoML refuses max_batch_size=1 for a batchable API: SEG_MAX_BATCH_SIZE=1 turns batching off.
     @bentoml.api(**(
@@ -197,30 +94,10 @@ class SegmentationEngine:
         if SETTINGS.max_batch_size > 1 else {}
     ))
     def predict(self, items: list[EngineItem]) -> list[EngineOutcome]:
-        from segmentation.model.prompts import Prompt
-        from segmentation.serving.pool import PredictRequest
-
-        requests = [
-            PredictRequest(
-                item.model, item.image, Prompt(item.task, tuple(item.classes), item.labels_from_prompt),
-                item.max_new_tokens,
-            )
-            for item in items
-        ]
-        outcomes = self.pool.predict(requests)
-        answers = []
+        outcomes = self.pool.predict(predict_requests(items))
         for outcome in outcomes:
-            for stage, seconds in outcome.timings.items():
-                STAGE_SECONDS.labels(stage=stage).observe(seconds)
-            if outcome.prediction is not None:
-                TOKENS.observe(outcome.prediction.generated_tokens)
-                OBJECTS.observe(len(outcome.prediction.objects))
-            answers.append(EngineOutcome(
-                prediction=outcome.prediction.to_dict() if outcome.prediction else None,
-                error=outcome.error,
-                status=outcome.status,
-            ))
-        return answers
+            observe_outcome(outcome)
+        return [engine_outcome(outcome) for outcome in outcomes]
 
 
 # The models the engine serves are class attributes, so `bentoml build` records them in the bento and
@@ -283,7 +160,7 @@ class Segmentation:
         start = time.perf_counter()
         original = await api.read_image(SETTINGS, image, image_url, image_base64)
         picture = await asyncio.to_thread(model_input, original, size)
-        STAGE_SECONDS.labels(stage="decode_input").observe(time.perf_counter() - start)
+        observe_stage("decode_input", time.perf_counter() - start)
 
         try:
             [outcome] = await self._predict(
@@ -316,7 +193,7 @@ class Segmentation:
         result, _, picture, model_id, fmt = await self._run(task, **kwargs)
         start = time.perf_counter()
         body = await asyncio.to_thread(api.response_body, result, model=model_id, mask_format=fmt, input_image=picture)
-        STAGE_SECONDS.labels(stage="encode").observe(time.perf_counter() - start)
+        observe_stage("encode", time.perf_counter() - start)
         return body
 
     @strict_api(route="/segment")
@@ -413,11 +290,18 @@ class Segmentation:
         0..1) defaults to the mask's tight box."""
         return await answer(self._encode(mask, mask_base64, rle, polygons, width, height, box, label))
 
+    @staticmethod
+    def _load_mask_encoder():
+        try:
+            return load_mask_encoder(SETTINGS)
+        except CheckpointError as exc:
+            raise api.RequestError(f"this server cannot encode masks: {exc}", 501) from exc
+
     async def _encode(self, upload, mask_base64, rle, polygons, width, height, box, label) -> dict:
         mask = await asyncio.to_thread(api.read_mask, SETTINGS, upload, mask_base64, rle, polygons, width, height)
         async with self._mask_encoder_lock:
             if self._mask_encoder is None:
-                self._mask_encoder = await asyncio.to_thread(_load_mask_encoder)
+                self._mask_encoder = await asyncio.to_thread(self._load_mask_encoder)
         return await asyncio.to_thread(api.encode_body, self._mask_encoder, mask, label, box)
 
     @bentoml.api(route="/models")

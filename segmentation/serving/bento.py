@@ -51,6 +51,28 @@ class EngineOutcome(bentoml.IODescriptor):
     status: int = 200
 
 
+def predict_requests(items: list[EngineItem]) -> list:
+    """The engine's items as the model pool's requests (imported in the engine process only: torch)."""
+    from ..model.prompts import Prompt
+    from .pool import PredictRequest
+
+    return [
+        PredictRequest(
+            item.model, item.image, Prompt(item.task, tuple(item.classes), item.labels_from_prompt), item.max_new_tokens
+        )
+        for item in items
+    ]
+
+
+def engine_outcome(outcome) -> EngineOutcome:
+    """A pool outcome as the engine answers it (the prediction as a plain dict: it is pickled)."""
+    return EngineOutcome(
+        prediction=outcome.prediction.to_dict() if outcome.prediction else None,
+        error=outcome.error,
+        status=outcome.status,
+    )
+
+
 class BatchEntry(BaseModel):
     """One image of a /segment_batch request (uploads go to /segment)."""
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from PIL import Image
 
@@ -57,9 +58,47 @@ class ModelPool:
             if base not in engines or adapter_id not in engines[base].adapters:
                 raise ValueError(f"adapter {adapter_id!r} is not attached to a served base ({base!r})")
 
+    @classmethod
+    def load(cls, model_dirs: dict[str, Path], vae_file: Path, adapters: dict[str, tuple[str, Path]] | None = None,
+             **engine_options) -> ModelPool:
+        """Engines for `model_dirs` (id -> checkpoint directory; the first is the default), each base's
+        LoRA adapters (adapter id -> (base id, adapter directory)) attached unmerged, and the decoder.
+        `engine_options` go to `PaliGemmaEngine.from_pretrained` (device, grammar, budgets)."""
+        engines = {model_id: PaliGemmaEngine.from_pretrained(path, **engine_options)
+                   for model_id, path in model_dirs.items()}
+        adapters = adapters or {}
+        for base, engine in engines.items():  # each base's adapters, loaded once
+            attached = {adapter_id: path for adapter_id, (of, path) in adapters.items() if of == base}
+            if attached:
+                engine.attach_adapters(attached)
+        decoder = MaskDecoder.from_npz(vae_file)
+        decoder.warmup()
+        return cls(engines, decoder, {adapter_id: base for adapter_id, (base, _) in adapters.items()})
+
     @property
     def default_model(self) -> str:
         return next(iter(self.engines))
+
+    def describe(self) -> list[dict]:
+        """The served models (id, input size, default), then the LoRA adapters with their base."""
+        models = [
+            {"id": model_id, "image_size": engine.image_size, "default": model_id == self.default_model}
+            for model_id, engine in self.engines.items()
+        ]
+        adapters = [
+            {"id": adapter_id, "image_size": self.engines[base].image_size, "default": False, "base": base}
+            for adapter_id, base in self.adapters.items()
+        ]
+        return models + adapters
+
+    def warm_up(self) -> None:
+        """One short generation per model and adapter, so the first real request is not the slow one."""
+        for model_id in [*self.engines, *self.adapters]:
+            engine = self.engines[self.adapters.get(model_id, model_id)]
+            picture = Image.new("RGB", (engine.image_size, engine.image_size))
+            [outcome] = self.predict([PredictRequest(model_id, picture, Prompt("segment", ("cat",)), max_new_tokens=2)])
+            if outcome.error:
+                raise RuntimeError(f"warm-up of {model_id} failed: {outcome.error}")
 
     def predict(self, requests: list[PredictRequest]) -> list[PredictOutcome]:
         """One outcome per request, in order; never raises for a single request's failure."""

@@ -59,7 +59,7 @@ serve: install
 	$(VENV)/bin/bentoml serve service:Segmentation --host 127.0.0.1 --port $(PORT)
 
 # Throughput and latency of the medium random model, batching on vs off, against the raw model
-# (about 8 minutes; figures and plot in docs/benchmarks.md).
+# (about 8 minutes), then bench-engine (about 20-30 minutes on 2 quiet cores; figures in docs/benchmarks.md).
 bench: install
 	$(PY) scripts/benchmark.py --start --size medium --compare-batching --baseline --micro --readyz \
 		--concurrency 1,4,16 --requests 64 --warmup 16 --rounds 2 --out benchmarks-out/medium.json --plot docs/benchmark.png

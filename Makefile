@@ -8,7 +8,7 @@ FIXTURES ?= .fixtures/tiny
 PORT ?= 3000
 export BENTOML_HOME ?= $(CURDIR)/.bentoml
 
-.PHONY: install test test-slow bench lint fixtures import-demo demo serve build clean system-tools image-tools image image-test
+.PHONY: install test test-slow bench lint fixtures import-demo demo serve build clean system-tools image-tools image image-test bench-engine bench-gpu
 
 # The demo serves a random-weight model with the real architecture under this id.
 DEMO_MODEL := demo/paligemma2-tiny-random
@@ -70,11 +70,25 @@ serve: install
 	$(VENV)/bin/bentoml serve service:Segmentation --host 127.0.0.1 --port $(PORT)
 
 # Throughput and latency of the medium random model, batching on vs off, against the raw model, and
-# base-only against base + 3 LoRA adapters mixed
-# (about 12 minutes; figures and plot in docs/benchmarks.md).
+# base-only against base + 3 LoRA adapters mixed, and the labelling command (about 12 minutes), then bench-engine (about 20-30 minutes on 2 quiet cores; figures in docs/benchmarks.md).
 bench: install
 	$(PY) scripts/benchmark.py --start --size medium --compare-batching --baseline --micro --readyz --compare-adapters 3 \
 		--concurrency 1,4,16 --requests 64 --warmup 16 --rounds 2 --label --out benchmarks-out/medium.json --plot docs/benchmark.png
+	$(MAKE) --no-print-directory bench-engine
+
+# Engine settings at the service's own budget (100 tokens): prefill and decode step per setting beside
+# a bare forward loop, and the service with each engine at 1, 8 and 16 clients. SEED_DIR=<checkout of
+# JoeJoe1313/PaliGemma-Image-Segmentation at 1d1e90a> adds the original FastAPI service beside ours.
+SEED_DIR ?=
+bench-engine: install
+	$(PY) scripts/benchmark.py --start --size medium --compare-engines --engine-micro \
+		$(if $(SEED_DIR),--seed-dir $(SEED_DIR)) --concurrency 1,8,16 --requests 32 --warmup 8 --rounds 2 \
+		--max-new-tokens 100 --out benchmarks-out/engine.json --plot benchmarks-out/engine.png
+
+# One GPU (under 8 minutes, no network): the 3b-448 fixture, raw generation with and without the fast
+# loop at batch 1/8/16/32, the service at 1/16/64 clients, peak GPU memory.
+bench-gpu: install
+	$(PY) scripts/bench_gpu.py --out benchmarks-out/gpu.json
 
 # Build the bento into $(BENTOML_HOME): the models named by SEG_MODELS (import them first), or the
 # demo fixtures when SEG_MODELS is unset. The last line printed is the bento tag.

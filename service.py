@@ -68,6 +68,9 @@ class SegmentationEngine:
             },
             device=SETTINGS.torch_device,
             constrained=SETTINGS.constrained,
+            dtype=SETTINGS.dtype,
+            generation=SETTINGS.engine,
+            share_images=SETTINGS.share_images,
             max_new_tokens=SETTINGS.max_new_tokens,
             objects_per_class=SETTINGS.objects_per_class,
         )

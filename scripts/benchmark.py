@@ -23,6 +23,12 @@ folder of the workload's images against the first server, beside the service's b
 the same images and prompt (raw JSON requests at 16/32/64 clients) and a sequential
 `RemoteSegmenter` loop (on the first 16 images).
 
+Engine settings: `--compare-engines` adds a server with `SEG_ENGINE=hf-generate` (the engine before
+the fast loop) and, on CPUs with native bfloat16, one with `SEG_DTYPE=bfloat16`; `--engine-micro` times
+prefill and decode step at batch 1 and 8 for each engine setting beside a bare loop of forward calls
+(scripts/engine_timing.py). `--seed-dir DIR` serves the original FastAPI service from a checkout DIR
+beside ours on the same model (scripts/seed_service.py) and reports its req/s, tokens/s and errors.
+
 Random-weight models generate up to their token budget, so the budget is what the benchmark controls:
 `--max-new-tokens` sets the server's `SEG_MAX_NEW_TOKENS` ceiling (and the baseline's). Writes JSON
 (`--out`) and a PNG plot (`--plot`): throughput and p95 latency against concurrency.
@@ -53,6 +59,7 @@ for _path in (ROOT, ROOT / "scripts", ROOT / "tests"):
         sys.path.insert(0, str(_path))
 
 import httpx  # noqa: E402
+from seed_service import count_tokens, ensure_venv, seed_prompt, served_seed  # noqa: E402
 from servers import import_fixtures, kill_tree, start_server  # noqa: E402  (tests/servers.py)
 
 IMAGE_SIZES = ((640, 480), (1024, 768), (320, 240), (800, 800), (480, 640), (224, 224))
@@ -100,7 +107,8 @@ def make_workload(count: int, seed: int) -> list[dict]:
         data = images[i % len(images)]
         prompt = PROMPTS[rng.randrange(len(PROMPTS))]
         body = {"image_base64": base64.b64encode(data).decode("ascii"), "prompt": prompt, "mask_format": "rle"}
-        work.append({"image": data, "prompt": prompt, "body": json.dumps(body).encode()})
+        work.append({"image": data, "prompt": prompt, "body": json.dumps(body).encode(),
+                     "seed_prompt": seed_prompt(prompt)})
     return work
 
 
@@ -205,8 +213,11 @@ def percentile(values: list[float], q: float) -> float | None:
     return ordered[low] + (ordered[high] - ordered[low]) * (k - low)
 
 
-async def _drive(url: str, work: list[dict], concurrency: int, timeout: float) -> tuple[float, list[tuple]]:
-    """Send every request of `work` from `concurrency` clients; (wall seconds, [(status, seconds)])."""
+async def _drive(url: str, work: list[dict], concurrency: int, timeout: float,
+                 seed: bool = False) -> tuple[float, list[tuple]]:
+    """Send every request of `work` from `concurrency` clients; (wall seconds, [(status, seconds)]).
+
+    `seed`: the original service's form upload (`prompt`, `image_file`) instead of our JSON body."""
     results: list[tuple] = []
     queue = iter(range(len(work)))
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
@@ -217,7 +228,12 @@ async def _drive(url: str, work: list[dict], concurrency: int, timeout: float) -
             for index in queue:
                 start = time.perf_counter()
                 try:
-                    response = await client.post("/segment", content=work[index]["body"], headers=headers)
+                    if seed:
+                        item = work[index]
+                        response = await client.post("/segment", data={"prompt": item["seed_prompt"]},
+                                                     files={"image_file": ("image.jpg", item["image"], "image/jpeg")})
+                    else:
+                        response = await client.post("/segment", content=work[index]["body"], headers=headers)
                     status = str(response.status_code)
                     if response.status_code == 200:
                         response.json()  # the client pays for parsing the answer, as a real one does
@@ -230,8 +246,12 @@ async def _drive(url: str, work: list[dict], concurrency: int, timeout: float) -
         return time.perf_counter() - start, results
 
 
-def run_level(url: str, work: list[dict], concurrency: int, timeout: float) -> dict:
-    """One concurrency level, once: wall time, per-request outcomes, the /metrics delta."""
+def run_level(url: str, work: list[dict], concurrency: int, timeout: float, seed: bool = False) -> dict:
+    """One concurrency level, once: wall time, per-request outcomes, the /metrics delta (none for `seed`)."""
+    if seed:
+        wall, results = asyncio.run(_drive(url, work, concurrency, timeout, seed=True))
+        empty = {"batch_buckets": Counter(), "batch_sum": 0.0, "batch_count": 0.0, "stages": {}}
+        return {"wall_s": wall, "results": results, "metrics": empty}
     before = scrape(url)
     wall, results = asyncio.run(_drive(url, work, concurrency, timeout))
     return {"wall_s": wall, "results": results, "metrics": metrics_delta(before, scrape(url))}
@@ -406,6 +426,48 @@ def micro(fixtures: Path, seed: int, repeats: int = 200) -> dict:
         "trace_count_after_all_sizes": decoder.trace_count,
         "recompiled_after_warmup": decoder.trace_count != traces,
     }
+
+
+def engine_micro(fixtures: Path, batches: list[int], tokens: int, rounds: int) -> dict:
+    """Prefill and decode-step times of each engine setting and of a bare forward loop, interleaved."""
+    import torch
+    from engine_timing import compare, cpu_has_native_bfloat16
+
+    from segmentation.model.engine import PaliGemmaEngine
+
+    directory = fixtures / "paligemma"
+    engines = {
+        "hf-generate": PaliGemmaEngine.from_pretrained(directory, device="cpu", generation="hf-generate"),
+        "fast": PaliGemmaEngine.from_pretrained(directory, device="cpu"),
+    }
+    if cpu_has_native_bfloat16():
+        engines["fast-bfloat16"] = PaliGemmaEngine.from_pretrained(directory, device="cpu", dtype="bfloat16")
+    rows = compare(engines, batches, tokens, rounds=max(rounds, 1), bare="hf-generate",
+                   log=lambda line: print(line, flush=True))
+    return {"torch_threads": torch.get_num_threads(), "native_bfloat16": cpu_has_native_bfloat16(),
+            "compiled_floor": "not measured: torch.compile recompiled on every decode step on this CPU "
+                              "(60-230 s a step, docs/benchmarks.md)", "rows": rows}
+
+
+def compare_configs(report: dict) -> dict:
+    """Per level: req/s, generated tokens/s and errors of every configuration, and each one's speed-up
+    over the engine before (`hf-generate`) and over the original service, where those ran."""
+    table: dict = {}
+    for name, config in report["configs"].items():
+        for level in config.get("levels", []):
+            tokens = config.get("generated_tokens_mean", level.get("generated_tokens_mean"))
+            rate = level["requests_per_s"]
+            table.setdefault(str(level["concurrency"]), {})[name] = {
+                "requests_per_s": rate, "generated_tokens_mean": tokens,
+                "tokens_per_s": round(rate * tokens, 2) if tokens is not None else None,
+                "errors": sum(level["errors"].values()), "requests": level["requests"],
+            }
+    for row in table.values():
+        for name, figures in row.items():
+            for other in ("hf-generate", "original"):
+                if other in row and other != name and row[other]["requests_per_s"]:
+                    figures[f"x_{other}"] = round(figures["requests_per_s"] / row[other]["requests_per_s"], 2)
+    return table
 
 
 def readyz_runs(cache_dir: Path, seed: int, runs: int, env: dict[str, str]) -> dict:
@@ -629,24 +691,35 @@ def main(argv: list[str] | None = None) -> int:
                         help="time a tiny-model server from start to /readyz green (RUNS times, default 2)")
     parser.add_argument("--label", action="store_true",
                         help="the labelling command's images/s vs the service's best and a sequential loop")
+    parser.add_argument("--compare-engines", action="store_true",
+                        help="also serve SEG_ENGINE=hf-generate (and SEG_DTYPE=bfloat16 where the CPU has it)")
+    parser.add_argument("--engine-micro", action="store_true",
+                        help="prefill and decode-step times per engine setting beside a bare forward loop")
+    parser.add_argument("--engine-batches", default="1,8", help="batch sizes for --engine-micro")
+    parser.add_argument("--engine-tokens", type=int, default=40, help="tokens per row for --engine-micro")
+    parser.add_argument("--seed-dir", type=Path,
+                        help="a checkout of the original FastAPI service to serve and measure beside ours")
+    parser.add_argument("--seed-venv", type=Path, default=ROOT / ".fixtures" / "seed-venv",
+                        help="scratch virtual environment for --seed-dir (installed once)")
     parser.add_argument("--timeout", type=float, default=300.0, help="per-request timeout, seconds")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks-out" / "benchmark.json")
     parser.add_argument("--plot", type=Path, default=ROOT / "benchmarks-out" / "benchmark.png")
     args = parser.parse_args(argv)
-    if not (args.url or args.start or args.baseline or args.micro or args.readyz):
+    if not (args.url or args.start or args.baseline or args.micro or args.readyz or args.engine_micro):
         parser.error("give --url or --start (or only --baseline / --micro / --readyz with --fixtures)")
     if args.label and not (args.url or args.start):
         parser.error("--label drives a server: use it with --url or --start")
-    if (args.compare_batching or args.compare_adapters) and not args.start:
-        parser.error("--compare-batching and --compare-adapters start their servers: use them with --start")
+    for flag in ("compare_batching", "compare_adapters", "compare_engines", "seed_dir"):
+        if getattr(args, flag) and not args.start:
+            parser.error(f"--{flag.replace('_', '-')} starts its servers: use it with --start")
     levels = [int(c) for c in args.concurrency.split(",") if c.strip()]
     extra_env = dict(item.split("=", 1) for item in args.env)
     server_env = {"SEG_MAX_NEW_TOKENS": str(args.max_new_tokens),
                   "SEG_OBJECTS_PER_CLASS": str(args.objects_per_class), **extra_env}
 
     fixtures = args.fixtures
-    if fixtures is None and (args.start or args.baseline or args.micro):
+    if fixtures is None and (args.start or args.baseline or args.micro or args.engine_micro):
         if args.url and args.baseline:
             parser.error("--baseline with --url needs --fixtures: the model the server runs")
         fixtures = fixtures_for(args.size, args.cache_dir, args.seed)
@@ -668,35 +741,57 @@ def main(argv: list[str] | None = None) -> int:
     # Every server starts first (one at a time, so each start is timed alone); then each round runs
     # every level on every server back to back (order alternating per round), so that other load on
     # the machine falls on all configurations alike.
-    configs = [("server", None)] if args.url else [("adaptive", "service:Segmentation")] + (
+    # (name, what runs, extra environment): "seed" runs the original service from --seed-dir.
+    from engine_timing import cpu_has_native_bfloat16
+
+    configs: list[tuple[str, str | None, dict]] = [("server", None, {})] if args.url else \
+        [("adaptive", "service:Segmentation", {})]
+    if args.start and args.compare_batching:
         # SEG_MAX_BATCH_SIZE=1 stops service.py at import (BentoML wants > 1): UNBATCHED serves batches of one.
-        [("max_batch_size_1", UNBATCHED)] if args.compare_batching else [])
+        configs.append(("max_batch_size_1", UNBATCHED, {}))
+    if args.start and args.compare_engines:
+        configs.append(("hf-generate", "service:Segmentation", {"SEG_ENGINE": "hf-generate"}))
+        if cpu_has_native_bfloat16():
+            configs.append(("fast-bfloat16", "service:Segmentation", {"SEG_DTYPE": "bfloat16"}))
+    if args.start and args.seed_dir:
+        configs.append(("original", "seed", {}))
     configs = configs if (args.url or args.start) else []
-    runs: dict[str, dict[int, list]] = {name: {c: [] for c in levels} for name, _ in configs}
+    runs: dict[str, dict[int, list]] = {name: {c: [] for c in levels} for name, _, _ in configs}
     top = max(levels)
     raw_rounds: list[dict] = []
     label_rounds: list[dict] = []
     with contextlib.ExitStack() as stack:
         urls = {}
-        for name, target in configs:
+        for name, target, env in configs:
             if target is None:
                 urls[name] = args.url
                 report["configs"][name] = {"url": args.url}
                 continue
+            if target == "seed":
+                python = ensure_venv(args.seed_dir, args.seed_venv)
+                image_size = json.loads((fixtures / "paligemma" / "config.json").read_text())["vision_config"][
+                    "image_size"]
+                url, ready = stack.enter_context(served_seed(args.seed_dir, python, fixtures, image_size))
+                print(f"[{name}] the original service ready in {ready:.1f} s at {url}", flush=True)
+                urls[name] = url
+                report["configs"][name] = {"target": f"{args.seed_dir} (uvicorn app.main:app)",
+                                           "ready_s": round(ready, 2), "max_new_tokens": 100}
+                continue
             model_id = f"demo/paligemma2-{args.size}-random"
-            server, ready = stack.enter_context(served(fixtures, model_id, server_env, target))
+            server, ready = stack.enter_context(served(fixtures, model_id, {**server_env, **env}, target))
             print(f"[{name}] {model_id} ready in {ready:.1f} s at {server.url}", flush=True)
             urls[name] = server.url
-            report["configs"][name] = {"target": target, "env": server_env, "ready_s": round(ready, 2)}
-        for url in urls.values():
+            report["configs"][name] = {"target": target, "env": {**server_env, **env}, "ready_s": round(ready, 2)}
+        for name, url in urls.items():
             if args.warmup:
-                asyncio.run(_drive(url, work[:args.warmup], min(args.warmup, top), args.timeout))
+                asyncio.run(_drive(url, work[:args.warmup], min(args.warmup, top), args.timeout,
+                                   seed=name == "original"))
         bench = Baseline(fixtures, work, args.max_new_tokens, args.objects_per_class) if args.baseline else None
         for round_index in range(args.rounds):
             order = list(urls) if round_index % 2 == 0 else list(reversed(urls))
             for concurrency in levels:
                 for name in order:
-                    run = run_level(urls[name], work, concurrency, args.timeout)
+                    run = run_level(urls[name], work, concurrency, args.timeout, seed=name == "original")
                     runs[name][concurrency].append(run)
                     one = summarize_level(concurrency, [run])
                     print(f"[{name} round {round_index + 1}] c={concurrency:<3} {one['requests_per_s']:7.2f} req/s  "
@@ -716,8 +811,16 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"[baseline round {round_index + 1}] batch {batch}: {raw['images_per_s']} images/s raw; "
                       f"service / raw {raw.get('service_fraction')}", flush=True)
 
-    for name, _ in configs:
+    for name, _, _ in configs:
         report["configs"][name]["levels"] = [summarize_level(c, runs[name][c]) for c in levels]
+    if "original" in urls:
+        # Its answers carry no token count: count them with its own generate call on the same inputs.
+        pairs = list(dict.fromkeys((w["image"], w["prompt"]) for w in work))
+        counts = dict(zip(pairs, count_tokens(args.seed_dir, ensure_venv(args.seed_dir, args.seed_venv),
+                                              fixtures, image_size, pairs)))
+        report["configs"]["original"]["generated_tokens_mean"] = round(
+            statistics.fmean(counts[(w["image"], w["prompt"])] for w in work), 2)
+    report["comparison"] = compare_configs(report)
 
     if args.compare_batching:
         ratios = [_ratio(_throughput(a), _throughput(b))
@@ -750,6 +853,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mixed base + {args.compare_adapters} adapters / base only at {top} clients: "
               f"{report['adapters']['ratio']}x (rounds {report['adapters']['rounds']})", flush=True)
 
+    if args.engine_micro:
+        report["engine_micro"] = engine_micro(fixtures, [int(b) for b in args.engine_batches.split(",")],
+                                              args.engine_tokens, args.rounds)
     if args.micro:
         report["micro"] = micro(fixtures, args.seed)
         print(f"[micro] {json.dumps(report['micro'])}", flush=True)

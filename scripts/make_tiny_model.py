@@ -88,7 +88,8 @@ def build_tokenizer(word_vocab_size: int = 400):
     return tokenizer
 
 
-def build_paligemma(tokenizer, size: str = "tiny", seed: int = 0):
+def build_paligemma(tokenizer, size: str = "tiny", seed: int = 0, device: str = "cpu"):
+    """A PaliGemma of `size` with random weights, built on `device` (a GPU draws the 3B sizes in seconds)."""
     import torch
     from transformers import PaliGemmaConfig, PaliGemmaForConditionalGeneration
 
@@ -106,7 +107,8 @@ def build_paligemma(tokenizer, size: str = "tiny", seed: int = 0):
         hidden_size=spec["text"]["hidden_size"], tie_word_embeddings=False,
     )
     torch.manual_seed(seed)
-    model = PaliGemmaForConditionalGeneration(config)
+    with torch.device(device):
+        model = PaliGemmaForConditionalGeneration(config)
     # The default init (std 0.02) makes a random model emit one constant token; a wider init makes its
     # output depend on the image and the prompt, which the tests need.
     with torch.no_grad():
@@ -134,18 +136,22 @@ def build_processor(tokenizer, image_size: int):
     return PaliGemmaProcessor(image_processor=image_processor, tokenizer=tokenizer)
 
 
-def write_fixtures(out: Path, size: str = "tiny", seed: int = 0, vae: str = "trained") -> Path:
+def write_fixtures(out: Path, size: str = "tiny", seed: int = 0, vae: str = "trained", device: str = "cpu",
+                   dtype: str = "float32") -> Path:
     """Write OUT/paligemma (save_pretrained model + processor) and OUT/vae-oid.npz; return OUT.
 
     `vae="trained"`: the VQ-VAE trained on synthetic shapes (scripts/train_vae_fixture.py, cached per
     machine, seed 0 whatever `seed` is, so every fixture shares one training); `"random"`: random weights.
+    `device`: where the weights are drawn; `dtype`: how they are saved (bfloat16 halves a 3B fixture).
     """
+    import torch
+
     from make_vae_fixture import write_vae_npz
     from train_vae_fixture import write_trained_vae
 
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer()
-    model = build_paligemma(tokenizer, size=size, seed=seed)
+    model = build_paligemma(tokenizer, size=size, seed=seed, device=device).to(getattr(torch, dtype))
     processor = build_processor(tokenizer, SIZES[size]["image_size"])
     model.save_pretrained(out / "paligemma")
     processor.save_pretrained(out / "paligemma")

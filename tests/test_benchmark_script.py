@@ -18,8 +18,9 @@ def test_benchmark_script_writes_a_complete_report(tiny_fixtures, tmp_path):
     done = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "benchmark.py"), "--start", "--size", "tiny",
          "--fixtures", str(tiny_fixtures), "--requests", "8", "--warmup", "2", "--concurrency", "1,4",
-         "--max-new-tokens", "24", "--micro", "--compare-adapters", "2", "--out", str(out), "--plot", str(png)],
-        cwd=ROOT, capture_output=True, text=True, timeout=560,
+         "--max-new-tokens", "24", "--micro", "--compare-adapters", "2", "--engine-micro", "--engine-batches", "1,2",
+         "--engine-tokens", "24", "--out", str(out), "--plot", str(png)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     report = json.loads(out.read_text())
@@ -50,7 +51,57 @@ def test_benchmark_script_writes_a_complete_report(tiny_fixtures, tmp_path):
         assert 1 <= level["batch_size_mean"] <= 4
     assert adapters["ratio"] > 0 and report["targets"]["adapter_mix_fraction"]["value"] == adapters["ratio"]
 
+    engine_rows = report["engine_micro"]["rows"]
+    settings = {row["setting"] for row in engine_rows}
+    assert {"hf-generate", "fast", "bare loop (hf-generate model)"} <= settings
+    assert {row["batch"] for row in engine_rows} == {1, 2}
+    for row in engine_rows:
+        assert row["prefill_s"] > 0 and len(row["prefill_s_rounds"]) == 1
+        if row["setting"] != "bare loop (hf-generate model)":
+            assert 0 < row["tokens"] <= 24 * row["batch"]
+    assert report["comparison"]["4"]["adaptive"]["requests_per_s"] == levels[1]["requests_per_s"]
+
     micro = report["micro"]
     assert micro["recompiled_after_warmup"] is False
     assert micro["total_ms_per_object_batch1"] > 0
     assert report["targets"]["no_recompilation"]["met"] is True
+
+
+def test_bench_gpu_runs_tiny_on_the_cpu(tiny_fixtures, tmp_path):
+    """scripts/bench_gpu.py end to end at the tiny size on the CPU (the GPU run is make bench-gpu)."""
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / "tiny-cpu").symlink_to(tiny_fixtures)
+    out = tmp_path / "gpu.json"
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "bench_gpu.py"), "--size", "tiny", "--device", "cpu",
+         "--batches", "1,2", "--clients", "1,2", "--requests", "4", "--tokens", "24",
+         "--cache-dir", str(tmp_path / "cache"), "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    report = json.loads(out.read_text())
+    rows = report["raw"]["rows"]
+    assert {(r["engine"], r["batch"]) for r in rows} == {(e, b) for e in ("fast", "hf-generate") for b in (1, 2)}
+    for row in rows:
+        assert 0 < row["tokens"] <= 24 * row["batch"] and row["tokens_per_s"] > 0
+    assert set(report["fast_over_hf_generate_tokens_per_s"]) == {"1", "2"}
+    levels = report["service"]["levels"]
+    assert [level["concurrency"] for level in levels] == [1, 2]
+    for level in levels:
+        assert level["requests"] == level["ok"] == 4 and level["errors"] == {}
+
+
+def test_original_service_sees_our_fixture_as_a_hub_cache_entry(tiny_fixtures, tmp_path):
+    """The layout --seed-dir hands the original service loads by model id from its cache, offline."""
+    from seed_service import lay_out_models
+    from transformers import PaliGemmaForConditionalGeneration
+
+    model_id = lay_out_models(tiny_fixtures, tmp_path / "models", 224)
+    assert model_id.endswith("-224")  # the service reads the image size from the id
+    assert (tmp_path / "models" / "vae-oid.npz").is_file()
+    model = PaliGemmaForConditionalGeneration.from_pretrained(
+        model_id, cache_dir=tmp_path / "models" / "huggingface", local_files_only=True)
+    assert model.config.vision_config.image_size == 224
+    config = json.loads(next((tmp_path / "models" / "huggingface").glob("*/snapshots/*/tokenizer_config.json"))
+                        .read_text())
+    assert config["extra_special_tokens"] == {"image_token": "<image>"}

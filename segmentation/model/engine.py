@@ -3,10 +3,15 @@
 A batch of (image, prompt) pairs is padded on the left and generated together with the processor's
 `token_type_ids` (the prefix is then attended bidirectionally, as in training): each row's output is
 then token for token what it would be alone. Each row keeps its own budget and grammar state.
+
+Two generation loops give the same tokens: `fast` (default; our own loop, `fastgen.py`: in-place KV cache, no
+key/value head copies, one vision pass per distinct picture) and `hf-generate` (transformers'
+`model.generate`, the engine before the fast loop; kept as a setting and a benchmark baseline).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import dataclass
@@ -15,6 +20,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from .fastgen import greedy_decode, grouped_attention_in
 from .grammar import ObjectGrammar, RowSpec, Vocabulary
 from .images import model_input
 from .prompts import DEFAULT_MAX_NEW_TOKENS, DEFAULT_OBJECTS_PER_CLASS, Prompt, max_new_tokens_for
@@ -23,6 +29,9 @@ logger = logging.getLogger(__name__)
 
 # A label may be this many tokens longer than the longest class of its prompt (plurals, articles).
 LABEL_SLACK_TOKENS = 8
+
+# The generation loops `PaliGemmaEngine(generation=...)` accepts (see the module docstring).
+GENERATIONS = ("fast", "hf-generate")
 
 
 @dataclass
@@ -50,7 +59,13 @@ class PaliGemmaEngine:
         constrained: bool = True,
         max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
         objects_per_class: int = DEFAULT_OBJECTS_PER_CLASS,
+        generation: str = "fast",
+        share_images: bool = True,
     ):
+        if generation not in GENERATIONS:
+            raise ValueError(f"generation must be one of {', '.join(GENERATIONS)}, not {generation!r}")
+        self.generation = generation
+        self.share_images = share_images  # fast loop: one vision pass per distinct picture
         self.model = model.eval()
         self.processor = processor
         self.tokenizer = processor.tokenizer
@@ -69,12 +84,13 @@ class PaliGemmaEngine:
         model_dir: str | Path,
         *,
         device: str | None = None,
-        dtype: torch.dtype | None = None,
+        dtype: torch.dtype | str | None = None,
         **kwargs,
     ) -> PaliGemmaEngine:
         """Load from a local directory written by `save_pretrained` (never from the hub).
 
-        bfloat16 on a GPU, float32 on the CPU unless `dtype` says otherwise.
+        bfloat16 on a GPU, float32 on the CPU unless `dtype` (a torch dtype, or `"auto"`, `"float32"`,
+        `"bfloat16"`) says otherwise. `kwargs` go to the constructor.
         """
         from transformers import PaliGemmaForConditionalGeneration, PaliGemmaProcessor
 
@@ -82,6 +98,8 @@ class PaliGemmaEngine:
         if not (model_dir / "config.json").is_file():
             raise FileNotFoundError(f"{model_dir} holds no PaliGemma model (no config.json)")
         device = device or default_device()
+        if isinstance(dtype, str):
+            dtype = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
         dtype = dtype or (torch.bfloat16 if device.startswith("cuda") else torch.float32)
         start = time.perf_counter()
         processor = PaliGemmaProcessor.from_pretrained(model_dir, local_files_only=True)
@@ -147,23 +165,19 @@ class PaliGemmaEngine:
         inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
         prompt_length = inputs["input_ids"].shape[1]
         grammar = ObjectGrammar(self.vocab, rows, prompt_length)
-        if self.adapters:  # a PEFT model: every row names its adapter, or PEFT applies the active one
-            inputs["adapter_names"] = self._adapter_names(adapters or [None] * len(prompts))
-        elif adapters and any(adapters):
-            raise ValueError(f"no adapters are attached; asked for {sorted(set(filter(None, adapters)))}")
-        with torch.inference_mode():
-            sequences = self.model.generate(
-                **inputs,
-                max_new_tokens=max(r.budget for r in rows) + 1,  # +1: room for the end token a row's budget forces
-                do_sample=False,
-                num_beams=1,
-                logits_processor=[grammar],
-                eos_token_id=self.vocab.eos_id,
-                pad_token_id=self.tokenizer.pad_token_id,
-            )
-        generated = sequences[:, prompt_length:].cpu()
+        steps = max(r.budget for r in rows) + 1  # +1: room for the end token a row's budget forces
+        generated = self._decode(inputs, grammar, steps, self.forward_kwargs(prompts, adapters)).cpu()
         logprobs = grammar.finish(generated)
         return [self._row(ids, lps) for ids, lps in zip(generated.tolist(), logprobs)]
+
+    def forward_kwargs(self, prompts: list[Prompt], adapters: list[str | None] | None = None) -> dict:
+        """Extra keyword arguments for every forward call of this batch: with adapters attached (a PEFT
+        model), every row names its adapter (`__base__` for the base), else PEFT applies the active one."""
+        if self.adapters:
+            return {"adapter_names": self._adapter_names(adapters or [None] * len(prompts))}
+        if adapters and any(adapters):
+            raise ValueError(f"no adapters are attached; asked for {sorted(set(filter(None, adapters)))}")
+        return {}
 
     def _adapter_names(self, adapters: list[str | None]) -> list[str]:
         from .adapters import BASE_ROW
@@ -172,6 +186,30 @@ class PaliGemmaEngine:
         if unknown:
             raise ValueError(f"unknown adapters {unknown}; attached: {sorted(self.adapters)}")
         return [self.adapters[a] if a else BASE_ROW for a in adapters]
+
+    def _decode(self, inputs, grammar: ObjectGrammar, steps: int, forward_kwargs: dict) -> torch.Tensor:
+        """New token ids [B, <= steps] after the prompt, by the configured generation loop."""
+        eos_id, pad_id = self.vocab.eos_id, self.tokenizer.pad_token_id
+        if self.generation == "fast":
+            model, extra, hooks = self.model, dict(forward_kwargs), contextlib.nullcontext()
+            adapter_names = extra.pop("adapter_names", None)
+            if adapter_names is not None:
+                # As PeftModel.generate does: PEFT's per-row adapter hooks around every call of the base
+                # model (the vision tower's too), one row of `adapter_names` per batch row, so no picture
+                # is shared between rows.
+                hooks = self.model._enable_peft_forward_hooks(adapter_names=adapter_names)
+                model = self.model.get_base_model()
+            with hooks, grouped_attention_in(model):
+                return greedy_decode(
+                    model, inputs, grammar, max_new_tokens=steps, eos_id=eos_id, pad_id=pad_id,
+                    share_images=self.share_images and adapter_names is None, forward_kwargs=extra,
+                )
+        with torch.inference_mode():
+            sequences = self.model.generate(
+                **inputs, **forward_kwargs, max_new_tokens=steps, do_sample=False, num_beams=1,
+                logits_processor=[grammar], eos_token_id=eos_id, pad_token_id=pad_id,
+            )
+        return sequences[:, inputs["input_ids"].shape[1]:]
 
     def _row(self, ids: list[int], logprobs: list[float]) -> Generation:
         if self.vocab.eos_id in ids:

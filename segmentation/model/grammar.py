@@ -83,6 +83,11 @@ class Vocabulary:
         self.label_end = self.is_separator | self.eos
         # The first corner may not be the last bin, or no second corner could be larger.
         self.loc_first = self.is_loc & (self.loc_bin < LOC_BINS - 1)
+        # Host-side copies for the per-token state updates: looking a token up in a tensor costs an op
+        # (and a device sync on a GPU) per row per step.
+        self.loc_bin_of = {int(t): b for b, t in enumerate(loc_ids)}
+        self.separator_ids = frozenset(self.is_separator.nonzero().flatten().tolist())
+        self.space_ids = frozenset(self.is_space.nonzero().flatten().tolist())
 
     def to(self, device) -> Vocabulary:
         for name, value in vars(self).items():
@@ -111,11 +116,11 @@ class _Row:
             return
         if token == vocab.eos_id:
             self.state = _DONE
-        elif self.state in (_START, _LOC) and bool(vocab.is_loc[token]):
+        elif self.state in (_START, _LOC) and token in vocab.loc_bin_of:
             if self.state == _START:
                 self.corner, self.label = [], []
             self.state = _LOC
-            self.corner.append(int(vocab.loc_bin[token]))
+            self.corner.append(vocab.loc_bin_of[token])
             if len(self.corner) == 4:
                 self.state = _SEG if self.spec.task == "segment" else _LABEL_FIRST
         elif self.state == _SEG:
@@ -125,12 +130,12 @@ class _Row:
                 self.state = _LABEL_FIRST
         elif self.state == _LABEL_FIRST:
             self.state, self.count, self.label = _LABEL, 1, [token]
-        elif self.state == _LABEL and bool(vocab.is_separator[token]):
+        elif self.state == _LABEL and token in vocab.separator_ids:
             self.state, self.after_separator, self.count = _START, True, 0
         elif self.state == _LABEL:
             self.count += 1
             self.label.append(token)
-        elif self.state == _START and bool(vocab.is_space[token]):
+        elif self.state == _START and token in vocab.space_ids:
             self.after_separator = False  # one space, then the next object or the end
 
     def allowed(self, vocab: Vocabulary, generated: int) -> torch.Tensor | None:
@@ -185,8 +190,11 @@ class ObjectGrammar(LogitsProcessor):
         if self._previous_logprobs is None:
             return
         self._recorded_steps += 1
-        chosen = self._previous_logprobs.gather(1, tokens[:, None].to(self._previous_logprobs.device))[:, 0]
-        for row, token, logprob in zip(self.rows, tokens.tolist(), chosen.tolist()):
+        tokens = tokens.to(self._previous_logprobs.device)
+        chosen = self._previous_logprobs.gather(1, tokens[:, None])[:, 0]
+        # One transfer to the host per step for both the tokens and their log-probabilities.
+        token_list, logprob_list = torch.stack([tokens.to(chosen.dtype), chosen]).tolist()
+        for row, token, logprob in zip(self.rows, map(int, token_list), logprob_list):
             if row.state != _DONE:
                 row.logprobs.append(logprob)
                 row.advance(token, self.vocab)

@@ -15,6 +15,8 @@ from pathlib import Path
 
 DEFAULT_MODEL = "google/paligemma2-3b-mix-448"
 VAE_TAG = "vae-oid"
+ENGINES = ("fast", "hf-generate")
+DTYPES = ("auto", "float32", "bfloat16")
 
 ENV_DOCS: dict[str, tuple[str, str]] = {
     "SEG_MODELS": (DEFAULT_MODEL, "comma-separated model ids to serve; the first is the default"),
@@ -30,6 +32,11 @@ ENV_DOCS: dict[str, tuple[str, str]] = {
     "SEG_MAX_NEW_TOKENS": ("512", "ceiling on generated tokens per image"),
     "SEG_OBJECTS_PER_CLASS": ("5", "objects per class the token budget leaves room for"),
     "SEG_CONSTRAINED": ("true", "grammar-constrained decoding (well-formed objects only)"),
+    "SEG_ENGINE": ("fast", "`fast`: the engine's own decode loop; `hf-generate`: transformers' `generate` "
+                           "(the engine before; the same tokens, slower)"),
+    "SEG_SHARE_IMAGES": ("true", "run the vision tower once per distinct picture of a batch (`fast` engine)"),
+    "SEG_DTYPE": ("auto", "model weights: `auto` (bfloat16 on GPUs, float32 on CPUs), `float32`, or "
+                          "`bfloat16` (faster on CPUs with native bfloat16, but different answers)"),
     "SEG_MAX_IMAGE_BYTES": (str(20 * 1024 * 1024), "largest accepted image upload or download, bytes"),
     "SEG_MAX_PIXELS": ("40000000", "largest accepted image, pixels (decompression-bomb guard)"),
     "SEG_MAX_PROMPT_CHARS": ("1000", "longest accepted prompt"),
@@ -83,6 +90,9 @@ class Settings:
     max_new_tokens: int = 512
     objects_per_class: int = 5
     constrained: bool = True
+    engine: str = "fast"
+    share_images: bool = True
+    dtype: str = "auto"
     max_image_bytes: int = 20 * 1024 * 1024
     max_pixels: int = 40_000_000
     max_prompt_chars: int = 1000
@@ -106,6 +116,11 @@ class Settings:
         adapters = tuple(a.strip() for a in _env("SEG_ADAPTERS").split(",") if a.strip())
         if set(adapters) & set(models):
             raise ValueError(f"SEG_ADAPTERS and SEG_MODELS share ids: {sorted(set(adapters) & set(models))}")
+        engine, dtype = _env("SEG_ENGINE").lower(), _env("SEG_DTYPE").lower()
+        if engine not in ENGINES:
+            raise ValueError(f"SEG_ENGINE must be one of {', '.join(ENGINES)}, not {engine!r}")
+        if dtype not in DTYPES:
+            raise ValueError(f"SEG_DTYPE must be one of {', '.join(DTYPES)}, not {dtype!r}")
         return cls(
             models=models,
             adapters=adapters,
@@ -117,6 +132,9 @@ class Settings:
             max_new_tokens=int(_env("SEG_MAX_NEW_TOKENS")),
             objects_per_class=int(_env("SEG_OBJECTS_PER_CLASS")),
             constrained=_flag("SEG_CONSTRAINED"),
+            engine=engine,
+            share_images=_flag("SEG_SHARE_IMAGES"),
+            dtype=dtype,
             max_image_bytes=int(_env("SEG_MAX_IMAGE_BYTES")),
             max_pixels=int(_env("SEG_MAX_PIXELS")),
             max_prompt_chars=int(_env("SEG_MAX_PROMPT_CHARS")),

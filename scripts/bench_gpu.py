@@ -1,0 +1,186 @@
+#!/usr/bin/env python
+"""The GPU benchmark in one run (make bench-gpu; under 8 minutes on one H100, no network):
+
+1. writes the `3b-448` fixture (paligemma2-3b-mix-448's real shapes and vocabulary, random weights,
+   drawn on the GPU and saved in bfloat16) once into `--cache-dir`;
+2. raw generation at batch 1/8/16/32 with the fast loop and with transformers' `generate`
+   (`hf-generate`): prefill, decode step, generated tokens per second, peak GPU memory;
+3. the service (`bentoml serve`, `SEG_DEVICE=cuda`, the fast engine) at 1/16/64 clients: req/s,
+   latency, errors, the engine's batch sizes, and the GPU memory in use (nvidia-smi, sampled).
+
+    .venv/bin/python scripts/bench_gpu.py --out benchmarks-out/gpu.json
+    # the test suite runs it tiny on the CPU so it cannot rot:
+    .venv/bin/python scripts/bench_gpu.py --size tiny --device cpu --batches 1,2 --clients 1,2 --tokens 24
+
+Random weights write until their budget: `--tokens` is each row's forced token count (raw) and the
+server's `SEG_MAX_NEW_TOKENS`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+for _path in (ROOT, ROOT / "scripts", ROOT / "tests"):
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
+
+
+def fixtures(size: str, cache_dir: Path, device: str, log) -> Path:
+    """DIR/paligemma and DIR/vae-oid.npz for `size`, written once (bfloat16 weights on a GPU)."""
+    from make_tiny_model import write_fixtures
+
+    on_gpu = device.startswith("cuda")
+    directory = cache_dir / f"{size}-{'gpu-bf16' if on_gpu else 'cpu'}"
+    if not (directory / "vae-oid.npz").is_file():
+        start = time.perf_counter()
+        # Random VAE weights: the mask decoder costs the same, and no training runs on the GPU host.
+        write_fixtures(directory, size=size, vae="random", device=device, dtype="bfloat16" if on_gpu else "float32")
+        log(f"[fixture] wrote {size} into {directory} in {time.perf_counter() - start:.1f}s")
+    return directory
+
+
+class GpuMemory:
+    """Peak `memory.used` of GPU 0 from nvidia-smi, sampled every half second (None without nvidia-smi)."""
+
+    def __init__(self):
+        self.peak_mib: int | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+
+    def _poll(self) -> None:
+        while not self._stop.is_set():
+            with contextlib.suppress(OSError, ValueError, subprocess.SubprocessError):
+                out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits",
+                                      "-i", "0"], capture_output=True, text=True, timeout=5).stdout
+                self.peak_mib = max(self.peak_mib or 0, int(out.strip().splitlines()[0]))
+            self._stop.wait(0.5)
+
+    def __enter__(self) -> GpuMemory:
+        if shutil.which("nvidia-smi"):
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+
+def raw_generation(directory: Path, device: str, batches: list[int], tokens: int, log) -> dict:
+    """Each batch size with both generation loops (interleaved): prefill, step, tokens/s, peak memory."""
+    import torch
+    from engine_timing import sample_batch, time_engine
+
+    from segmentation.model.engine import PaliGemmaEngine
+
+    start = time.perf_counter()
+    fast = PaliGemmaEngine.from_pretrained(directory / "paligemma", device=device)
+    load_s = time.perf_counter() - start
+    # One model in memory: the engine before is the same weights driven by transformers' generate.
+    before = PaliGemmaEngine(fast.model, fast.processor, generation="hf-generate")
+    on_gpu = device.startswith("cuda")
+    rows = []
+    for batch in batches:
+        images, prompts = sample_batch(batch)
+        for name, engine in (("fast", fast), ("hf-generate", before)):
+            engine.generate(images[:1], prompts[:1], max_new_tokens=[4])  # warm-up
+            if on_gpu:
+                torch.cuda.reset_peak_memory_stats()
+            try:
+                figures = time_engine(engine, images, prompts, tokens)
+            except torch.OutOfMemoryError as exc:
+                rows.append({"engine": name, "batch": batch, "error": f"out of memory: {exc}"[:300]})
+                log(f"[raw {name} b={batch}] out of memory")
+                torch.cuda.empty_cache()
+                continue
+            row = {"engine": name, "batch": batch, "prefill_s": round(figures["prefill_s"], 4),
+                   "step_ms": None if figures["step_ms"] is None else round(figures["step_ms"], 3),
+                   "total_s": round(figures["total_s"], 3), "tokens": figures["tokens"],
+                   "tokens_per_s": round(figures["tokens"] / figures["total_s"], 1),
+                   "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if on_gpu else None}
+            rows.append(row)
+            log(f"[raw {name} b={batch}] prefill {row['prefill_s']}s step {row['step_ms']}ms "
+                f"{row['tokens_per_s']} tokens/s peak {row['peak_memory_gib']} GiB")
+    del fast, before
+    if on_gpu:
+        torch.cuda.empty_cache()
+    return {"load_s": round(load_s, 2), "tokens_per_row": tokens, "rows": rows}
+
+
+def service(directory: Path, device: str, clients: list[int], requests: int, tokens: int, max_batch: int,
+            log) -> dict:
+    """The served API on this model at each client count: req/s, latency, batches, GPU memory."""
+    from benchmark import make_workload, run_level, served, summarize_level
+
+    env = {"SEG_DEVICE": device, "SEG_MAX_NEW_TOKENS": str(tokens), "SEG_MAX_BATCH_SIZE": str(max_batch),
+           "SEG_MAX_CONCURRENCY": str(max(clients) * 2), "SEG_MAX_LATENCY_MS": "120000",
+           "JAX_PLATFORMS": "cpu"}
+    work = make_workload(requests, seed=0)
+    levels = []
+    with GpuMemory() as memory, served(directory, "demo/paligemma2-bench-random", env) as (server, ready):
+        log(f"[service] ready in {ready:.1f}s at {server.url}")
+        run_level(server.url, work[:min(8, requests)], min(8, max(clients)), timeout=600)  # warm-up
+        for count in clients:
+            level = summarize_level(count, [run_level(server.url, work, count, timeout=600)])
+            levels.append(level)
+            log(f"[service c={count}] {level['requests_per_s']} req/s p50 {level['latency_s']['p50']}s "
+                f"batch mean {level['batch_size_mean']} errors {level['errors'] or 0}")
+    return {"ready_s": round(ready, 2), "env": env, "levels": levels, "gpu_memory_peak_mib": memory.peak_mib}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", default="3b-448", help="fixture size (scripts/make_tiny_model.py SIZES)")
+    parser.add_argument("--device", default="cuda", help="cuda, cuda:N or cpu")
+    parser.add_argument("--batches", default="1,8,16,32", help="raw generation batch sizes")
+    parser.add_argument("--clients", default="1,16,64", help="service client counts")
+    parser.add_argument("--requests", type=int, default=64, help="requests per client count")
+    parser.add_argument("--tokens", type=int, default=64, help="tokens per row (raw) and SEG_MAX_NEW_TOKENS")
+    parser.add_argument("--max-batch-size", type=int, default=32, help="the service's SEG_MAX_BATCH_SIZE")
+    parser.add_argument("--cache-dir", type=Path, default=ROOT / ".fixtures" / "bench")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks-out" / "gpu.json")
+    args = parser.parse_args(argv)
+
+    def log(line: str) -> None:
+        print(line, flush=True)
+
+    from benchmark import machine, versions
+
+    started = time.perf_counter()
+    directory = fixtures(args.size, args.cache_dir, args.device, log)
+    report = {
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "machine": machine(), "versions": versions(),
+        "settings": {"size": args.size, "device": args.device, "tokens": args.tokens},
+        "raw": raw_generation(directory, args.device, [int(b) for b in args.batches.split(",")], args.tokens, log),
+        "service": service(directory, args.device, [int(c) for c in args.clients.split(",")], args.requests,
+                           args.tokens, args.max_batch_size, log),
+    }
+    with contextlib.suppress(Exception):
+        import torch
+
+        report["gpu"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    fast = {r["batch"]: r for r in report["raw"]["rows"] if r["engine"] == "fast" and "error" not in r}
+    before = {r["batch"]: r for r in report["raw"]["rows"] if r["engine"] == "hf-generate" and "error" not in r}
+    report["fast_over_hf_generate_tokens_per_s"] = {
+        str(b): round(fast[b]["tokens_per_s"] / before[b]["tokens_per_s"], 2) for b in fast if b in before}
+    report["wall_s"] = round(time.perf_counter() - started, 1)
+    log(f"fast / hf-generate tokens/s by batch: {report['fast_over_hf_generate_tokens_per_s']}; "
+        f"median {statistics.median(report['fast_over_hf_generate_tokens_per_s'].values() or [0])}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    log(f"wrote {args.out} in {report['wall_s']}s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

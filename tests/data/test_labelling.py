@@ -83,6 +83,22 @@ def check_coco_against_library(out: Path, folder: Path, segmenter, names: list[s
     return coco
 
 
+def copy_images(folder: Path, names: list[str], target: Path) -> Path:
+    """`target` holding the files `names` of `folder`, at the same relative paths."""
+    for name in names:
+        (target / name).parent.mkdir(parents=True, exist_ok=True)
+        (target / name).write_bytes((folder / name).read_bytes())
+    return target
+
+
+def coco_with_rounded_scores(path: Path) -> dict:
+    """A coco.json with scores to 5 digits (the server rounds them to 6)."""
+    coco = json.loads(path.read_text())
+    for annotation in coco["annotations"]:
+        annotation["score"] = round(annotation["score"], 5)
+    return coco
+
+
 def run_labeller(args: list[str]) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "segmentation.label", *args], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -141,31 +157,21 @@ def test_killed_run_resumes_and_labels_every_image_once(server, segmenter, folde
 
 
 def test_local_mode_equals_server(server, tiny_fixtures, segmenter, folder, tmp_path):
-    subset = tmp_path / "subset"
-    for name in images_in(folder)[:5] + ["a/broken.png"]:
-        (subset / name).parent.mkdir(parents=True, exist_ok=True)
-        (subset / name).write_bytes((folder / name).read_bytes())
+    subset = copy_images(folder, images_in(folder)[:5] + ["a/broken.png"], tmp_path / "subset")
     local, remote = tmp_path / "local", tmp_path / "remote"
     common = [str(subset), "--prompt", PROMPT, "--no-progress", "--batch-size", "3"]
     assert main([*common, "--out", str(local), "--model-dir", str(tiny_fixtures / "paligemma"),
                  "--vae", str(tiny_fixtures / "vae-oid.npz")]) == 1
     assert main([*common, "--out", str(remote), "--url", server.url]) == 1
     check_coco_against_library(local, subset, segmenter, images_in(subset))
-    local_coco, remote_coco = (json.loads((d / "coco.json").read_text()) for d in (local, remote))
-    for coco in (local_coco, remote_coco):
-        for annotation in coco["annotations"]:
-            annotation["score"] = round(annotation["score"], 5)
-    assert local_coco == remote_coco
+    assert coco_with_rounded_scores(local / "coco.json") == coco_with_rounded_scores(remote / "coco.json")
     [failure] = json.loads((local / "failures.json").read_text())["failed"]
     assert failure["file"] == "a/broken.png" and "accepted formats" in failure["error"]
 
 
 def test_labels_from_prompt_makes_the_categories_the_prompts(server, tiny_fixtures, segmenter, folder, tmp_path):
-    subset = tmp_path / "subset"
     names = images_in(folder)[:6]
-    for name in names:
-        (subset / name).parent.mkdir(parents=True, exist_ok=True)
-        (subset / name).write_bytes((folder / name).read_bytes())
+    subset = copy_images(folder, names, tmp_path / "subset")
     common = [str(subset), "--prompt", "cat ; dog", "--no-progress", "--batch-size", "3"]
     local_args = ["--model-dir", str(tiny_fixtures / "paligemma"), "--vae", str(tiny_fixtures / "vae-oid.npz")]
     assert main([*common, "--out", str(tmp_path / "free"), "--url", server.url]) == 0
@@ -175,11 +181,8 @@ def test_labels_from_prompt_makes_the_categories_the_prompts(server, tiny_fixtur
                                       labels_from_prompt=True)
     assert coco.dataset["categories"] == [{"id": 1, "name": "cat"}, {"id": 2, "name": "dog"}]
     assert coco.dataset["annotations"] and {a["category_id"] for a in coco.dataset["annotations"]} <= {1, 2}
-    remote_coco, local_coco = (json.loads((tmp_path / d / "coco.json").read_text()) for d in ("remote", "local"))
-    for data in (remote_coco, local_coco):
-        for annotation in data["annotations"]:
-            annotation["score"] = round(annotation["score"], 5)
-    assert remote_coco == local_coco
+    assert (coco_with_rounded_scores(tmp_path / "remote" / "coco.json")
+            == coco_with_rounded_scores(tmp_path / "local" / "coco.json"))
     # Without the flag the random demo model writes other labels, which become extra categories.
     assert len(json.loads((tmp_path / "free" / "coco.json").read_text())["categories"]) > 2
 

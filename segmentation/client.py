@@ -6,10 +6,16 @@
     for obj in result.objects:
         print(obj.label, obj.score, obj.box, obj.mask.shape)   # mask: bool [H, W]
 
-`RemoteSegmenter.segment()` / `detect()` take the arguments of `Segmenter.segment()` / `detect()` and
-return the same `SegmentationResult` / `DetectedObject` types, with masks decoded to numpy booleans
-(`mask64`, the decoder's raw output, stays on the server: it is None here). Images may be PIL images,
-paths or encoded bytes. `AsyncRemoteSegmenter` is the asyncio twin for concurrent use.
+`RemoteSegmenter.segment()` / `detect()` take the arguments of `Segmenter.segment()` / `detect()`
+(`labels_from_prompt` included) and return the same `SegmentationResult` / `DetectedObject` types,
+with masks decoded to numpy booleans (`mask64`, the decoder's raw output, stays on the server: it is
+None here). Images may be PIL images, paths or encoded bytes. `AsyncRemoteSegmenter` is the asyncio
+twin for concurrent use.
+
+`encode(mask, label, box=None)` is `segmentation.encoder.encode_object` done by the server's VAE: a
+mask (bool/uint8 numpy `[H, W]`, a COCO RLE dict, or a mask image as path/bytes/PIL) and its label to
+PaliGemma's training text `<loc…>×4<seg…>×16 label`; `encoding()` returns the server's whole answer
+(`{"text", "locs", "codes", "label", "height", "width"}`).
 
 Predictions are pure, so a request is retried with exponential backoff when the server sheds load
 (429, 502, 503) or the connection drops; a 4xx raises `RequestRejected` carrying the server's message.
@@ -80,13 +86,47 @@ def image_bytes(image: ImageInput) -> bytes:
     raise TypeError(f"an image must be a PIL image, a path or bytes, not {type(image).__name__}")
 
 
-def request_body(data: bytes, prompt: str, model: str | None, task: Task) -> dict:
-    """The JSON body of /segment or /detect (base64 avoids BentoML's JSON decoding of multipart text)."""
+def request_body(data: bytes, prompt: str, model: str | None, task: Task, labels_from_prompt: bool = False) -> dict:
+    """The JSON body of /segment or /detect (base64 avoids BentoML's JSON decoding of multipart text).
+    `labels_from_prompt` is sent only when true, so servers older than the field still answer."""
     body = {"image_base64": base64.b64encode(data).decode("ascii"), "prompt": prompt}
     if model is not None:
         body["model"] = model
     if task == "segment":
         body["mask_format"] = "rle"
+    if labels_from_prompt:
+        body["labels_from_prompt"] = True
+    return body
+
+
+MaskInput = np.ndarray | dict | Image.Image | str | Path | bytes
+
+
+def encode_request_body(mask: MaskInput, label: str, box: Sequence[float] | None = None) -> dict:
+    """The JSON body of /encode. A numpy mask `[H, W]` (bool, or integers with nonzero = object) goes
+    as compressed COCO RLE: exact, and far smaller than a PNG for object masks; a dict is taken as a
+    COCO RLE `{"size": [h, w], "counts": str | bytes | list}`; a path, bytes or PIL image is a mask
+    image (nonzero = object) sent as it is. `box` is (y1, x1, y2, x2) in 0..1, None for the mask's
+    tight box."""
+    if isinstance(mask, np.ndarray):
+        if mask.ndim != 2:
+            raise ValueError(f"a mask array must be [H, W], got shape {mask.shape}")
+        rle = coco_mask.encode(np.asfortranarray(mask != 0, dtype=np.uint8))
+        body = {"rle": {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")}}
+    elif isinstance(mask, dict):
+        counts = mask.get("counts")
+        counts = counts.decode("ascii") if isinstance(counts, bytes) else counts
+        body = {"rle": {**mask, "counts": counts}}
+    else:
+        try:
+            data = image_bytes(mask)
+        except TypeError:
+            raise TypeError("a mask must be a numpy [H, W] array, a COCO RLE dict, or a mask image "
+                            f"(PIL image, path or bytes), not {type(mask).__name__}") from None
+        body = {"mask_base64": base64.b64encode(data).decode("ascii")}
+    body["label"] = label
+    if box is not None:
+        body["box"] = [float(v) for v in box]
     return body
 
 
@@ -205,8 +245,8 @@ class _Remote:
             limits=httpx.Limits(max_connections=self.concurrency),
         )
 
-    def _body(self, data: bytes, prompt: str, task: Task) -> dict:
-        return request_body(data, prompt, self.model, task)
+    def _body(self, data: bytes, prompt: str, task: Task, labels_from_prompt: bool) -> dict:
+        return request_body(data, prompt, self.model, task, labels_from_prompt)
 
     def _wait_before_retry(self, attempt: int, result, response: httpx.Response | None) -> float | None:
         """None when `result` is the answer; else the seconds to wait before trying again. Raises the
@@ -230,30 +270,46 @@ class RemoteSegmenter(_Remote):
         self._http = httpx.Client(**self._http_options)
 
     def segment(self, images: Images, prompts: Prompts, *, task: Task = "segment",
-                soft: bool = False) -> list[SegmentationResult]:
-        """Objects with boxes and masks for each image (`prompts`: one per image, or one for all)."""
+                soft: bool = False, labels_from_prompt: bool = False) -> list[SegmentationResult]:
+        """Objects with boxes and masks for each image (`prompts`: one per image, or one for all).
+        `labels_from_prompt`: every label is one of the prompt's classes, as in `Segmenter.segment`."""
         check_soft(soft)
         pairs = as_batch(images, prompts)
+        options = {"task": task, "labels_from_prompt": labels_from_prompt}
         if len(pairs) <= 1 or self.concurrency == 1:
-            return [self.segment_one(image, prompt, task=task) for image, prompt in pairs]
+            return [self.segment_one(image, prompt, **options) for image, prompt in pairs]
         with ThreadPoolExecutor(min(self.concurrency, len(pairs))) as pool:
-            return list(pool.map(lambda pair: self.segment_one(*pair, task=task), pairs))
+            return list(pool.map(lambda pair: self.segment_one(*pair, **options), pairs))
 
-    def detect(self, images: Images, prompts: Prompts) -> list[SegmentationResult]:
+    def detect(self, images: Images, prompts: Prompts, *, labels_from_prompt: bool = False) -> list[SegmentationResult]:
         """Boxes only (no masks)."""
-        return self.segment(images, prompts, task="detect")
+        return self.segment(images, prompts, task="detect", labels_from_prompt=labels_from_prompt)
 
-    def segment_one(self, image: ImageInput, prompt: str, *, task: Task = "segment") -> SegmentationResult:
+    def segment_one(self, image: ImageInput, prompt: str, *, task: Task = "segment",
+                    labels_from_prompt: bool = False) -> SegmentationResult:
         """One image, one request, retried while the server sheds load or the connection drops."""
-        return parse_answer(self.answer(image, prompt, task=task))
+        return parse_answer(self.answer(image, prompt, task=task, labels_from_prompt=labels_from_prompt))
 
-    def answer(self, image: ImageInput, prompt: str, *, task: Task = "segment") -> dict:
+    def answer(self, image: ImageInput, prompt: str, *, task: Task = "segment",
+               labels_from_prompt: bool = False) -> dict:
         """The server's JSON answer for one image (masks as COCO RLE), retried like `segment_one`."""
-        body = self._body(image_bytes(image), prompt, task)
+        return self._post(f"/{task}", self._body(image_bytes(image), prompt, task, labels_from_prompt))
+
+    def encode(self, mask: MaskInput, label: str, box: Sequence[float] | None = None) -> str:
+        """The training text of one object, as `segmentation.encoder.encode_object` gives it with the
+        server's VAE (see `encode_request_body` for the mask forms)."""
+        return self.encoding(mask, label, box)["text"]
+
+    def encoding(self, mask: MaskInput, label: str, box: Sequence[float] | None = None) -> dict:
+        """The server's whole /encode answer: `{"text", "locs", "codes", "label", "height", "width"}`."""
+        return self._post("/encode", encode_request_body(mask, label, box))
+
+    def _post(self, route: str, body: dict) -> dict:
+        """The JSON answer of `route`, retried while the server sheds load or the connection drops."""
         for attempt in range(self.retries + 1):
             response = None
             try:
-                response = self._http.post(f"/{task}", json=body)
+                response = self._http.post(route, json=body)
                 result = outcome(response)
             except _RETRY_ERRORS as exc:
                 result = ServerUnavailable(f"connection failed: {exc!r}")
@@ -291,31 +347,49 @@ class AsyncRemoteSegmenter(_Remote):
         self._slots = asyncio.Semaphore(self.concurrency)
 
     async def segment(self, images: Images, prompts: Prompts, *, task: Task = "segment",
-                      soft: bool = False) -> list[SegmentationResult]:
+                      soft: bool = False, labels_from_prompt: bool = False) -> list[SegmentationResult]:
         """Objects with boxes and masks for each image, the images sent concurrently."""
         check_soft(soft)
         pairs = as_batch(images, prompts)
-        return list(await asyncio.gather(*(self.segment_one(image, prompt, task=task) for image, prompt in pairs)))
+        return list(await asyncio.gather(*(
+            self.segment_one(image, prompt, task=task, labels_from_prompt=labels_from_prompt)
+            for image, prompt in pairs
+        )))
 
-    async def detect(self, images: Images, prompts: Prompts) -> list[SegmentationResult]:
+    async def detect(self, images: Images, prompts: Prompts, *,
+                     labels_from_prompt: bool = False) -> list[SegmentationResult]:
         """Boxes only (no masks)."""
-        return await self.segment(images, prompts, task="detect")
+        return await self.segment(images, prompts, task="detect", labels_from_prompt=labels_from_prompt)
 
-    async def segment_one(self, image: ImageInput, prompt: str, *, task: Task = "segment") -> SegmentationResult:
+    async def segment_one(self, image: ImageInput, prompt: str, *, task: Task = "segment",
+                          labels_from_prompt: bool = False) -> SegmentationResult:
         """One image, one request, retried while the server sheds load or the connection drops."""
-        answer = await self.answer(image, prompt, task=task)
+        answer = await self.answer(image, prompt, task=task, labels_from_prompt=labels_from_prompt)
         # Decoding masks is CPU work: off the event loop, so other answers keep flowing.
         return await asyncio.to_thread(parse_answer, answer)
 
-    async def answer(self, image: ImageInput, prompt: str, *, task: Task = "segment") -> dict:
+    async def answer(self, image: ImageInput, prompt: str, *, task: Task = "segment",
+                     labels_from_prompt: bool = False) -> dict:
         """The server's JSON answer for one image (masks as COCO RLE), retried like `segment_one`."""
         data = image if isinstance(image, bytes) else await asyncio.to_thread(image_bytes, image)
-        body = self._body(data, prompt, task)
+        return await self._post(f"/{task}", self._body(data, prompt, task, labels_from_prompt))
+
+    async def encode(self, mask: MaskInput, label: str, box: Sequence[float] | None = None) -> str:
+        """The training text of one object (see `RemoteSegmenter.encode`)."""
+        return (await self.encoding(mask, label, box))["text"]
+
+    async def encoding(self, mask: MaskInput, label: str, box: Sequence[float] | None = None) -> dict:
+        """The server's whole /encode answer (see `RemoteSegmenter.encoding`)."""
+        body = await asyncio.to_thread(encode_request_body, mask, label, box)
+        return await self._post("/encode", body)
+
+    async def _post(self, route: str, body: dict) -> dict:
+        """The JSON answer of `route`, retried while the server sheds load or the connection drops."""
         for attempt in range(self.retries + 1):
             response = None
             try:
                 async with self._slots:
-                    response = await self._http.post(f"/{task}", json=body)
+                    response = await self._http.post(route, json=body)
                 result = outcome(response)
             except _RETRY_ERRORS as exc:
                 result = ServerUnavailable(f"connection failed: {exc!r}")

@@ -32,6 +32,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--concurrency", type=int, default=DEFAULT_CONCURRENCY,
                         help=f"requests in flight (default {DEFAULT_CONCURRENCY}: keeps the server's batches full)")
     parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="images per batch with --model-dir")
+    parser.add_argument("--labels-from-prompt", action="store_true",
+                        help="labels may only be the prompt's classes, so the COCO categories are exactly "
+                             "the prompt's (ids 1..); applies to images not already answered in OUT")
     parser.add_argument("--yolo", action="store_true", help="also write DIR/yolo/<path>.txt (YOLO segmentation)")
     parser.add_argument("--png-masks", action="store_true", help="also write DIR/masks/<path>.png (instance maps)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -49,7 +52,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    options = dict(yolo=args.yolo, png_masks=args.png_masks, progress=not args.no_progress)
+    options = dict(yolo=args.yolo, png_masks=args.png_masks, labels_from_prompt=args.labels_from_prompt,
+                   progress=not args.no_progress)
     from .model.prompts import PromptError
 
     try:

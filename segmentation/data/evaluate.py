@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
-import inspect
 import io
 import json
 import logging
@@ -291,9 +290,9 @@ def run(
     progress: bool = True,
 ) -> dict:
     """Answer every example not yet in `out` (appending as they finish); return this run's counts."""
+    # Passed only when asked for: both Segmenter and RemoteSegmenter take it, and the client then sends
+    # the field only when true, so a server older than the option still answers plain runs.
     options = {"labels_from_prompt": True} if labels_from_prompt else {}
-    if options and "labels_from_prompt" not in inspect.signature(segmenter.segment).parameters:
-        raise ValueError(f"{type(segmenter).__name__}.segment() takes no labels_from_prompt; run without it")
     done = read_outcomes(out)
     todo = [e for e in dataset.examples if e.key not in done]
     answered = failed = 0

@@ -7,7 +7,8 @@ files are rebuilt from that log at the end of every run:
 
 - `OUT/coco.json`: a COCO instances file; `images[].file_name` is the path relative to the folder,
   `annotations` carry RLE masks and `score`, `categories` are the prompt's classes (ids 1..) followed
-  by any other label the model wrote, in file order;
+  by any other label the model wrote, in file order (none with `labels_from_prompt=True`: the model
+  may then only write the prompt's classes, so category ids are fixed by the prompt alone);
 - `OUT/failures.json`: the images that failed, with the reason; files that are not images of an
   accepted format are listed as skipped;
 - optionally `OUT/yolo/<path>.txt` (YOLO segmentation, classes in `OUT/yolo/classes.txt`) and
@@ -148,6 +149,7 @@ async def label_remote(
     log: AnswerLog,
     *,
     concurrency: int = DEFAULT_CONCURRENCY,
+    labels_from_prompt: bool = False,
     on_done: Callable[[], None] = lambda: None,
 ) -> None:
     """Send `names` through an `AsyncRemoteSegmenter`, `concurrency` at a time, logging each answer."""
@@ -162,7 +164,8 @@ async def label_remote(
             name = queue.get_nowait()
             try:
                 data = await asyncio.to_thread((folder.root / name).read_bytes)
-                record = {"file": name, "answer": await segmenter.answer(data, prompt)}
+                record = {"file": name, "answer": await segmenter.answer(
+                    data, prompt, labels_from_prompt=labels_from_prompt)}
             except (RemoteError, OSError) as exc:
                 record = error_record(name, exc)
             log.append(record)
@@ -179,6 +182,7 @@ def label_local(
     log: AnswerLog,
     *,
     batch_size: int = DEFAULT_BATCH_SIZE,
+    labels_from_prompt: bool = False,
     on_done: Callable[[], None] = lambda: None,
 ) -> None:
     """Run `names` through a local `Segmenter` in batches, decoding files as the server does."""
@@ -195,7 +199,7 @@ def label_local(
                 on_done()
         if not batch:
             continue
-        results = segmenter.segment([image for _, image in batch], prompt)
+        results = segmenter.segment([image for _, image in batch], prompt, labels_from_prompt=labels_from_prompt)
         for (name, _), result in zip(batch, results):
             log.append({"file": name, "answer": response_body(result, model="local", mask_format="rle")})
             on_done()
@@ -277,9 +281,12 @@ def label_folder(
     batch_size: int = DEFAULT_BATCH_SIZE,
     yolo: bool = False,
     png_masks: bool = False,
+    labels_from_prompt: bool = False,
     progress: bool = True,
 ) -> Summary:
-    """Label every image under `root` not yet answered in `out`, then rebuild the outputs."""
+    """Label every image under `root` not yet answered in `out`, then rebuild the outputs.
+    `labels_from_prompt`: every label is one of the prompt's classes (as `Segmenter.segment`). It
+    applies to the images this run answers; answers logged by earlier runs are kept as they are."""
     from tqdm import tqdm
 
     prompt_classes(prompt)  # a bad prompt (PromptError) stops the run before any work
@@ -293,9 +300,10 @@ def label_folder(
     try:
         if remote:
             asyncio.run(label_remote(folder, todo, prompt, segmenter, log, concurrency=concurrency,
-                                     on_done=lambda: bar.update(1)))
+                                     labels_from_prompt=labels_from_prompt, on_done=lambda: bar.update(1)))
         else:
-            label_local(folder, todo, prompt, segmenter, log, batch_size=batch_size, on_done=lambda: bar.update(1))
+            label_local(folder, todo, prompt, segmenter, log, batch_size=batch_size,
+                        labels_from_prompt=labels_from_prompt, on_done=lambda: bar.update(1))
     finally:
         bar.close()
         log.close()

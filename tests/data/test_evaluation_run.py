@@ -146,6 +146,20 @@ def test_server_mode_equals_library_mode(server, tiny_fixtures, jsonl_set, tmp_p
     assert by_server["coco/AP"] == pytest.approx(by_library["coco/AP"], abs=1e-6)
 
 
+def test_server_mode_passes_labels_from_prompt(server, tiny_fixtures, coco_set, tmp_path):
+    library, served = tmp_path / "library.jsonl", tmp_path / "served.jsonl"
+    coco = ["--coco", str(coco_set), "--images", str(coco_set.parent), "--labels-from-prompt"]
+    assert main([*coco, "--out", str(library), *library_args(tiny_fixtures)]) == 0
+    assert main([*coco, "--out", str(served), "--url", server.url, "--no-progress", "--batch-size", "2"]) == 0
+    by_library, by_server = read_outcomes(library), read_outcomes(served)
+    assert [o["text"] for o in by_server.values()] == [o["text"] for o in by_library.values()]
+    detections = [d for o in by_server.values() for d in o["detections"]]
+    assert detections and all(d["label"] in ("cat", "dog") for d in detections)
+    summary = json.loads(served.with_suffix(".metrics.json").read_text())
+    assert summary["unmatched_labels"] == 0
+    assert summary["coco/AP"] == pytest.approx(json.loads(library.with_suffix(".metrics.json").read_text())["coco/AP"])
+
+
 def test_clear_errors_for_missing_arguments(jsonl_set, tmp_path, tiny_fixtures):
     with pytest.raises(SystemExit, match="--vae"):
         main(["--jsonl", str(jsonl_set), "--out", str(tmp_path / "x.jsonl"), "--model-dir",

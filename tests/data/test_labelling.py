@@ -58,17 +58,20 @@ def answered(out: Path) -> list[str]:
     return [r["file"] for r in records if "answer" in r]
 
 
-def check_coco_against_library(out: Path, folder: Path, segmenter, names: list[str]) -> COCO:
+def check_coco_against_library(out: Path, folder: Path, segmenter, names: list[str], prompt: str = PROMPT,
+                               **options) -> COCO:
     """coco.json loads with pycocotools; its images are `names`; its masks, boxes and labels are the
-    library's answers for the same files."""
+    library's answers for the same files (`options`: those of `Segmenter.segment`)."""
     coco = COCO(str(out / "coco.json"))
     assert sorted(image["file_name"] for image in coco.dataset["images"]) == sorted(names)
     categories = {c["id"]: c["name"] for c in coco.dataset["categories"]}
-    assert categories[1] == "cat"  # the prompt's class first, then other labels the model wrote
+    # The prompt's classes first, then other labels the model wrote.
+    assert categories[1] == prompt.split(";")[0].strip()
     images = coco.dataset["images"]
     pictures = [Image.open(folder / image["file_name"]).convert("RGB") for image in images]
     # In batches: the library's batched answers equal its one-at-a-time answers (tests/model).
-    library = [r for at in range(0, len(pictures), 10) for r in segmenter.segment(pictures[at:at + 10], PROMPT)]
+    library = [r for at in range(0, len(pictures), 10)
+               for r in segmenter.segment(pictures[at:at + 10], prompt, **options)]
     for image, expected in zip(images, library):
         annotations = coco.loadAnns(coco.getAnnIds(imgIds=[image["id"]]))
         assert [categories[a["category_id"]] for a in annotations] == [o.label for o in expected.objects]
@@ -77,6 +80,22 @@ def check_coco_against_library(out: Path, folder: Path, segmenter, names: list[s
             assert annotation["bbox"] == [x0, y0, x1 - x0, y1 - y0]
             assert annotation["score"] == pytest.approx(obj.score, abs=1e-6)
             assert np.array_equal(coco.annToMask(annotation).astype(bool), obj.mask)
+    return coco
+
+
+def copy_images(folder: Path, names: list[str], target: Path) -> Path:
+    """`target` holding the files `names` of `folder`, at the same relative paths."""
+    for name in names:
+        (target / name).parent.mkdir(parents=True, exist_ok=True)
+        (target / name).write_bytes((folder / name).read_bytes())
+    return target
+
+
+def coco_with_rounded_scores(path: Path) -> dict:
+    """A coco.json with scores to 5 digits (the server rounds them to 6)."""
+    coco = json.loads(path.read_text())
+    for annotation in coco["annotations"]:
+        annotation["score"] = round(annotation["score"], 5)
     return coco
 
 
@@ -138,23 +157,34 @@ def test_killed_run_resumes_and_labels_every_image_once(server, segmenter, folde
 
 
 def test_local_mode_equals_server(server, tiny_fixtures, segmenter, folder, tmp_path):
-    subset = tmp_path / "subset"
-    for name in images_in(folder)[:5] + ["a/broken.png"]:
-        (subset / name).parent.mkdir(parents=True, exist_ok=True)
-        (subset / name).write_bytes((folder / name).read_bytes())
+    subset = copy_images(folder, images_in(folder)[:5] + ["a/broken.png"], tmp_path / "subset")
     local, remote = tmp_path / "local", tmp_path / "remote"
     common = [str(subset), "--prompt", PROMPT, "--no-progress", "--batch-size", "3"]
     assert main([*common, "--out", str(local), "--model-dir", str(tiny_fixtures / "paligemma"),
                  "--vae", str(tiny_fixtures / "vae-oid.npz")]) == 1
     assert main([*common, "--out", str(remote), "--url", server.url]) == 1
     check_coco_against_library(local, subset, segmenter, images_in(subset))
-    local_coco, remote_coco = (json.loads((d / "coco.json").read_text()) for d in (local, remote))
-    for coco in (local_coco, remote_coco):
-        for annotation in coco["annotations"]:
-            annotation["score"] = round(annotation["score"], 5)
-    assert local_coco == remote_coco
+    assert coco_with_rounded_scores(local / "coco.json") == coco_with_rounded_scores(remote / "coco.json")
     [failure] = json.loads((local / "failures.json").read_text())["failed"]
     assert failure["file"] == "a/broken.png" and "accepted formats" in failure["error"]
+
+
+def test_labels_from_prompt_makes_the_categories_the_prompts(server, tiny_fixtures, segmenter, folder, tmp_path):
+    names = images_in(folder)[:6]
+    subset = copy_images(folder, names, tmp_path / "subset")
+    common = [str(subset), "--prompt", "cat ; dog", "--no-progress", "--batch-size", "3"]
+    local_args = ["--model-dir", str(tiny_fixtures / "paligemma"), "--vae", str(tiny_fixtures / "vae-oid.npz")]
+    assert main([*common, "--out", str(tmp_path / "free"), "--url", server.url]) == 0
+    assert main([*common, "--out", str(tmp_path / "remote"), "--url", server.url, "--labels-from-prompt"]) == 0
+    assert main([*common, "--out", str(tmp_path / "local"), *local_args, "--labels-from-prompt"]) == 0
+    coco = check_coco_against_library(tmp_path / "remote", subset, segmenter, names, "cat ; dog",
+                                      labels_from_prompt=True)
+    assert coco.dataset["categories"] == [{"id": 1, "name": "cat"}, {"id": 2, "name": "dog"}]
+    assert coco.dataset["annotations"] and {a["category_id"] for a in coco.dataset["annotations"]} <= {1, 2}
+    assert (coco_with_rounded_scores(tmp_path / "remote" / "coco.json")
+            == coco_with_rounded_scores(tmp_path / "local" / "coco.json"))
+    # Without the flag the random demo model writes other labels, which become extra categories.
+    assert len(json.loads((tmp_path / "free" / "coco.json").read_text())["categories"]) > 2
 
 
 def test_bad_prompt_stops_before_any_work(folder, tmp_path, capsys):

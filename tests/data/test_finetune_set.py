@@ -10,7 +10,7 @@ from PIL import Image
 
 from make_vae_fixture import make_vae_checkpoint
 from segmentation.data import finetune_set
-from segmentation.data.coco import resolve_jsonl_image
+from segmentation.data.coco import resolve_jsonl_image, segmentation_mask
 from segmentation.data.targets import location_bins, tight_box
 from segmentation.encoder import MaskEncoder
 from segmentation.model.encoding import mask_to_rle, rle_to_mask
@@ -74,10 +74,10 @@ def dataset(tmp_path):
 
 
 def test_masks_from_polygons_and_both_rle_kinds():
-    np.testing.assert_array_equal(finetune_set.segmentation_mask(polygon(30, 5, 50, 25), H, W), rect(30, 5, 50, 25))
-    np.testing.assert_array_equal(finetune_set.segmentation_mask(mask_to_rle(rect(3, 4, 9, 70)), H, W),
+    np.testing.assert_array_equal(segmentation_mask(polygon(30, 5, 50, 25), H, W), rect(30, 5, 50, 25))
+    np.testing.assert_array_equal(segmentation_mask(mask_to_rle(rect(3, 4, 9, 70)), H, W),
                                   rect(3, 4, 9, 70))
-    np.testing.assert_array_equal(finetune_set.segmentation_mask(uncompressed_rle(rect(5, 5, 55, 75)), H, W),
+    np.testing.assert_array_equal(segmentation_mask(uncompressed_rle(rect(5, 5, 55, 75)), H, W),
                                   rect(5, 5, 55, 75))
 
 
@@ -91,7 +91,7 @@ def test_masks_from_polygons_and_both_rle_kinds():
 )
 def test_malformed_segmentations_are_named(segmentation, message):
     with pytest.raises(ValueError, match=message):
-        finetune_set.segmentation_mask(segmentation, H, W)
+        segmentation_mask(segmentation, H, W)
 
 
 def test_class_lines_with_order_and_bad_annotations_reported(dataset, encoder):

@@ -4,9 +4,12 @@ A batch of (image, prompt) pairs is padded on the left and generated together wi
 `token_type_ids` (the prefix is then attended bidirectionally, as in training): each row's output is
 then token for token what it would be alone. Each row keeps its own budget and grammar state.
 
-Two generation loops give the same tokens: `fast` (default; our own loop, `fastgen.py`: in-place KV cache, no
-key/value head copies, one vision pass per distinct picture) and `hf-generate` (transformers'
-`model.generate`, the engine before the fast loop; kept as a setting and a benchmark baseline).
+Three generation loops give the same tokens: `graph` (graph/decoder.py: a decode step of fixed shape over a
+static KV cache with the grammar on the device, replayed as a CUDA graph per batch bucket on a GPU),
+`fast` (our own loop, `fastgen.py`: in-place KV cache, no key/value head copies, one vision pass per
+distinct picture) and `hf-generate` (transformers' `model.generate`, the engine before the fast loop;
+kept as a setting and a benchmark baseline). A batch the graph engine cannot hold (a prompt longer
+than its cache, more rows than its largest bucket) runs the `fast` loop.
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ from PIL import Image
 
 from .fastgen import greedy_decode, grouped_attention_in
 from .grammar import ObjectGrammar, RowSpec, Vocabulary
+from .graph.decoder import GraphSettings, StaticDecoder
+from .graph.device_grammar import trie_size
 from .images import model_input
 from .prompts import DEFAULT_MAX_NEW_TOKENS, DEFAULT_OBJECTS_PER_CLASS, Prompt, max_new_tokens_for
 
@@ -31,7 +36,7 @@ logger = logging.getLogger(__name__)
 LABEL_SLACK_TOKENS = 8
 
 # The generation loops `PaliGemmaEngine(generation=...)` accepts (see the module docstring).
-GENERATIONS = ("fast", "hf-generate")
+GENERATIONS = ("graph", "fast", "hf-generate")
 
 
 @dataclass
@@ -61,6 +66,7 @@ class PaliGemmaEngine:
         objects_per_class: int = DEFAULT_OBJECTS_PER_CLASS,
         generation: str = "fast",
         share_images: bool = True,
+        graph: GraphSettings | None = None,
     ):
         if generation not in GENERATIONS:
             raise ValueError(f"generation must be one of {', '.join(GENERATIONS)}, not {generation!r}")
@@ -77,6 +83,8 @@ class PaliGemmaEngine:
         width = model.get_output_embeddings().weight.shape[0]
         self.vocab = Vocabulary(self.tokenizer, width).to(self.device)
         self.adapters: dict[str, str] = {}  # adapter id -> PEFT adapter name (see attach_adapters)
+        self.graph_settings = graph or GraphSettings()
+        self._decoder: StaticDecoder | None = None  # built (and its graphs captured) on first use
 
     @classmethod
     def from_pretrained(
@@ -119,6 +127,7 @@ class PaliGemmaEngine:
         names = {adapter_id: f"adapter_{i}" for i, adapter_id in enumerate(adapters)}
         self.model = attach_adapters(self.model, {names[a]: directory for a, directory in adapters.items()})
         self.adapters = names
+        self._decoder = None  # its graphs hold the modules PEFT has just replaced
 
     @property
     def image_size(self) -> int:
@@ -164,11 +173,55 @@ class PaliGemmaEngine:
         inputs = inputs.to(self.device)
         inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
         prompt_length = inputs["input_ids"].shape[1]
+        forward_kwargs = self.forward_kwargs(prompts, adapters)
+        if self.generation == "graph" and self._fits_graph(rows, prompt_length):
+            decoded = self._graph_decode(inputs, rows, forward_kwargs)
+            return [self._row(d.token_ids, d.token_logprobs) for d in decoded]
         grammar = ObjectGrammar(self.vocab, rows, prompt_length)
         steps = max(r.budget for r in rows) + 1  # +1: room for the end token a row's budget forces
-        generated = self._decode(inputs, grammar, steps, self.forward_kwargs(prompts, adapters)).cpu()
+        generated = self._decode(inputs, grammar, steps, forward_kwargs).cpu()
         logprobs = grammar.finish(generated)
         return [self._row(ids, lps) for ids, lps in zip(generated.tolist(), logprobs)]
+
+    @property
+    def decoder(self) -> StaticDecoder:
+        """The graph engine's static buffers and step, built on first use (its CUDA graphs captured then)."""
+        if self._decoder is None:
+            settings = self.graph_settings
+            image_tokens = int(self.processor.image_seq_length)
+            model = self.model.get_base_model() if self.adapters else self.model
+            self._decoder = StaticDecoder(
+                model, self.vocab, pad_id=self.tokenizer.pad_token_id,
+                length=image_tokens + settings.prompt_tokens + self.max_new_tokens + 1,
+                buckets=settings.buckets, sync_every=settings.sync_every, use_graphs=settings.use_graphs,
+                compile=settings.compile,
+            )
+            self._decoder.capture(self.model.disable_adapter if self.adapters else contextlib.nullcontext)
+        return self._decoder
+
+    def _fits_graph(self, rows: list[RowSpec], prompt_length: int) -> bool:
+        decoder = self.decoder
+        longest = max(r.budget for r in rows) + 1
+        return (len(rows) <= decoder.slots and prompt_length + longest <= decoder.length
+                and max(map(trie_size, rows)) <= decoder.edges_per_row)
+
+    def _graph_decode(self, inputs, rows: list[RowSpec], forward_kwargs: dict):
+        adapter_names = forward_kwargs.get("adapter_names")
+        if adapter_names is None:
+            return self.decoder.decode(inputs, rows, share_images=self.share_images)
+        from .adapters import BASE_ROW
+
+        if all(name == BASE_ROW for name in adapter_names):  # the graphs were captured this way
+            return self.decoder.decode(inputs, rows, share_images=False,
+                                       context=lambda count: self.model.disable_adapter())
+
+        def per_row_adapters(count: int):
+            # PEFT's per-row hooks need one name per row of each call: bucket rows past the batch are base.
+            names = adapter_names + [BASE_ROW] * (count - len(adapter_names))
+            return self.model._enable_peft_forward_hooks(adapter_names=names)
+
+        # The graphs hold the base model: rows with adapters run the steps eagerly through PEFT's hooks.
+        return self.decoder.decode(inputs, rows, share_images=False, context=per_row_adapters, graphs=False)
 
     def forward_kwargs(self, prompts: list[Prompt], adapters: list[str | None] | None = None) -> dict:
         """Extra keyword arguments for every forward call of this batch: with adapters attached (a PEFT

@@ -1,0 +1,352 @@
+"""A PaliGemma 2 decode step of fixed shape over a static KV cache, replayable as a CUDA graph.
+
+The `fast` loop (fastgen.py) grows its cache and keeps the grammar on the host, so every step has new
+shapes and a device-to-host copy: on a GPU the card then waits on Python and kernel launches (25 ms a
+step for the 3B model on an H200, docs/benchmarks.md). Here everything a step touches lives in
+tensors allocated once, sized for the largest batch (`slots`) and the longest sequence (`length`):
+
+- the keys and values of every layer, `[slots, Hkv, length, D]`; each row writes its new key at its
+  own `write_index` and attends over the whole cache through a mask (its padding, the future, and for
+  Gemma 2's sliding layers the keys older than the window are masked, as transformers masks them);
+- each row's next input token, position, first valid cache index, grammar state (device_grammar.py),
+  and the output buffers its chosen tokens and their log-probabilities go to.
+
+A step for the first `b` slots (`b` one of the configured bucket sizes) reads and writes only views of
+those tensors and never synchronises with the host, so on CUDA it is captured once per bucket with
+`torch.cuda.CUDAGraph` and replayed. The host looks at the rows every `sync_every` steps to stop once
+all are finished. On the CPU the same step runs eagerly (or under `torch.compile`, one graph a bucket).
+
+The model code is transformers' own modules (norms, projections, MLP, rotary embedding); only the
+attention over the static cache is ours (`fastgen.grouped_attention`, Gemma 2's eager arithmetic).
+Prefill runs transformers' forward as the `fast` loop does and copies the keys into the static cache.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+from transformers.models.gemma2.modeling_gemma2 import apply_rotary_pos_emb
+
+from ..fastgen import grouped_attention, grouped_attention_in, image_features, make_cache
+from ..grammar import RowSpec, Vocabulary
+from .device_grammar import (
+    DEFAULT_EDGES_PER_ROW,
+    DONE,
+    GrammarTables,
+    RowConstants,
+    RowState,
+    advance,
+    allowed_tokens,
+    compile_rows,
+    copy_rows,
+    initial_state,
+)
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 32)
+# The host checks for finished rows every this many steps (one device-to-host copy each time).
+DEFAULT_SYNC_EVERY = 8
+
+
+@dataclass(frozen=True)
+class GraphSettings:
+    """How the graph engine sizes its buffers and when the host looks at the rows."""
+
+    buckets: tuple[int, ...] = DEFAULT_BUCKETS  # batch sizes with a step (and a CUDA graph) of their own
+    sync_every: int = DEFAULT_SYNC_EVERY  # steps between the host's checks for finished rows
+    prompt_tokens: int = 64  # text tokens of a prompt the cache holds beside the image tokens
+    compile: bool = False  # torch.compile the step (CPU; on CUDA the graphs already remove the overhead)
+    use_graphs: bool | None = None  # capture CUDA graphs (None: on CUDA)
+
+
+def bucket_for(batch: int, buckets: tuple[int, ...]) -> int:
+    """The smallest configured bucket that holds `batch` rows."""
+    for size in buckets:
+        if size >= batch:
+            return size
+    raise ValueError(f"{batch} rows exceed the largest bucket ({buckets[-1]})")
+
+
+@dataclass
+class Decoded:
+    """One row's result: emitted ids up to and excluding the end token, and each one's log-probability."""
+
+    token_ids: list[int]
+    token_logprobs: list[float]
+
+
+def _view(obj, rows: slice):
+    return type(obj)(**{name: value[rows] for name, value in vars(obj).items()})
+
+
+class StaticDecoder:
+    """Static buffers, the fixed-shape step, prefill into slots, and (on CUDA) one graph per bucket.
+
+    `model` is a `PaliGemmaForConditionalGeneration` (the base model when LoRA adapters are attached:
+    their rows run the step eagerly through PEFT's per-row hooks). `slots`: the largest bucket;
+    `length`: cache positions per row (prompt + budget + 1 must fit).
+    """
+
+    def __init__(
+        self,
+        model,
+        vocab: Vocabulary,
+        *,
+        pad_id: int,
+        length: int,
+        buckets: tuple[int, ...] = DEFAULT_BUCKETS,
+        sync_every: int = DEFAULT_SYNC_EVERY,
+        edges_per_row: int = DEFAULT_EDGES_PER_ROW,
+        use_graphs: bool | None = None,
+        compile: bool = False,
+    ):
+        self.model = model
+        self.buckets = tuple(sorted(buckets))
+        self.slots = self.buckets[-1]
+        self.length = length
+        self.sync_every = max(1, sync_every)
+        self.edges_per_row = edges_per_row
+        self.pad_id = pad_id
+        self.eos_id = vocab.eos_id
+        parameter = next(model.parameters())
+        self.device, self.dtype = parameter.device, parameter.dtype
+        self.use_graphs = self.device.type == "cuda" if use_graphs is None else use_graphs
+        text = model.config.get_text_config()
+        self.text_config = text
+        self.window = getattr(text, "sliding_window", None)
+        self.sliding = [t == "sliding_attention" for t in getattr(text, "layer_types", [])] or (
+            [False] * text.num_hidden_layers)
+        self.final_softcap = getattr(text, "final_logit_softcapping", None)
+        self.tables = GrammarTables(vocab, self.device)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.capture_seconds = 0.0
+        self._graph_pool = None
+        with torch.inference_mode():
+            self._allocate(text)
+        self._step_fn = torch.compile(self._step, fullgraph=True, dynamic=False) if compile else self._step
+
+    def _allocate(self, text) -> None:
+        slots, device = self.slots, self.device
+        shape = (slots, text.num_key_value_heads, self.length, text.head_dim)
+        self.keys = [torch.zeros(shape, dtype=self.dtype, device=device) for _ in range(text.num_hidden_layers)]
+        self.values = [torch.zeros(shape, dtype=self.dtype, device=device) for _ in range(text.num_hidden_layers)]
+        longs = {name: torch.zeros(slots, dtype=torch.long, device=device)
+                 for name in ("token", "position", "write_index", "start")}
+        self.token, self.position = longs["token"], longs["position"]
+        self.write_index, self.start = longs["write_index"], longs["start"]
+        self.finished = torch.ones(slots, dtype=torch.bool, device=device)
+        self.out_tokens = torch.full((slots, self.length), self.pad_id, dtype=torch.long, device=device)
+        self.out_logprobs = torch.zeros((slots, self.length), dtype=torch.float32, device=device)
+        idle = [RowSpec("detect", 0)] * slots
+        self.rows: RowConstants = compile_rows(idle, edges_per_row=self.edges_per_row, device=device)
+        self.state: RowState = initial_state(slots, device)
+        self.state.state.fill_(DONE)
+        self.positions_in_cache = torch.arange(self.length, device=device)
+
+    def reserved_bytes(self) -> int:
+        """Bytes of the static buffers (the KV cache dominates)."""
+        tensors = [*self.keys, *self.values, self.out_tokens, self.out_logprobs]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    # --- the step -------------------------------------------------------------------------------
+
+    def _forward(self, batch: int) -> torch.Tensor:
+        """Float32 logits [batch, V] of each row's `token` at its `position`, written to its `write_index`."""
+        lm = self.model.model.language_model
+        tokens, at = self.token[:batch, None], self.write_index[:batch]
+        hidden = lm.embed_tokens(tokens)  # [b, 1, H], scaled as Gemma 2 scales it
+        cos, sin = lm.rotary_emb(hidden, self.position[:batch, None])
+        keys_at = self.positions_in_cache[None, :]
+        valid = (keys_at >= self.start[:batch, None]) & (keys_at <= at[:, None])
+        lowest = torch.finfo(self.dtype).min
+        full_mask = torch.where(valid, 0.0, lowest).to(self.dtype)[:, None, None, :]
+        sliding_mask = full_mask
+        if self.window is not None:
+            recent = keys_at > (at[:, None] - self.window)
+            sliding_mask = torch.where(valid & recent, 0.0, lowest).to(self.dtype)[:, None, None, :]
+        write = at.view(batch, 1, 1, 1)
+        for index, layer in enumerate(lm.layers[: self.text_config.num_hidden_layers]):
+            attention = layer.self_attn
+            residual = hidden
+            x = layer.input_layernorm(hidden)
+            query = attention.q_proj(x).view(batch, 1, -1, attention.head_dim).transpose(1, 2)
+            key = attention.k_proj(x).view(batch, 1, -1, attention.head_dim).transpose(1, 2)
+            value = attention.v_proj(x).view(batch, 1, -1, attention.head_dim).transpose(1, 2)
+            query, key = apply_rotary_pos_emb(query, key, cos, sin)
+            keys, values = self.keys[index][:batch], self.values[index][:batch]
+            keys.scatter_(2, write.expand(-1, key.shape[1], 1, key.shape[3]), key)
+            values.scatter_(2, write.expand(-1, value.shape[1], 1, value.shape[3]), value)
+            out, _ = grouped_attention(
+                attention, query, keys, values, sliding_mask if self.sliding[index] else full_mask,
+                scaling=attention.scaling, softcap=attention.attn_logit_softcapping,
+            )
+            hidden = residual + layer.post_attention_layernorm(attention.o_proj(out.reshape(batch, 1, -1)))
+            residual = hidden
+            hidden = residual + layer.post_feedforward_layernorm(layer.mlp(layer.pre_feedforward_layernorm(hidden)))
+        logits = self.model.lm_head(lm.norm(hidden)[:, -1])
+        if self.final_softcap is not None:
+            logits = torch.tanh(logits / self.final_softcap) * self.final_softcap
+        return logits.float()
+
+    def _select(self, logits: torch.Tensor, rows: RowConstants, state: RowState, finished: torch.Tensor,
+                out_tokens: torch.Tensor, out_logprobs: torch.Tensor) -> torch.Tensor:
+        """Grammar mask, argmax, outputs and state advance for logits [b, V]; returns the tokens [b].
+
+        Every tensor argument is updated in place (they are views of the static buffers, or copies
+        that the caller writes back).
+        """
+        logprobs = torch.log_softmax(logits, dim=-1)
+        allowed = allowed_tokens(self.tables, rows, state)
+        tokens = torch.argmax(logits.masked_fill(~allowed, float("-inf")), dim=-1)
+        tokens = torch.where(finished, self.pad_id, tokens)
+        column = state.generated.clamp(max=out_tokens.shape[1] - 1)[:, None]
+        out_tokens.scatter_(1, column, tokens[:, None])
+        out_logprobs.scatter_(1, column, logprobs.gather(1, tokens[:, None]))
+        finished |= tokens == self.eos_id
+        advance(self.tables, rows, state, tokens)
+        return tokens
+
+    def _step(self, batch: int) -> None:
+        """One decode step for the first `batch` slots: no host synchronisation, fixed shapes."""
+        logits = self._forward(batch)
+        rows = slice(0, batch)
+        tokens = self._select(logits, _view(self.rows, rows), _view(self.state, rows), self.finished[rows],
+                              self.out_tokens[rows], self.out_logprobs[rows])
+        self.token[rows].copy_(tokens)
+        self.position[rows].add_(1)
+        # Finished and idle rows keep stepping with the rest: keep their writes inside the cache.
+        self.write_index[rows].copy_((self.write_index[rows] + 1).clamp(max=self.length - 1))
+
+    @torch.inference_mode()
+    def run_step(self, batch: int, *, graphs: bool = True) -> None:
+        """Replay the bucket's graph when there is one (and `graphs`), else run the step."""
+        graph = self.graphs.get(batch) if graphs else None
+        if graph is not None:
+            graph.replay()
+        else:
+            self._step_fn(batch)
+
+    # --- start-up: CUDA graphs ------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def capture(self, context=contextlib.nullcontext) -> None:
+        """Capture each bucket's step as a CUDA graph, largest first (its memory is then reserved for
+        all of them: the graphs share one pool). `context()` wraps each capture (PEFT's
+        `disable_adapter`, so graphs compute the base model). No-op off CUDA."""
+        if not self.use_graphs:
+            return
+        started = time.perf_counter()
+        self._graph_pool = torch.cuda.graph_pool_handle()
+        for batch in sorted(self.buckets, reverse=True):
+            with context():
+                stream = torch.cuda.Stream()
+                stream.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(stream):  # warm-up off the capture, as CUDA graphs require
+                    for _ in range(2):
+                        self._step(batch)
+                torch.cuda.current_stream().wait_stream(stream)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=self._graph_pool):
+                    self._step(batch)
+            self.graphs[batch] = graph
+        torch.cuda.synchronize()
+        self.reset()
+        self.capture_seconds = time.perf_counter() - started
+        logger.info("captured %d decode graphs in %.1fs", len(self.graphs), self.capture_seconds)
+
+    @torch.inference_mode()
+    def reset(self, rows: slice | torch.Tensor | None = None) -> None:
+        """Idle rows: finished, grammar done, writing at cache index 0 (harmless, finite)."""
+        rows = slice(None) if rows is None else rows
+        for tensor in (self.token, self.position, self.write_index, self.start):
+            tensor[rows] = 0
+        self.finished[rows] = True
+        self.state.state[rows] = DONE
+
+    # --- prefill and the whole loop -------------------------------------------------------------
+
+    @torch.inference_mode()
+    def prefill(self, slots: list[int], inputs: dict[str, torch.Tensor], specs: list[RowSpec], *,
+                share_images: bool = True, forward_kwargs: dict | None = None) -> None:
+        """Run the prompts through transformers' forward, put their keys in `slots`, pick each row's first
+        token. `inputs`: the processor's left-padded `input_ids`, `attention_mask`, `token_type_ids`
+        [n, P] and `pixel_values` [n, 3, S, S]; `specs[i]` is row i's grammar and budget."""
+        input_ids, attention_mask = inputs["input_ids"], inputs["attention_mask"]
+        count, prompt_length = input_ids.shape
+        longest = max(spec.budget for spec in specs) + 1
+        if prompt_length + longest > self.length:
+            raise ValueError(f"{prompt_length} prompt + {longest} new tokens exceed the cache ({self.length})")
+        # generate's positions: count of attended tokens so far (padding gets 1), plus PaliGemma's 1.
+        positions = (attention_mask.long().cumsum(-1) - 1).masked_fill_(attention_mask == 0, 1) + 1
+        cache = make_cache(self.model.config, prompt_length)
+        features = image_features(self.model, inputs["pixel_values"], share=share_images)
+        with grouped_attention_in(self.model):
+            logits = self.model(
+                input_ids=input_ids, attention_mask=attention_mask, token_type_ids=inputs["token_type_ids"],
+                position_ids=positions, mm_encoder_outputs={"image": features}, cache=cache, use_cache=True,
+                logits_to_keep=1, **(forward_kwargs or {}),
+            ).logits[:, -1].float()
+        index = torch.tensor(slots, device=self.device)
+        for layer, keys, values in zip(cache.layers, self.keys, self.values):
+            kept = layer.keys.shape[2]  # a sliding layer past its window keeps only the last keys
+            keys[index, :, prompt_length - kept:prompt_length] = layer.keys
+            values[index, :, prompt_length - kept:prompt_length] = layer.values
+        rows = compile_rows(specs, edges_per_row=self.edges_per_row, device=self.device)
+        state = initial_state(count, self.device)
+        finished = torch.zeros(count, dtype=torch.bool, device=self.device)
+        out_tokens = torch.full((count, self.length), self.pad_id, dtype=torch.long, device=self.device)
+        out_logprobs = torch.zeros((count, self.length), dtype=torch.float32, device=self.device)
+        tokens = self._select(logits, rows, state, finished, out_tokens, out_logprobs)
+        copy_rows(self.rows, rows, index)
+        copy_rows(self.state, state, index)
+        self.finished[index] = finished
+        self.out_tokens[index] = out_tokens
+        self.out_logprobs[index] = out_logprobs
+        self.token[index] = tokens
+        self.position[index] = positions[:, -1] + 1
+        self.write_index[index] = prompt_length
+        self.start[index] = prompt_length - attention_mask.sum(-1)
+
+    @torch.inference_mode()
+    def decode(self, inputs: dict[str, torch.Tensor], specs: list[RowSpec], *, share_images: bool = True,
+               forward_kwargs: dict | None = None, context=None, graphs: bool = True) -> list[Decoded]:
+        """Greedy generation of a whole batch (as `fastgen.greedy_decode`, the same tokens): prefill into
+        slots 0..n-1, then steps of the smallest bucket that holds n rows until every row is finished
+        (checked every `sync_every` steps) or the longest budget is spent.
+
+        `context(rows)` wraps the prefill (n rows) and the steps (bucket rows): PEFT's per-row adapter hooks,
+        or `disable_adapter` for a batch of base rows; `graphs=False` runs the steps eagerly (rows with adapters: the graphs hold
+        the base model only).
+        """
+        count = inputs["input_ids"].shape[0]
+        batch = bucket_for(count, self.buckets)
+        self.reset()
+        steps = max(spec.budget for spec in specs) + 1  # the first one comes from the prefill
+        context = context or (lambda rows: contextlib.nullcontext())
+        with context(count):
+            self.prefill(list(range(count)), inputs, specs, share_images=share_images,
+                         forward_kwargs=forward_kwargs)
+        with context(batch):
+            done = 1
+            while done < steps and not bool(self.finished[:count].all()):
+                for _ in range(min(self.sync_every, steps - done)):
+                    self.run_step(batch, graphs=graphs)
+                done += min(self.sync_every, steps - done)
+        return self.results(list(range(count)))
+
+    def results(self, slots: list[int]) -> list[Decoded]:
+        """The slots' emitted tokens (up to their end token) and log-probabilities, read in one copy."""
+        index = torch.tensor(slots, device=self.device)
+        tokens, logprobs, written = self.out_tokens[index].cpu(), self.out_logprobs[index].cpu(), \
+            self.state.generated[index].cpu()
+        decoded = []
+        for row_tokens, row_logprobs, count in zip(tokens.tolist(), logprobs.tolist(), written.tolist()):
+            row_tokens = row_tokens[:count]
+            end = row_tokens.index(self.eos_id) if self.eos_id in row_tokens else len(row_tokens)
+            decoded.append(Decoded(row_tokens[:end], row_logprobs[:end]))
+        return decoded

@@ -142,3 +142,22 @@ def test_the_pool_runs_base_and_adapter_requests_in_one_generate_call(adapted_en
 def test_a_pool_refuses_an_adapter_not_attached_to_its_base(adapted_engine, tiny_fixtures):
     with pytest.raises(ValueError, match="not attached"):
         ModelPool({"base": adapted_engine}, MaskDecoder.from_npz(tiny_fixtures / "vae-oid.npz"), {"acme/c": "base"})
+
+
+def test_the_graph_engine_serves_mixed_adapter_batches_as_the_fast_loop(adapted_engine, tiny_fixtures, lora_adapters):
+    """Rows with adapters step eagerly through PEFT's hooks, batches of base rows replay the base step:
+    both give what the fast loop gives (which equals each row alone, above)."""
+    from segmentation.model.graph.decoder import GraphSettings
+
+    graph = PaliGemmaEngine.from_pretrained(tiny_fixtures / "paligemma", generation="graph",
+                                            graph=GraphSettings(buckets=(1, 4, 8)))
+    graph.attach_adapters({"acme/a": lora_adapters["a"], "acme/b.v2": lora_adapters["b"]})
+    images = pictures(5)
+    prompts = [parse_prompt(p) for p in ("cat", "dog ; car", "cat", "the man on the left", "bird")]
+    budgets = [BUDGET] * len(prompts)
+    for adapters in ([None, "acme/a", "acme/b.v2", None, "acme/a"], [None] * 5, ["acme/b.v2"] * 5):
+        want = adapted_engine.generate(images, prompts, max_new_tokens=budgets, adapters=adapters)
+        got = graph.generate(images, prompts, max_new_tokens=budgets, adapters=adapters)
+        assert [g.token_ids for g in got] == [w.token_ids for w in want], adapters
+        for g, w in zip(got, want):
+            assert np.allclose(g.token_logprobs, w.token_logprobs, atol=1e-4)

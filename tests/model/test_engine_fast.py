@@ -1,5 +1,8 @@
-"""The fast generation loop (segmentation/model/fastgen.py) against transformers' `generate` on the
-tiny random fixture: the same tokens, log-probabilities, budgets and grammar, batched or not."""
+"""Our generation loops, `fast` (segmentation/model/fastgen.py) and `graph` (segmentation/model/graph/:
+static cache, device grammar), against transformers' `generate` on the tiny random fixture: the same
+tokens, log-probabilities, budgets and grammar, batched or not."""
+
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -9,6 +12,7 @@ from transformers.models.gemma2.modeling_gemma2 import eager_attention_forward
 
 from segmentation.model.engine import PaliGemmaEngine
 from segmentation.model.fastgen import GrowingLayer, grouped_attention, make_cache
+from segmentation.model.graph.decoder import GraphSettings
 from segmentation.model.prompts import parse_prompt
 
 
@@ -20,7 +24,13 @@ def random_image(width, height, seed):
 @pytest.fixture(scope="module")
 def engines(tiny_fixtures):
     load = PaliGemmaEngine.from_pretrained
-    return {name: load(tiny_fixtures / "paligemma", generation=name) for name in ("fast", "hf-generate")}
+    engines = {name: load(tiny_fixtures / "paligemma", generation=name) for name in ("fast", "hf-generate")}
+    # Buckets 1, 2, 4, 8: a batch of 3, 5 or 6 rows steps with idle rows beside it.
+    engines["graph"] = load(tiny_fixtures / "paligemma", generation="graph", graph=GraphSettings(buckets=(1, 2, 4, 8)))
+    return engines
+
+
+LOOPS = ("fast", "graph")
 
 
 CASES = [
@@ -43,22 +53,31 @@ def assert_same(a, b):
 def test_fast_loop_equals_generate(engines, batch):
     images = [random_image(*CASES[i][0], CASES[i][3]) for i in batch]
     prompts = [parse_prompt(CASES[i][1], CASES[i][2]) for i in batch]
-    fast = engines["fast"].generate(images, prompts)
     reference = engines["hf-generate"].generate(images, prompts)
     assert any(g.token_ids for g in reference)  # the comparison must cover generated tokens
-    for a, b in zip(fast, reference):
-        assert_same(a, b)
+    for loop in LOOPS:
+        for a, b in zip(engines[loop].generate(images, prompts), reference):
+            assert_same(a, b)
+
+
+def test_labels_from_the_prompt_equal_generate(engines):
+    images = [random_image(*CASES[i][0], CASES[i][3]) for i in range(6)]
+    prompts = [replace(parse_prompt(CASES[i][1], CASES[i][2]), labels_from_prompt=i % 2 == 0) for i in range(6)]
+    reference = engines["hf-generate"].generate(images, prompts)
+    for loop in LOOPS:
+        for a, b in zip(engines[loop].generate(images, prompts), reference):
+            assert_same(a, b)
 
 
 def test_fast_loop_keeps_per_row_budgets(engines):
     images = [random_image(90, 90, s) for s in range(3)]
     prompts = [parse_prompt("cat"), parse_prompt("dog", "detect"), parse_prompt("cat ; dog")]
     budgets = [30, 9, 52]
-    fast = engines["fast"].generate(images, prompts, max_new_tokens=budgets)
     reference = engines["hf-generate"].generate(images, prompts, max_new_tokens=budgets)
-    for a, b, budget in zip(fast, reference, budgets):
-        assert_same(a, b)
-        assert len(a.token_ids) <= budget
+    for loop in LOOPS:
+        for a, b, budget in zip(engines[loop].generate(images, prompts, max_new_tokens=budgets), reference, budgets):
+            assert_same(a, b)
+            assert len(a.token_ids) <= budget
 
 
 def test_one_image_many_prompts_runs_the_vision_tower_once(tiny_fixtures):
@@ -80,7 +99,7 @@ def test_one_image_many_prompts_runs_the_vision_tower_once(tiny_fixtures):
 
 def test_cache_falls_back_to_transformers_past_the_sliding_window(engines):
     """Past Gemma 2's sliding window the two layer kinds see different keys: DynamicCache handles it."""
-    configs = [engine.model.config.text_config for engine in engines.values()]
+    configs = [engines[name].model.config.text_config for name in ("fast", "hf-generate")]
     window = configs[0].sliding_window
     try:
         for config in configs:
@@ -88,13 +107,25 @@ def test_cache_falls_back_to_transformers_past_the_sliding_window(engines):
         assert not isinstance(make_cache(engines["fast"].model.config, 300).layers[0], GrowingLayer)
         images = [random_image(100, 60, 1), random_image(60, 100, 2)]
         prompts = [parse_prompt("cat"), parse_prompt("car ; bus", "detect")]
+        # The graph engine masks keys older than the window itself (its cache is static).
+        graph = load_graph_engine(engines, sliding_window=200).generate(images, prompts)
         fast = engines["fast"].generate(images, prompts)
         reference = engines["hf-generate"].generate(images, prompts)
     finally:
         for config in configs:
             config.sliding_window = window
-    for a, b in zip(fast, reference):
-        assert_same(a, b)
+    for a, b, c in zip(fast, graph, reference):
+        assert_same(a, c)
+        assert_same(b, c)
+
+
+def load_graph_engine(engines, sliding_window):
+    """A graph engine over the same weights whose config has another sliding window."""
+    import copy
+
+    model = copy.deepcopy(engines["graph"].model)
+    model.config.text_config.sliding_window = sliding_window
+    return PaliGemmaEngine(model, engines["graph"].processor, generation="graph", graph=GraphSettings(buckets=(2,)))
 
 
 @pytest.mark.parametrize("q_len", [1, 7])

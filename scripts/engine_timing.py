@@ -5,6 +5,8 @@ of a bare loop of forward calls on the same model (used by scripts/benchmark.py 
   call (input processing, vision tower, the prompt's forward, the first token's grammar and choice);
   its **step** is the median time between the starts of two later forward calls (one token: forward,
   grammar, choice, bookkeeping). Budgets are forced (`max_new_tokens`), the grammar runs as configured.
+- The `graph` engine's figures come from the decoder's own clock (`StaticDecoder.last_timing`): its
+  step is the mean over the generation, CUDA graph replays included (they call no module hooks).
 - The **bare loop** is the least any engine could do with the model as it is: one prefill forward, then
   forward calls on a `DynamicCache` with an argmax between them, no grammar, no scores, eager attention.
 """
@@ -52,6 +54,11 @@ def time_engine(engine, images: list[Image.Image], prompts: list, tokens: int) -
     finally:
         handle.remove()
     steps = np.diff(starts[1:])
+    if getattr(engine, "generation", None) == "graph" and engine.decoder.last_timing:
+        # Replayed CUDA graphs call no forward hooks: the decoder times its own prefill and steps.
+        timing = engine.decoder.last_timing
+        starts = [begin, begin + timing["prefill_s"]] + [0.0] * timing["steps"]
+        steps = [timing["step_ms"] / 1000]
     return {
         "prefill_s": (starts[1] if len(starts) > 1 else begin + total) - begin,
         "step_ms": float(np.median(steps)) * 1000 if len(steps) else None,

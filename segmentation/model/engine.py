@@ -166,12 +166,7 @@ class PaliGemmaEngine:
         if not images:
             return []
         rows = [self.row_spec(p, b) for p, b in zip(prompts, max_new_tokens or [None] * len(prompts))]
-        pictures = [model_input(image, self.image_size) for image in images]
-        texts = ["<image>" + p.text for p in prompts]
-        inputs = self.processor(images=pictures, text=texts, return_tensors="pt", padding="longest")
-        inputs.pop("labels", None)  # only for training; the processor adds it with token_type_ids
-        inputs = inputs.to(self.device)
-        inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
+        inputs = self.prepare(images, prompts)
         prompt_length = inputs["input_ids"].shape[1]
         forward_kwargs = self.forward_kwargs(prompts, adapters)
         if self.generation == "graph" and self._fits_graph(rows, prompt_length):
@@ -206,22 +201,39 @@ class PaliGemmaEngine:
                 and max(map(trie_size, rows)) <= decoder.edges_per_row)
 
     def _graph_decode(self, inputs, rows: list[RowSpec], forward_kwargs: dict):
-        adapter_names = forward_kwargs.get("adapter_names")
+        names = forward_kwargs.get("adapter_names")
+        context, graphs = self.graph_context(names)
+        return self.decoder.decode(inputs, rows, share_images=self.share_images and names is None, context=context,
+                                   graphs=graphs)
+
+    def graph_context(self, adapter_names: list[str] | None):
+        """How the graph engine runs rows with these PEFT adapter names (None: no adapters attached):
+        `(context(rows) -> context manager, graphs)`. Rows past the list (idle bucket rows) are base rows."""
         if adapter_names is None:
-            return self.decoder.decode(inputs, rows, share_images=self.share_images)
+            return (lambda count: contextlib.nullcontext()), True
         from .adapters import BASE_ROW
 
         if all(name == BASE_ROW for name in adapter_names):  # the graphs were captured this way
-            return self.decoder.decode(inputs, rows, share_images=False,
-                                       context=lambda count: self.model.disable_adapter())
+            return (lambda count: self.model.disable_adapter()), True
 
         def per_row_adapters(count: int):
-            # PEFT's per-row hooks need one name per row of each call: bucket rows past the batch are base.
-            names = adapter_names + [BASE_ROW] * (count - len(adapter_names))
+            # PEFT's per-row hooks need one name per row of each call.
+            names = list(adapter_names[:count]) + [BASE_ROW] * (count - len(adapter_names))
             return self.model._enable_peft_forward_hooks(adapter_names=names)
 
         # The graphs hold the base model: rows with adapters run the steps eagerly through PEFT's hooks.
-        return self.decoder.decode(inputs, rows, share_images=False, context=per_row_adapters, graphs=False)
+        return per_row_adapters, False
+
+    def prepare(self, images: list[Image.Image], prompts: list[Prompt]) -> dict[str, torch.Tensor]:
+        """The model's inputs on its device: `input_ids`, `attention_mask`, `token_type_ids` [B, L] (left
+        padded to the longest prompt) and `pixel_values` [B, 3, S, S] in the model's dtype."""
+        pictures = [model_input(image, self.image_size) for image in images]
+        texts = ["<image>" + p.text for p in prompts]
+        inputs = self.processor(images=pictures, text=texts, return_tensors="pt", padding="longest")
+        inputs.pop("labels", None)  # only for training; the processor adds it with token_type_ids
+        inputs = inputs.to(self.device)
+        inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
+        return inputs
 
     def forward_kwargs(self, prompts: list[Prompt], adapters: list[str | None] | None = None) -> dict:
         """Extra keyword arguments for every forward call of this batch: with adapters attached (a PEFT

@@ -139,6 +139,7 @@ def test_a_compiled_step_compiles_once_per_bucket(tiny_fixtures):
     counter = CompileCounter()
     decoder = engine.decoder
     decoder._step_fn = torch.compile(decoder._step, backend=counter, fullgraph=True, dynamic=False)
+    decoder.fixed_span = True  # as GraphSettings(compile=True) sets it: attend over the whole cache
     torch._dynamo.reset()
     images = [random_image(80, 80, s) for s in range(3)]
     prompts = [parse_prompt("cat ; dog"), parse_prompt("bird", "detect"), parse_prompt("car ; bus")]

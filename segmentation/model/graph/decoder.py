@@ -126,6 +126,11 @@ class StaticDecoder:
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.capture_seconds = 0.0
         self._graph_pool = None
+        self.last_timing: dict = {}
+        # Cache positions a step attends over. Graphs and compiled steps need one shape: the whole
+        # cache. An eager step (the CPU) may attend over the part a generation can reach (`fit_span`).
+        self.span = length
+        self.fixed_span = self.use_graphs or compile
         with torch.inference_mode():
             self._allocate(text)
         self._step_fn = torch.compile(self._step, fullgraph=True, dynamic=False) if compile else self._step
@@ -158,10 +163,10 @@ class StaticDecoder:
     def _forward(self, batch: int) -> torch.Tensor:
         """Float32 logits [batch, V] of each row's `token` at its `position`, written to its `write_index`."""
         lm = self.model.model.language_model
-        tokens, at = self.token[:batch, None], self.write_index[:batch]
+        tokens, at, span = self.token[:batch, None], self.write_index[:batch], self.span
         hidden = lm.embed_tokens(tokens)  # [b, 1, H], scaled as Gemma 2 scales it
         cos, sin = lm.rotary_emb(hidden, self.position[:batch, None])
-        keys_at = self.positions_in_cache[None, :]
+        keys_at = self.positions_in_cache[None, :span]
         valid = (keys_at >= self.start[:batch, None]) & (keys_at <= at[:, None])
         lowest = torch.finfo(self.dtype).min
         full_mask = torch.where(valid, 0.0, lowest).to(self.dtype)[:, None, None, :]
@@ -178,7 +183,7 @@ class StaticDecoder:
             key = attention.k_proj(x).view(batch, 1, -1, attention.head_dim).transpose(1, 2)
             value = attention.v_proj(x).view(batch, 1, -1, attention.head_dim).transpose(1, 2)
             query, key = apply_rotary_pos_emb(query, key, cos, sin)
-            keys, values = self.keys[index][:batch], self.values[index][:batch]
+            keys, values = self.keys[index][:batch, :, :span], self.values[index][:batch, :, :span]
             keys.scatter_(2, write.expand(-1, key.shape[1], 1, key.shape[3]), key)
             values.scatter_(2, write.expand(-1, value.shape[1], 1, value.shape[3]), value)
             out, _ = grouped_attention(
@@ -220,7 +225,13 @@ class StaticDecoder:
         self.token[rows].copy_(tokens)
         self.position[rows].add_(1)
         # Finished and idle rows keep stepping with the rest: keep their writes inside the cache.
-        self.write_index[rows].copy_((self.write_index[rows] + 1).clamp(max=self.length - 1))
+        self.write_index[rows].copy_((self.write_index[rows] + 1).clamp(max=self.span - 1))
+
+    def fit_span(self, positions: int) -> None:
+        """Let eager steps attend over the first `positions` cache positions only (rounded up to 64; the
+        rows' keys must all lie there). A no-op where the shape is fixed (graphs, torch.compile)."""
+        if not self.fixed_span:
+            self.span = min(self.length, -(-positions // 64) * 64)
 
     @torch.inference_mode()
     def run_step(self, batch: int, *, graphs: bool = True) -> None:
@@ -327,17 +338,30 @@ class StaticDecoder:
         batch = bucket_for(count, self.buckets)
         self.reset()
         steps = max(spec.budget for spec in specs) + 1  # the first one comes from the prefill
+        self.fit_span(inputs["input_ids"].shape[1] + steps)
         context = context or (lambda rows: contextlib.nullcontext())
+        started = time.perf_counter()
         with context(count):
             self.prefill(list(range(count)), inputs, specs, share_images=share_images,
                          forward_kwargs=forward_kwargs)
+        self._synchronize()
+        prefilled = time.perf_counter()
         with context(batch):
             done = 1
             while done < steps and not bool(self.finished[:count].all()):
                 for _ in range(min(self.sync_every, steps - done)):
                     self.run_step(batch, graphs=graphs)
                 done += min(self.sync_every, steps - done)
+        self._synchronize()
+        finished = time.perf_counter()
+        # What the last call cost (benchmarks read it: a replayed graph calls no module hooks).
+        self.last_timing = {"prefill_s": prefilled - started, "steps": done - 1, "bucket": batch,
+                            "step_ms": (finished - prefilled) * 1000 / max(done - 1, 1)}
         return self.results(list(range(count)))
+
+    def _synchronize(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     def results(self, slots: list[int]) -> list[Decoded]:
         """The slots' emitted tokens (up to their end token) and log-probabilities, read in one copy."""

@@ -1,0 +1,256 @@
+"""Step-level batching: requests join the running batch between decode steps and leave as soon as they end.
+
+With whole-batch generation (`PaliGemmaEngine.generate`) a batch lasts as long as its longest row:
+finished rows idle in it, and a request that arrives one step after a batch started waits for all of
+it. Here one thread owns the engine's `StaticDecoder` and loops:
+
+1. **admit**: waiting requests (first come, first served) are prefilled together into free slots, as
+   many as there are free slots;
+2. **step**: `sync_every` decode steps of the smallest bucket that holds every occupied slot (one
+   CUDA graph replay each on a GPU);
+3. **leave**: one look at the rows (the only host synchronisation); each finished row's answer goes
+   back at once through its future and its slot is free for the next admission. A request whose
+   future was cancelled (its client left) or whose deadline passed frees its slot too.
+
+Every row keeps its own budget, grammar state and adapter in its slot, and attends only to its own
+keys, so its tokens do not depend on who else is in the running batch (float32 on the CPU: pinned by
+tests; on a GPU see docs/batch-invariance.md).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+import torch
+from PIL import Image
+
+from ..grammar import RowSpec
+from ..prompts import Prompt
+from .decoder import bucket_for
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Job:
+    """One request in the scheduler: its input, its slot while it runs, and when things happened."""
+
+    image: Image.Image
+    prompt: Prompt
+    spec: RowSpec
+    adapter: str | None  # PEFT adapter name (engine.adapters' values) or None for the base model
+    future: Future
+    deadline: float | None  # time.monotonic() after which the request is dropped
+    submitted: float = field(default_factory=time.monotonic)
+    first_step: float | None = None  # when its first token was chosen (end of its prefill)
+    slot: int | None = None
+    reach: int = 0  # cache positions its row can fill (prompt + budget + 1)
+    steps: int = 0  # decode steps it was in the running batch for
+
+
+@dataclass
+class SchedulerStats:
+    """What the scheduler has done since it started (read by the serving layer's metrics)."""
+
+    admitted: int = 0
+    completed: int = 0
+    dropped: int = 0  # cancelled or past their deadline
+    failed: int = 0
+    tokens: int = 0
+    steps: int = 0
+
+
+class StepScheduler:
+    """Runs an engine's graph decoder with rows joining and leaving between steps (see the module doc).
+
+    `submit` is thread-safe and returns a `concurrent.futures.Future` of a `Generation`. The engine must
+    not be used for other generations while the scheduler runs (it owns the decoder's buffers).
+    """
+
+    def __init__(self, engine, *, max_prefill: int | None = None, on_finish=None):
+        self.engine = engine
+        self.decoder = engine.decoder
+        self.max_prefill = max_prefill or self.decoder.slots
+        self.on_finish = on_finish  # called with each finished Job (metrics), from the scheduler thread
+        self.stats = SchedulerStats()
+        self._queue: deque[Job] = deque()
+        self._slots: list[Job | None] = [None] * self.decoder.slots
+        self._wake = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="step-scheduler", daemon=True)
+        self._thread.start()
+
+    # --- the public side ------------------------------------------------------------------------
+
+    def submit(self, image: Image.Image, prompt: Prompt, *, max_new_tokens: int | None = None,
+               adapter: str | None = None, timeout_s: float | None = None) -> Future:
+        """Queue one request; its future holds a `Generation` (or the exception that failed it).
+
+        `adapter`: an adapter id given to `engine.attach_adapters`; `timeout_s`: drop it (TimeoutError)
+        if it has not finished by then. Cancel the future to drop it early (a client that went away).
+        """
+        spec = self.engine.row_spec(prompt, max_new_tokens)
+        names = self.engine._adapter_names([adapter]) if self.engine.adapters else [None]
+        future: Future = Future()
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        job = Job(image, prompt, spec, names[0], future, deadline)
+        with self._wake:
+            if self._closed:
+                raise RuntimeError("the scheduler is closed")
+            self._queue.append(job)
+            self._wake.notify()
+        return future
+
+    @property
+    def running(self) -> int:
+        """Occupied slots."""
+        return sum(job is not None for job in self._slots)
+
+    @property
+    def queued(self) -> int:
+        return len(self._queue)
+
+    @property
+    def slots(self) -> int:
+        return len(self._slots)
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Stop the loop; waiting and running requests fail with RuntimeError."""
+        with self._wake:
+            self._closed = True
+            self._wake.notify()
+        self._thread.join(timeout)
+
+    # --- the loop -------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            with self._wake:
+                while not self._closed and not self._queue and not self.running:
+                    self._wake.wait()
+                if self._closed:
+                    break
+            try:
+                self._drop_gone()
+                self._admit()
+                if self.running:
+                    self._step_and_collect()
+            except Exception as exc:  # a failed step fails the rows in it, never the loop
+                logger.exception("step-level batch failed")
+                self._fail_running(exc)
+        self._fail_running(RuntimeError("the scheduler is closed"))
+        with self._wake:
+            waiting, self._queue = list(self._queue), deque()
+        for job in waiting:
+            job.future.set_exception(RuntimeError("the scheduler is closed"))
+
+    def _drop_gone(self) -> None:
+        """Free the slots of requests that were cancelled or ran out of time; skip such waiting ones."""
+        now = time.monotonic()
+        gone = [job for job in self._slots if job is not None and self._is_gone(job, now)]
+        if gone:
+            self._free([job.slot for job in gone])
+        with self._wake:
+            waiting = [job for job in self._queue if self._is_gone(job, now)]
+            for job in waiting:
+                self._queue.remove(job)
+        for job in gone + waiting:
+            self.stats.dropped += 1
+            if not job.future.done():
+                job.future.set_exception(TimeoutError("the request ran out of time in the engine"))
+
+    @staticmethod
+    def _is_gone(job: Job, now: float) -> bool:
+        return job.future.cancelled() or (job.deadline is not None and now > job.deadline)
+
+    def _admit(self) -> None:
+        """Prefill waiting requests (FIFO) into free slots, as many as fit, in one forward."""
+        free = [slot for slot, job in enumerate(self._slots) if job is None]
+        with self._wake:
+            count = min(len(free), len(self._queue), self.max_prefill)
+            jobs = [self._queue.popleft() for _ in range(count)]
+        if not jobs:
+            return
+        # Futures stay pending while they run, so that a client that leaves can still cancel them.
+        jobs = [job for job in jobs if not job.future.cancelled()]
+        if not jobs:
+            return
+        slots = free[: len(jobs)]
+        try:
+            inputs = self.engine.prepare([job.image for job in jobs], [job.prompt for job in jobs])
+            names = [job.adapter for job in jobs] if self.engine.adapters else None
+            context, _ = self.engine.graph_context(names)
+            with context(len(jobs)):
+                self.decoder.prefill(slots, inputs, [job.spec for job in jobs],
+                                     share_images=self.engine.share_images and names is None)
+        except Exception as exc:
+            logger.exception("prefill failed for %d requests", len(jobs))
+            for job in jobs:
+                job.future.set_exception(exc)
+            self.stats.failed += len(jobs)
+            return
+        now = time.monotonic()
+        prompt_length = inputs["input_ids"].shape[1]
+        for job, slot in zip(jobs, slots):
+            job.slot, job.first_step, job.reach = slot, now, prompt_length + job.spec.budget + 1
+            self._slots[slot] = job
+        self.stats.admitted += len(jobs)
+
+    def _step_and_collect(self) -> None:
+        decoder = self.decoder
+        occupied = [job for job in self._slots if job is not None]
+        bucket = bucket_for(max(job.slot for job in occupied) + 1, decoder.buckets)
+        names = None
+        if self.engine.adapters:
+            from ..adapters import BASE_ROW
+
+            names = [job.adapter if job is not None else BASE_ROW for job in self._slots[:bucket]]
+        context, graphs = self.engine.graph_context(names)
+        decoder.fit_span(max(job.reach for job in occupied))
+        # A row is done after at most `budget` steps (its prefill chose its first token): no group of
+        # steps runs past the longest remaining budget.
+        steps = max(1, min(decoder.sync_every, max(job.spec.budget - job.steps for job in occupied)))
+        with context(bucket):
+            for _ in range(steps):
+                decoder.run_step(bucket, graphs=graphs)
+        for job in occupied:
+            job.steps += steps
+        self.stats.steps += steps
+        finished = decoder.finished[:bucket].cpu().tolist()  # the host's one look per group of steps
+        done = [job for job in occupied if finished[job.slot]]
+        if done:
+            self._deliver(done)
+
+    def _deliver(self, jobs: list[Job]) -> None:
+        results = self.decoder.results([job.slot for job in jobs])
+        self._free([job.slot for job in jobs])
+        for job, decoded in zip(jobs, results):
+            generation = self.engine._row(decoded.token_ids, decoded.token_logprobs)
+            self.stats.completed += 1
+            self.stats.tokens += len(generation.token_ids) + 1  # and its end token
+            if self.on_finish is not None:
+                self.on_finish(job, generation)
+            if not job.future.done():
+                job.future.set_result(generation)
+
+    def _free(self, slots: list[int]) -> None:
+        for slot in slots:
+            job = self._slots[slot]
+            if job is not None:
+                job.slot = None
+            self._slots[slot] = None
+        self.decoder.reset(torch.tensor(slots, device=self.decoder.device))
+
+    def _fail_running(self, exc: Exception) -> None:
+        jobs = [job for job in self._slots if job is not None]
+        if jobs:
+            self._free([job.slot for job in jobs])
+        for job in jobs:
+            self.stats.failed += 1
+            if not job.future.done():
+                job.future.set_exception(exc)

@@ -330,9 +330,9 @@ class StaticDecoder:
         slots 0..n-1, then steps of the smallest bucket that holds n rows until every row is finished
         (checked every `sync_every` steps) or the longest budget is spent.
 
-        `context(rows)` wraps the prefill (n rows) and the steps (bucket rows): PEFT's per-row adapter hooks,
-        or `disable_adapter` for a batch of base rows; `graphs=False` runs the steps eagerly (rows with adapters: the graphs hold
-        the base model only).
+        `context(rows)` wraps the prefill (n rows) and the steps (bucket rows): PEFT's per-row adapter
+        hooks, or `disable_adapter` for a batch of base rows. `graphs=False` runs the steps eagerly (rows
+        with adapters: the graphs hold the base model only).
         """
         count = inputs["input_ids"].shape[0]
         batch = bucket_for(count, self.buckets)

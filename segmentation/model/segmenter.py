@@ -62,13 +62,15 @@ def parse_generations(
     adapters: list[str | None] | None = None,
 ) -> list[ParsedGeneration]:
     """One batched `generate` call, parsed into objects with scores (`adapters`: each row's LoRA adapter)."""
-    parsed = []
     generations = engine.generate(images, prompts, max_new_tokens=max_new_tokens, adapters=adapters)
-    for prompt, generation in zip(prompts, generations):
-        objects = parse_objects(generation.text)
-        scores = [object_score(o, generation, engine.vocab.seg_ids) for o in objects]
-        parsed.append(ParsedGeneration(prompt, generation, objects, scores))
-    return parsed
+    return [parse_generation(engine, prompt, generation) for prompt, generation in zip(prompts, generations)]
+
+
+def parse_generation(engine: PaliGemmaEngine, prompt: Prompt, generation: Generation) -> ParsedGeneration:
+    """One generation's objects, each with its score."""
+    objects = parse_objects(generation.text)
+    scores = [object_score(o, generation, engine.vocab.seg_ids) for o in objects]
+    return ParsedGeneration(prompt, generation, objects, scores)
 
 
 def attach_masks(decoder: MaskDecoder, parsed: list[ParsedGeneration]) -> list[Prediction]:

@@ -6,11 +6,17 @@ the base and of several adapters in one call), generates each group in one call,
 masks of every object of the whole batch in one decoder call. A group whose generation raises (out
 of memory, say) is retried in halves down to single requests, so one bad request fails alone and its
 neighbours still get their answers.
+
+With step-level batching (`start_schedulers`), each request goes on its own (`predict_one`) to its base
+model's `StepScheduler`, which lets it join the running batch between decode steps and answers it as
+soon as its own row ends; its masks are decoded in a worker thread while the engine keeps stepping.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +26,7 @@ from PIL import Image
 from ..model.engine import PaliGemmaEngine
 from ..model.predictions import Prediction
 from ..model.prompts import Prompt
-from ..model.segmenter import ParsedGeneration, attach_masks, parse_generations
+from ..model.segmenter import ParsedGeneration, attach_masks, parse_generation, parse_generations
 from ..model.vae import MaskDecoder
 
 logger = logging.getLogger(__name__)
@@ -54,6 +60,8 @@ class ModelPool:
         self.engines = engines
         self.decoder = decoder
         self.adapters = dict(adapters or {})
+        self.schedulers: dict = {}  # base model id -> StepScheduler, once started
+        self._decoder_lock = threading.Lock()  # mask decoding from several worker threads
         for adapter_id, base in self.adapters.items():
             if base not in engines or adapter_id not in engines[base].adapters:
                 raise ValueError(f"adapter {adapter_id!r} is not attached to a served base ({base!r})")
@@ -99,6 +107,54 @@ class ModelPool:
             [outcome] = self.predict([PredictRequest(model_id, picture, Prompt("segment", ("cat",)), max_new_tokens=2)])
             if outcome.error:
                 raise RuntimeError(f"warm-up of {model_id} failed: {outcome.error}")
+
+    def start_schedulers(self, on_finish=None) -> None:
+        """Serve requests one at a time through a step-level scheduler per base model (graph engines).
+        `on_finish(job, generation)` is called as each row ends (metrics)."""
+        from ..model.graph.scheduler import StepScheduler
+
+        for model_id, engine in self.engines.items():
+            if engine.generation != "graph":
+                raise ValueError(f"step-level batching needs the graph engine; {model_id} runs {engine.generation!r}")
+            self.schedulers[model_id] = StepScheduler(engine, on_finish=on_finish)
+
+    def close(self) -> None:
+        for scheduler in self.schedulers.values():
+            scheduler.close()
+
+    async def predict_one(self, request: PredictRequest, timeout_s: float | None = None) -> PredictOutcome:
+        """One request through its model's scheduler; never raises for the request's own failure."""
+        base = self.adapters.get(request.model, request.model)
+        if base not in self.engines:
+            served = [*self.engines, *self.adapters]
+            return PredictOutcome(error=f"unknown model {request.model!r}; served: {', '.join(served)}", status=400)
+        engine, start = self.engines[base], time.perf_counter()
+        try:
+            future = self.schedulers[base].submit(
+                request.image, request.prompt, max_new_tokens=request.max_new_tokens,
+                adapter=request.model if request.model in self.adapters else None, timeout_s=timeout_s,
+            )
+            generation = await asyncio.wrap_future(future)  # cancelling the caller cancels the request
+        except TimeoutError as exc:
+            return PredictOutcome(error=str(exc), status=504)
+        except ValueError as exc:
+            return PredictOutcome(error=str(exc), status=400)
+        except Exception as exc:
+            logger.exception("generation failed for one request")
+            return PredictOutcome(error=f"generation failed: {exc}", status=503)
+        generate_seconds = time.perf_counter() - start
+        start = time.perf_counter()
+        try:
+            [prediction] = await asyncio.to_thread(self._masks, parse_generation(engine, request.prompt, generation))
+        except Exception as exc:
+            logger.exception("mask decoding failed")
+            return PredictOutcome(error=f"mask decoding failed: {exc}", status=503)
+        return PredictOutcome(prediction=prediction, timings={
+            "generate": generate_seconds, "mask_decode": time.perf_counter() - start})
+
+    def _masks(self, parsed: ParsedGeneration):
+        with self._decoder_lock:
+            return attach_masks(self.decoder, [parsed])
 
     def predict(self, requests: list[PredictRequest]) -> list[PredictOutcome]:
         """One outcome per request, in order; never raises for a single request's failure."""

@@ -1,0 +1,75 @@
+"""The model pool with step-level batching (`start_schedulers`, `predict_one`): the same predictions as the
+batched path, concurrent requests answered each with its own, bad requests answered alone."""
+
+import asyncio
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from segmentation.model.graph.decoder import GraphSettings
+from segmentation.model.prompts import parse_prompt
+from segmentation.serving.pool import ModelPool, PredictRequest
+
+
+def picture(seed):
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (70 + seed, 90, 3), dtype=np.uint8))
+
+
+@pytest.fixture(scope="module")
+def pools(tiny_fixtures):
+    load = dict(device="cpu", generation="graph", graph=GraphSettings(buckets=(1, 2, 4), sync_every=3))
+    batched = ModelPool.load({"tiny": tiny_fixtures / "paligemma"}, tiny_fixtures / "vae-oid.npz", **load)
+    stepped = ModelPool.load({"tiny": tiny_fixtures / "paligemma"}, tiny_fixtures / "vae-oid.npz", **load)
+    finished = []
+    stepped.start_schedulers(on_finish=lambda job, generation: finished.append(job.steps))
+    yield batched, stepped, finished
+    stepped.close()
+
+
+def test_concurrent_requests_get_the_batched_answers(pools):
+    batched, stepped, finished = pools
+    prompts = ["cat", "dog ; car", "the man on the left", "bird ; tree ; sky ; cat", "car"]
+    requests = [PredictRequest("tiny", picture(i), parse_prompt(p, "detect" if i % 2 else "segment"), 30)
+                for i, p in enumerate(prompts)]
+    want = batched.predict(requests)
+
+    async def all_at_once():
+        return await asyncio.gather(*(stepped.predict_one(r) for r in requests))
+
+    got = asyncio.run(all_at_once())
+    assert any(o.prediction.objects for o in want)
+    for g, w in zip(got, want):
+        assert g.status == 200 and g.prediction.text == w.prediction.text
+        for a, b in zip(g.prediction.objects, w.prediction.objects):
+            assert a.label == b.label and a.locs == b.locs and a.score == pytest.approx(b.score, abs=1e-4)
+            # The mask decoder runs one mask here and the batch's masks there: equal up to float rounding.
+            assert (a.mask64 is None and b.mask64 is None) or np.allclose(a.mask64, b.mask64, atol=1e-5)
+    assert len(finished) >= len(requests)  # the metrics hook saw each row end
+
+
+def test_an_unknown_model_is_answered_alone(pools):
+    _, stepped, _ = pools
+
+    async def mixed():
+        return await asyncio.gather(stepped.predict_one(PredictRequest("nope", picture(1), parse_prompt("cat"))),
+                                    stepped.predict_one(PredictRequest("tiny", picture(2), parse_prompt("cat"), 10)))
+
+    bad, good = asyncio.run(mixed())
+    assert bad.status == 400 and "unknown model 'nope'" in bad.error
+    assert good.status == 200
+
+
+def test_a_request_that_runs_out_of_time_is_a_504(pools):
+    _, stepped, _ = pools
+    outcome = asyncio.run(stepped.predict_one(PredictRequest("tiny", picture(3), parse_prompt("cat ; dog"), 400),
+                                              timeout_s=0.01))
+    assert outcome.status == 504 and "ran out of time" in outcome.error
+
+
+def test_schedulers_need_the_graph_engine(tiny_fixtures):
+    pool = ModelPool.load({"tiny": tiny_fixtures / "paligemma"}, tiny_fixtures / "vae-oid.npz", device="cpu",
+                          generation="fast")
+    with pytest.raises(ValueError, match="needs the graph engine"):
+        pool.start_schedulers()

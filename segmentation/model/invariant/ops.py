@@ -279,6 +279,10 @@ def convolution(input, weight, bias, stride, padding, dilation, transposed, outp
 
 def _attention_fallback(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, *, scale=None,
                         enable_gqa=False):
+    if attn_mask is not None and attn_mask.dtype == torch.bool:
+        # The math kernel adds its mask: a boolean one (True = attend) must become 0 / -inf first.
+        attn_mask = torch.zeros(attn_mask.shape, dtype=query.dtype, device=query.device).masked_fill_(
+            ~attn_mask, float("-inf"))
     return torch.ops.aten._scaled_dot_product_attention_math(
         query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa)[0]
 

@@ -81,14 +81,23 @@ def test_bench_gpu_runs_tiny_on_the_cpu(tiny_fixtures, tmp_path):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     report = json.loads(out.read_text())
     rows = report["raw"]["rows"]
-    assert {(r["engine"], r["batch"]) for r in rows} == {(e, b) for e in ("fast", "hf-generate") for b in (1, 2)}
+    engines = ("graph", "fast", "hf-generate")
+    assert {(r["engine"], r["batch"]) for r in rows} == {(e, b) for e in engines for b in (1, 2)}
     for row in rows:
         assert 0 < row["tokens"] <= 24 * row["batch"] and row["tokens_per_s"] > 0
-    assert set(report["fast_over_hf_generate_tokens_per_s"]) == {"1", "2"}
-    levels = report["service"]["levels"]
-    assert [level["concurrency"] for level in levels] == [1, 2]
-    for level in levels:
-        assert level["requests"] == level["ok"] == 4 and level["errors"] == {}
+    tokens = {(r["engine"], r["batch"]): r["tokens"] for r in rows}
+    assert all(tokens[("graph", b)] == tokens[("fast", b)] == tokens[("hf-generate", b)] for b in (1, 2))
+    assert set(report["fast_over_hf_generate_tokens_per_s"]) == set(report["graph_over_hf_generate_tokens_per_s"])
+    graph = report["raw"]["graph"]
+    assert graph["graphs"] == 0 and graph["buckets"] == [1, 2] and graph["reserved_gib"] > 0  # no CUDA: no graphs
+    floor = report["raw"]["floor"]
+    assert [f["batch"] for f in floor] == [1, 2] and all(f["step_ms"] > 0 for f in floor)
+    assert set(report["service"]) == {"fast, adaptive batches", "graph, step-level batching"}
+    for config in report["service"].values():
+        levels = config["levels"]
+        assert [level["concurrency"] for level in levels] == [1, 2]
+        for level in levels:
+            assert level["requests"] == level["ok"] == 4 and level["errors"] == {}
 
 
 def test_original_service_sees_our_fixture_as_a_hub_cache_entry(tiny_fixtures, tmp_path):

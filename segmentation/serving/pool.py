@@ -24,6 +24,7 @@ from pathlib import Path
 from PIL import Image
 
 from ..model.engine import PaliGemmaEngine
+from ..model.graph.scheduler import Overloaded, StepScheduler
 from ..model.predictions import Prediction
 from ..model.prompts import Prompt
 from ..model.segmenter import ParsedGeneration, attach_masks, parse_generation, parse_generations
@@ -108,15 +109,14 @@ class ModelPool:
             if outcome.error:
                 raise RuntimeError(f"warm-up of {model_id} failed: {outcome.error}")
 
-    def start_schedulers(self, on_finish=None) -> None:
+    def start_schedulers(self, on_finish=None, max_wait_s: float | None = None) -> None:
         """Serve requests one at a time through a step-level scheduler per base model (graph engines).
-        `on_finish(job, generation)` is called as each row ends (metrics)."""
-        from ..model.graph.scheduler import StepScheduler
-
+        `on_finish(job, generation)` is called as each row ends (metrics); a request that waits more
+        than `max_wait_s` for a slot is answered 503."""
         for model_id, engine in self.engines.items():
             if engine.generation != "graph":
                 raise ValueError(f"step-level batching needs the graph engine; {model_id} runs {engine.generation!r}")
-            self.schedulers[model_id] = StepScheduler(engine, on_finish=on_finish)
+            self.schedulers[model_id] = StepScheduler(engine, on_finish=on_finish, max_wait_s=max_wait_s)
 
     def close(self) -> None:
         for scheduler in self.schedulers.values():
@@ -137,6 +137,8 @@ class ModelPool:
             generation = await asyncio.wrap_future(future)  # cancelling the caller cancels the request
         except TimeoutError as exc:
             return PredictOutcome(error=str(exc), status=504)
+        except Overloaded as exc:
+            return PredictOutcome(error=f"the model is overloaded: {exc}", status=503)
         except ValueError as exc:
             return PredictOutcome(error=str(exc), status=400)
         except Exception as exc:

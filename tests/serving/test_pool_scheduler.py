@@ -73,3 +73,21 @@ def test_schedulers_need_the_graph_engine(tiny_fixtures):
                           generation="fast")
     with pytest.raises(ValueError, match="needs the graph engine"):
         pool.start_schedulers()
+
+
+def test_requests_that_wait_too_long_for_a_slot_are_shed_with_503(tiny_fixtures):
+    load = dict(device="cpu", generation="graph", graph=GraphSettings(buckets=(1,), sync_every=4))
+    pool = ModelPool.load({"tiny": tiny_fixtures / "paligemma"}, tiny_fixtures / "vae-oid.npz", **load)
+    pool.start_schedulers(max_wait_s=0.2)
+
+    async def crowd():
+        # One slot: the first request holds it for hundreds of steps, the others wait and are shed.
+        return await asyncio.gather(*(pool.predict_one(PredictRequest("tiny", picture(i), parse_prompt("cat"), 300))
+                                      for i in range(3)))
+
+    try:
+        first, *rest = asyncio.run(crowd())
+    finally:
+        pool.close()
+    assert first.status == 200
+    assert [o.status for o in rest] == [503, 503] and all("overloaded" in o.error for o in rest)

@@ -36,6 +36,10 @@ from .decoder import bucket_for
 logger = logging.getLogger(__name__)
 
 
+class Overloaded(RuntimeError):
+    """A request waited longer than the scheduler's `max_wait_s` for a slot: shed, the client may retry."""
+
+
 @dataclass
 class Job:
     """One request in the scheduler: its input, its slot while it runs, and when things happened."""
@@ -46,6 +50,7 @@ class Job:
     adapter: str | None  # PEFT adapter name (engine.adapters' values) or None for the base model
     future: Future
     deadline: float | None  # time.monotonic() after which the request is dropped
+    admit_by: float | None = None  # time.monotonic() after which a request still waiting is shed
     submitted: float = field(default_factory=time.monotonic)
     first_step: float | None = None  # when its first token was chosen (end of its prefill)
     slot: int | None = None
@@ -72,8 +77,10 @@ class StepScheduler:
     not be used for other generations while the scheduler runs (it owns the decoder's buffers).
     """
 
-    def __init__(self, engine, *, max_prefill: int | None = None, on_finish=None):
+    def __init__(self, engine, *, max_prefill: int | None = None, max_wait_s: float | None = None,
+                 on_finish=None):
         self.engine = engine
+        self.max_wait_s = max_wait_s  # longest a request may wait for a slot before it is shed (Overloaded)
         self.decoder = engine.decoder
         self.max_prefill = max_prefill or self.decoder.slots
         self.on_finish = on_finish  # called with each finished Job (metrics), from the scheduler thread
@@ -99,6 +106,8 @@ class StepScheduler:
         future: Future = Future()
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         job = Job(image, prompt, spec, names[0], future, deadline)
+        if self.max_wait_s is not None:
+            job.admit_by = job.submitted + self.max_wait_s
         with self._wake:
             if self._closed:
                 raise RuntimeError("the scheduler is closed")
@@ -157,12 +166,17 @@ class StepScheduler:
             self._free([job.slot for job in gone])
         with self._wake:
             waiting = [job for job in self._queue if self._is_gone(job, now)]
-            for job in waiting:
+            shed = [job for job in self._queue if job.admit_by is not None and now > job.admit_by
+                    and job not in waiting]
+            for job in waiting + shed:
                 self._queue.remove(job)
         for job in gone + waiting:
             self.stats.dropped += 1
             if not job.future.done():
                 job.future.set_exception(TimeoutError("the request ran out of time in the engine"))
+        for job in shed:
+            self.stats.dropped += 1
+            job.future.set_exception(Overloaded(f"no free slot within {self.max_wait_s:g}s; retry shortly"))
 
     @staticmethod
     def _is_gone(job: Job, now: float) -> bool:

@@ -3,10 +3,14 @@
 
 1. writes the `3b-448` fixture (paligemma2-3b-mix-448's real shapes and vocabulary, random weights,
    drawn on the GPU and saved in bfloat16) once into `--cache-dir`;
-2. raw generation at batch 1/8/16/32 with the fast loop and with transformers' `generate`
-   (`hf-generate`): prefill, decode step, generated tokens per second, peak GPU memory;
-3. the service (`bentoml serve`, `SEG_DEVICE=cuda`, the fast engine) at 1/16/64 clients: req/s,
-   latency, errors, the engine's batch sizes, and the GPU memory in use (nvidia-smi, sampled).
+2. raw generation at batch 1/8/16/32 with the graph engine (static cache, device grammar, one CUDA
+   graph per bucket), the fast loop and transformers' `generate` (`hf-generate`): prefill, decode step,
+   generated tokens per second, peak GPU memory; the graph engine's capture time and reserved buffers;
+   and the floor: the bare forward of the same static step (no grammar, no bookkeeping) captured and
+   replayed;
+3. the service (`bentoml serve`, `SEG_DEVICE=cuda`) at 1/16/64 clients on a mixed-length workload
+   (1 to 4 classes a prompt), once as before (fast engine, adaptive batches) and once with the graph
+   engine and step-level batching: req/s, latency, errors, and the GPU memory in use (nvidia-smi).
 
     .venv/bin/python scripts/bench_gpu.py --out benchmarks-out/gpu.json
     # the test suite runs it tiny on the CPU so it cannot rot:
@@ -82,17 +86,26 @@ def raw_generation(directory: Path, device: str, batches: list[int], tokens: int
     from engine_timing import sample_batch, time_engine
 
     from segmentation.model.engine import PaliGemmaEngine
+    from segmentation.model.graph.decoder import GraphSettings
 
     start = time.perf_counter()
     fast = PaliGemmaEngine.from_pretrained(directory / "paligemma", device=device)
     load_s = time.perf_counter() - start
-    # One model in memory: the engine before is the same weights driven by transformers' generate.
+    # One model in memory: the other engines drive the same weights.
     before = PaliGemmaEngine(fast.model, fast.processor, generation="hf-generate")
+    graph = PaliGemmaEngine(fast.model, fast.processor, generation="graph", max_new_tokens=tokens,
+                            graph=GraphSettings(buckets=tuple(sorted(batches))))
     on_gpu = device.startswith("cuda")
+    start = time.perf_counter()
+    decoder = graph.decoder  # buffers reserved, graphs captured
+    graph_setup = {"setup_s": round(time.perf_counter() - start, 2), "capture_s": round(decoder.capture_seconds, 2),
+                   "graphs": len(decoder.graphs), "reserved_gib": round(decoder.reserved_bytes() / 2**30, 3),
+                   "cache_length": decoder.length, "buckets": list(decoder.buckets)}
+    log(f"[graph] {graph_setup}")
     rows = []
     for batch in batches:
         images, prompts = sample_batch(batch)
-        for name, engine in (("fast", fast), ("hf-generate", before)):
+        for name, engine in (("graph", graph), ("fast", fast), ("hf-generate", before)):
             engine.generate(images[:1], prompts[:1], max_new_tokens=[4])  # warm-up
             if on_gpu:
                 torch.cuda.reset_peak_memory_stats()
@@ -111,10 +124,45 @@ def raw_generation(directory: Path, device: str, batches: list[int], tokens: int
             rows.append(row)
             log(f"[raw {name} b={batch}] prefill {row['prefill_s']}s step {row['step_ms']}ms "
                 f"{row['tokens_per_s']} tokens/s peak {row['peak_memory_gib']} GiB")
-    del fast, before
+    floor = [floor_step(decoder, batch, log) for batch in batches]
+    del fast, before, graph, decoder
     if on_gpu:
         torch.cuda.empty_cache()
-    return {"load_s": round(load_s, 2), "tokens_per_row": tokens, "rows": rows}
+    return {"load_s": round(load_s, 2), "tokens_per_row": tokens, "graph": graph_setup, "rows": rows,
+            "floor": floor}
+
+
+def floor_step(decoder, batch: int, log, repeats: int = 50) -> dict:
+    """The bare forward of the graph engine's step (embedding, layers over the static cache, logits; no
+    grammar, no outputs) at `batch`, captured as a CUDA graph and replayed: what a step cannot beat."""
+    import torch
+
+    with torch.inference_mode():
+        decoder.reset()
+        if decoder.device.type == "cuda":
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                decoder._forward(batch)
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                decoder._forward(batch)
+            run = graph.replay
+        else:
+            def run():
+                decoder._forward(batch)
+        run()
+        if decoder.device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(repeats):
+            run()
+        if decoder.device.type == "cuda":
+            torch.cuda.synchronize()
+    row = {"batch": batch, "step_ms": round((time.perf_counter() - start) * 1000 / repeats, 3)}
+    log(f"[floor b={batch}] bare captured forward {row['step_ms']}ms")
+    return row
 
 
 def service(directory: Path, device: str, clients: list[int], requests: int, tokens: int, max_batch: int,
@@ -122,20 +170,30 @@ def service(directory: Path, device: str, clients: list[int], requests: int, tok
     """The served API on this model at each client count: req/s, latency, batches, GPU memory."""
     from benchmark import make_workload, run_level, served, summarize_level
 
-    env = {"SEG_DEVICE": device, "SEG_MAX_NEW_TOKENS": str(tokens), "SEG_MAX_BATCH_SIZE": str(max_batch),
-           "SEG_MAX_CONCURRENCY": str(max(clients) * 2), "SEG_MAX_LATENCY_MS": "120000",
-           "JAX_PLATFORMS": "cpu"}
+    common = {"SEG_DEVICE": device, "SEG_MAX_NEW_TOKENS": str(tokens), "SEG_MAX_BATCH_SIZE": str(max_batch),
+              "SEG_MAX_CONCURRENCY": str(max(clients) * 2), "SEG_MAX_LATENCY_MS": "120000",
+              "JAX_PLATFORMS": "cpu"}
+    buckets = ",".join(str(b) for b in (1, 2, 4, 8, 16, 32, 64) if b <= max_batch)
+    configs = {
+        "fast, adaptive batches": {**common, "SEG_ENGINE": "fast", "SEG_SCHEDULER": "batches"},
+        "graph, step-level batching": {**common, "SEG_ENGINE": "graph", "SEG_SCHEDULER": "steps",
+                                       "SEG_GRAPH_BUCKETS": buckets},
+    }
     work = make_workload(requests, seed=0)
-    levels = []
-    with GpuMemory() as memory, served(directory, "demo/paligemma2-bench-random", env) as (server, ready):
-        log(f"[service] ready in {ready:.1f}s at {server.url}")
-        run_level(server.url, work[:min(8, requests)], min(8, max(clients)), timeout=600)  # warm-up
-        for count in clients:
-            level = summarize_level(count, [run_level(server.url, work, count, timeout=600)])
-            levels.append(level)
-            log(f"[service c={count}] {level['requests_per_s']} req/s p50 {level['latency_s']['p50']}s "
-                f"batch mean {level['batch_size_mean']} errors {level['errors'] or 0}")
-    return {"ready_s": round(ready, 2), "env": env, "levels": levels, "gpu_memory_peak_mib": memory.peak_mib}
+    report = {}
+    for name, env in configs.items():
+        levels = []
+        with GpuMemory() as memory, served(directory, "demo/paligemma2-bench-random", env) as (server, ready):
+            log(f"[service {name}] ready in {ready:.1f}s at {server.url}")
+            run_level(server.url, work[:min(8, requests)], min(8, max(clients)), timeout=600)  # warm-up
+            for count in clients:
+                level = summarize_level(count, [run_level(server.url, work, count, timeout=600)])
+                levels.append(level)
+                log(f"[service {name} c={count}] {level['requests_per_s']} req/s p50 {level['latency_s']['p50']}s "
+                    f"p90 {level['latency_s'].get('p90')}s errors {level['errors'] or 0}")
+        report[name] = {"ready_s": round(ready, 2), "env": env, "levels": levels,
+                        "gpu_memory_peak_mib": memory.peak_mib}
+    return report
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -169,13 +227,14 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         report["gpu"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    fast = {r["batch"]: r for r in report["raw"]["rows"] if r["engine"] == "fast" and "error" not in r}
-    before = {r["batch"]: r for r in report["raw"]["rows"] if r["engine"] == "hf-generate" and "error" not in r}
-    report["fast_over_hf_generate_tokens_per_s"] = {
-        str(b): round(fast[b]["tokens_per_s"] / before[b]["tokens_per_s"], 2) for b in fast if b in before}
+    by_engine = {name: {r["batch"]: r for r in report["raw"]["rows"] if r["engine"] == name and "error" not in r}
+                 for name in ("graph", "fast", "hf-generate")}
+    for name in ("graph", "fast"):
+        ratios = {str(b): round(row["tokens_per_s"] / by_engine["hf-generate"][b]["tokens_per_s"], 2)
+                  for b, row in by_engine[name].items() if b in by_engine["hf-generate"]}
+        report[f"{name}_over_hf_generate_tokens_per_s"] = ratios
+        log(f"{name} / hf-generate tokens/s by batch: {ratios}; median {statistics.median(ratios.values() or [0])}")
     report["wall_s"] = round(time.perf_counter() - started, 1)
-    log(f"fast / hf-generate tokens/s by batch: {report['fast_over_hf_generate_tokens_per_s']}; "
-        f"median {statistics.median(report['fast_over_hf_generate_tokens_per_s'].values() or [0])}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     log(f"wrote {args.out} in {report['wall_s']}s")

@@ -67,6 +67,7 @@ class PaliGemmaEngine:
         generation: str = "fast",
         share_images: bool = True,
         graph: GraphSettings | None = None,
+        batch_invariant: bool = False,
     ):
         if generation not in GENERATIONS:
             raise ValueError(f"generation must be one of {', '.join(GENERATIONS)}, not {generation!r}")
@@ -84,6 +85,13 @@ class PaliGemmaEngine:
         self.vocab = Vocabulary(self.tokenizer, width).to(self.device)
         self.adapters: dict[str, str] = {}  # adapter id -> PEFT adapter name (see attach_adapters)
         self.graph_settings = graph or GraphSettings()
+        # Batch-invariant arithmetic (invariant/, on CUDA) and, for the graph engine, one padded prompt
+        # length for every row: a row's arithmetic is then the same in every batch and bucket.
+        self.batch_invariant = batch_invariant
+        if batch_invariant and self.device.type == "cuda":
+            from . import invariant
+
+            invariant.enable("cuda")  # before any graph capture: Triton compiles on first use
         self._decoder: StaticDecoder | None = None  # built (and its graphs captured) on first use
 
     @classmethod
@@ -179,6 +187,17 @@ class PaliGemmaEngine:
         return [self._row(ids, lps) for ids, lps in zip(generated.tolist(), logprobs)]
 
     @property
+    def fixed_prompt_length(self) -> int:
+        """Image tokens plus the prompt tokens the graph engine's cache holds (GraphSettings.prompt_tokens)."""
+        return int(self.processor.image_seq_length) + self.graph_settings.prompt_tokens
+
+    def invariance(self) -> str:
+        """Where this engine's batched answers equal solo answers, in one sentence (README, /models)."""
+        from . import invariant
+
+        return invariant.describe(self.device, self.model.dtype)
+
+    @property
     def decoder(self) -> StaticDecoder:
         """The graph engine's static buffers and step, built on first use (its CUDA graphs captured then)."""
         if self._decoder is None:
@@ -191,6 +210,8 @@ class PaliGemmaEngine:
                 buckets=settings.buckets, sync_every=settings.sync_every, use_graphs=settings.use_graphs,
                 compile=settings.compile,
             )
+            if self.batch_invariant:
+                self._decoder.fixed_span = True  # every step attends over the whole cache
             self._decoder.capture(self.model.disable_adapter if self.adapters else contextlib.nullcontext)
         return self._decoder
 
@@ -229,7 +250,11 @@ class PaliGemmaEngine:
         padded to the longest prompt) and `pixel_values` [B, 3, S, S] in the model's dtype."""
         pictures = [model_input(image, self.image_size) for image in images]
         texts = ["<image>" + p.text for p in prompts]
-        inputs = self.processor(images=pictures, text=texts, return_tensors="pt", padding="longest")
+        padding = {"padding": "longest"}
+        if self.batch_invariant and self.generation == "graph":
+            # Every prompt padded to the length the graph engine's cache holds (longer ones run as they are).
+            padding = {"padding": "max_length", "max_length": self.fixed_prompt_length}
+        inputs = self.processor(images=pictures, text=texts, return_tensors="pt", **padding)
         inputs.pop("labels", None)  # only for training; the processor adds it with token_type_ids
         inputs = inputs.to(self.device)
         inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)

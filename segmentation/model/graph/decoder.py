@@ -49,8 +49,11 @@ from .device_grammar import (
 logger = logging.getLogger(__name__)
 
 DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 32)
-# The host checks for finished rows every this many steps (one device-to-host copy each time).
-DEFAULT_SYNC_EVERY = 8
+# The host checks for finished rows every this many steps (one device-to-host copy each time). On the
+# CPU a check costs next to nothing and steps past the last row's end are pure waste: every step (on
+# the medium model, checking every 8 steps ran 41 steps where 35 were needed: +17 % time at batch 8).
+# On a GPU a check drains the queue of replays; 8 is a guess until measured (docs/benchmarks.md).
+DEFAULT_SYNC_EVERY = {"cpu": 1, "cuda": 8}
 
 
 @dataclass(frozen=True)
@@ -58,7 +61,7 @@ class GraphSettings:
     """How the graph engine sizes its buffers and when the host looks at the rows."""
 
     buckets: tuple[int, ...] = DEFAULT_BUCKETS  # batch sizes with a step (and a CUDA graph) of their own
-    sync_every: int = DEFAULT_SYNC_EVERY  # steps between the host's checks for finished rows
+    sync_every: int | None = None  # steps between the host's checks for finished rows (None: per device)
     prompt_tokens: int = 64  # text tokens of a prompt the cache holds beside the image tokens
     compile: bool = False  # torch.compile the step (CPU; on CUDA the graphs already remove the overhead)
     use_graphs: bool | None = None  # capture CUDA graphs (None: on CUDA)
@@ -100,7 +103,7 @@ class StaticDecoder:
         pad_id: int,
         length: int,
         buckets: tuple[int, ...] = DEFAULT_BUCKETS,
-        sync_every: int = DEFAULT_SYNC_EVERY,
+        sync_every: int | None = None,
         edges_per_row: int = DEFAULT_EDGES_PER_ROW,
         use_graphs: bool | None = None,
         compile: bool = False,
@@ -109,12 +112,12 @@ class StaticDecoder:
         self.buckets = tuple(sorted(buckets))
         self.slots = self.buckets[-1]
         self.length = length
-        self.sync_every = max(1, sync_every)
         self.edges_per_row = edges_per_row
         self.pad_id = pad_id
         self.eos_id = vocab.eos_id
         parameter = next(model.parameters())
         self.device, self.dtype = parameter.device, parameter.dtype
+        self.sync_every = max(1, sync_every or DEFAULT_SYNC_EVERY.get(self.device.type, 8))
         self.use_graphs = self.device.type == "cuda" if use_graphs is None else use_graphs
         text = model.config.get_text_config()
         self.text_config = text

@@ -25,9 +25,13 @@ from .settings import Settings
 
 
 class RequestError(ValueError):
-    def __init__(self, message: str, status: int = 400):
+    """A request that cannot be answered: the HTTP status, a message for the client, and for a
+    transient failure (503, 429) the seconds after which a retry may succeed."""
+
+    def __init__(self, message: str, status: int = 400, retry_after: int | None = None):
         super().__init__(message)
         self.status = status
+        self.retry_after = retry_after
 
 
 def check_mask_format(value: str | None) -> str:

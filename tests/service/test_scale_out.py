@@ -7,6 +7,7 @@ import asyncio
 import base64
 import io
 import re
+import threading
 import time
 from pathlib import Path
 
@@ -128,23 +129,34 @@ def test_public_tier_never_loads_torch_or_transformers(public, engine, single):
 
 
 def test_public_worker_starts_in_seconds(split_home, engine):
+    """From `bentoml serve` to the public tier's first answer, and from its worker's process start."""
     port = free_port()
-    started = time.perf_counter()
-    srv = start_server(split_home, {"SEG_ADAPTERS": ADAPTERS, "SEG_ENGINE_URL": engine.url, "SEG_API_WORKERS": "1"},
-                       port=port)
+    url = f"http://127.0.0.1:{port}"
+    env = {"SEG_ADAPTERS": ADAPTERS, "SEG_ENGINE_URL": engine.url, "SEG_API_WORKERS": "1"}
+    launched = time.time()
+    servers: list = []
+    starter = threading.Thread(target=lambda: servers.append(start_server(split_home, env, port=port)))
+    starter.start()
+    alive_at = None
     try:
-        ready = time.perf_counter() - started
+        while alive_at is None and time.time() - launched < 60:
+            try:
+                if httpx.get(url + "/livez", timeout=0.5).status_code == 200:
+                    alive_at = time.time()
+            except httpx.HTTPError:
+                time.sleep(0.02)
+        starter.join(timeout=120)
+        [srv] = servers
         [worker] = [p for p in psutil.Process(srv.process.pid).children(recursive=True)
                     if "--service-name" in p.cmdline()]
-        # Worker start: from the worker process's creation to its first answer.
-        t0 = time.time()
-        httpx.get(srv.url + "/livez", timeout=5).raise_for_status()
-        worker_start = t0 - worker.create_time()
-        print(f"\n[scale-out] public tier: serve to ready {ready:.2f} s; worker alive {worker_start:.2f} s after "
-              "its process started (upper bound: includes waiting for readiness)")
-        assert ready < 20
+        worker_s, serve_s = alive_at - worker.create_time(), alive_at - launched
+        print(f"\n[scale-out] public tier: first answer {serve_s:.2f} s after `bentoml serve`, "
+              f"{worker_s:.2f} s after its worker process started")
+        assert worker_s < 10 and serve_s < 20  # targets 2 s and a few s on idle cores; loose for busy CI
     finally:
-        kill_tree(srv.process.pid)
+        starter.join(timeout=120)
+        for srv in servers:
+            kill_tree(srv.process.pid)
 
 
 def test_public_tier_metrics_and_engine_load_metrics(public, engine):
@@ -209,3 +221,70 @@ def test_requests_spread_over_engine_replicas(split_home, engine):
     finally:
         kill_tree(srv.process.pid)
         kill_tree(second.process.pid)
+
+
+@pytest.mark.slow
+def test_a_killed_engine_is_answered_503_at_once_and_served_again_after_its_restart(split_home):
+    port = free_port()
+    engine_env = {"SEG_ADAPTERS": ADAPTERS}
+    first = start_server(split_home, engine_env, target="service:SegmentationEngine", port=port)
+    public = start_server(split_home, {**engine_env, "SEG_ENGINE_URL": first.url})
+    engines = [first]
+    try:
+        bodies = [{"image_base64": png_b64(300 + i), "prompt": "cat ; dog"} for i in range(6)]
+        expected = [httpx.post(public.url + "/segment", json=b, timeout=120).content for b in bodies]
+        results: list[tuple[int, int, bytes, str | None]] = []
+        stop = threading.Event()
+
+        def load(worker: int) -> None:  # a bounded loop: each client sends until stopped, at most 150
+            with httpx.Client(timeout=120) as client:
+                for n in range(150):
+                    if stop.is_set():
+                        return
+                    i = (worker + n) % len(bodies)
+                    r = client.post(public.url + "/segment", json=bodies[i])
+                    results.append((i, r.status_code, r.content, r.headers.get("retry-after")))
+                    if r.status_code == 503:
+                        time.sleep(0.2)
+
+        threads = [threading.Thread(target=load, args=(w,)) for w in range(4)]
+        for t in threads:
+            t.start()
+        time.sleep(3)
+        kill_tree(first.process.pid)
+        killed = time.perf_counter()
+        first_503 = None
+        while time.perf_counter() - killed < 5:
+            r = httpx.post(public.url + "/segment", json=bodies[0], timeout=10)
+            if r.status_code == 503:
+                first_503 = time.perf_counter() - killed
+                assert r.headers["retry-after"] == "1"
+                break
+        assert first_503 is not None and first_503 < 1.0, first_503
+        engines.append(start_server(split_home, engine_env, target="service:SegmentationEngine", port=port))
+        restarted = time.perf_counter()
+        recovered = None
+        while time.perf_counter() - restarted < 60:
+            if httpx.post(public.url + "/segment", json=bodies[1], timeout=60).status_code == 200:
+                recovered = time.perf_counter() - restarted
+                break
+            time.sleep(0.2)
+        assert recovered is not None, public.logs()
+        time.sleep(2)
+        stop.set()
+        for t in threads:
+            t.join(timeout=120)
+        statuses = [status for _, status, _, _ in results]
+        print(f"\n[scale-out] engine kill: first 503 after {first_503:.3f} s; served again {recovered:.1f} s after the "
+              f"engine was ready; load loop {len(results)} requests: "
+              f"{ {s: statuses.count(s) for s in sorted(set(statuses))} }")
+        assert set(statuses) <= {200, 503}, statuses
+        assert statuses.count(503) > 0 and statuses.count(200) > 0
+        assert all(retry == "1" for _, status, _, retry in results if status == 503)
+        wrong = [i for i, status, content, _ in results if status == 200 and content != expected[i]]
+        assert not wrong, f"{len(wrong)} answers differ from their request's own"
+        assert httpx.get(public.url + "/readyz", timeout=5).status_code == 200
+    finally:
+        kill_tree(public.process.pid)
+        for srv in engines:
+            kill_tree(srv.process.pid)

@@ -8,6 +8,10 @@ Two services in one server:
 - `Segmentation` is the public face: it reads and checks each request, sends the model's share to
   the engine, and pastes and encodes the masks, so CPU work runs beside the batched model work.
 
+Scale out: `bentoml serve service:SegmentationEngine` serves the engine alone, and
+`SEG_ENGINE_URL=http://host:port bentoml serve service:Segmentation` the public tier against it
+(never loading torch or the models); see `segmentation/serving/engines.py`.
+
 All logic lives in the `segmentation` package; this file is glue. Settings come from environment
 variables (see `segmentation/serving/settings.py` and the README), read when this module is imported.
 """
@@ -15,14 +19,13 @@ variables (see `segmentation/serving/settings.py` and the README), read when thi
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 from pathlib import Path
 
-import aiohttp
 import bentoml
 from PIL import Image
 
+from segmentation.model.bodies import response_body
 from segmentation.model.checkpoints import CheckpointError
 from segmentation.model.images import model_input
 from segmentation.model.predictions import Prediction, assemble
@@ -39,19 +42,28 @@ from segmentation.serving.bento import (
     refuse_bentoml_downloads,
     strict_api,
 )
+from segmentation.serving.engines import LocalEngine, RemoteEngines
 from segmentation.serving.guard import RequestGuard
-from segmentation.serving.metrics import observe_outcome, observe_stage
+from segmentation.serving.metrics import (
+    EngineLoad,
+    EngineLoadMiddleware,
+    observe_outcome,
+    observe_stage,
+    set_engine_slots,
+)
 from segmentation.serving.probes import HealthProbes, Readiness
 from segmentation.serving.settings import Settings, adapter_tag, model_tag, read_secret
-from segmentation.serving.store import VAE_FILE, load_mask_encoder, preflight
+from segmentation.serving.store import VAE_FILE, checks_models, load_mask_encoder, preflight
 
-logger = logging.getLogger("segmentation.service")
 SETTINGS = Settings.from_env()
 # /readyz and /livez are answered by our middleware at once (BentoML's own /readyz can hang while
 # the engine loads): ready once the engine answers.
 READINESS = Readiness()
-# Every model file is checked now: a bad one stops `bentoml serve` with its name.
-ADAPTER_BASES = preflight(SETTINGS)
+ENGINE_NAME = "paligemma-engine"
+# Every model file is checked now (by `bentoml serve` and the engine's worker): a bad one stops the
+# server with its name. The public service's workers and a public tier served alone skip it.
+ADAPTER_BASES = preflight(SETTINGS) if checks_models(SETTINGS, ENGINE_NAME) else {}
+ENGINE_LOAD = EngineLoad()
 refuse_bentoml_downloads()
 
 
@@ -76,6 +88,7 @@ class SegmentationEngine:
         )
         # One short generation per model, so /readyz turns green only when answers are fast.
         self.pool.warm_up()
+        set_engine_slots(SETTINGS.max_batch_size)
 
     def _model_dir(self, index: int, model_id: str) -> Path:
         if SETTINGS.model_source == "hub":
@@ -97,7 +110,11 @@ class SegmentationEngine:
         if SETTINGS.max_batch_size > 1 else {}
     ))
     def predict(self, items: list[EngineItem]) -> list[EngineOutcome]:
-        outcomes = self.pool.predict(predict_requests(items))
+        ENGINE_LOAD.batch_started(len(items))
+        try:
+            outcomes = self.pool.predict(predict_requests(items))
+        finally:
+            ENGINE_LOAD.batch_finished()
         for outcome in outcomes:
             observe_outcome(outcome)
         return [engine_outcome(outcome) for outcome in outcomes]
@@ -113,7 +130,7 @@ for _index, _adapter_id in enumerate(SETTINGS.adapters):  # adapters always come
     setattr(SegmentationEngine, f"adapter_{_index}", bentoml.models.BentoModel(adapter_tag(_adapter_id)))
 SegmentationEngine.vae = bentoml.models.BentoModel(SETTINGS.vae_tag)
 SegmentationEngine = bentoml.service(
-    name="paligemma-engine",
+    name=ENGINE_NAME,
     workers=1,
     traffic={"timeout": SETTINGS.request_timeout_s},
     # BentoML recycles the client between services every 100 requests / 300 s, failing requests in
@@ -122,23 +139,26 @@ SegmentationEngine = bentoml.service(
 )(SegmentationEngine)
 
 
-@bentoml.asgi_app(webui.create_app(), path="/ui")  # the page to try it: /ui/
-@bentoml.service(
-    name="paligemma-segmentation",
-    traffic={"timeout": SETTINGS.request_timeout_s, "max_concurrency": SETTINGS.max_concurrency},
-)
-class Segmentation:
-    engine = bentoml.depends(SegmentationEngine)
+SegmentationEngine.add_asgi_middleware(EngineLoadMiddleware, load=ENGINE_LOAD)
 
+
+class Segmentation:
     def __init__(self) -> None:
         self._models: list[dict] | None = None
+        if SETTINGS.engine_urls:
+            self.engine = RemoteEngines(
+                list(SETTINGS.engine_urls), timeout_s=SETTINGS.request_timeout_s,
+                max_in_flight=SETTINGS.engine_max_in_flight,
+            )
+        else:
+            self.engine = LocalEngine(self.engine_service)
         READINESS.attach(self.engine)
         self._mask_encoder = None  # loaded by the first /encode: most servers never need it
         self._mask_encoder_lock = asyncio.Lock()
 
     async def served_models(self) -> list[dict]:
         if self._models is None:
-            self._models = await self.engine.to_async.describe()
+            self._models = await self.engine.describe()
         return self._models
 
     async def _run(
@@ -165,37 +185,21 @@ class Segmentation:
         picture = await asyncio.to_thread(model_input, original, size)
         observe_stage("decode_input", time.perf_counter() - start)
 
-        try:
-            [outcome] = await self._predict(
-                EngineItem(model=model_id, image=picture, task=parsed.task, classes=list(parsed.classes),
-                           labels_from_prompt=parsed.labels_from_prompt)
-            )
-        except bentoml.exceptions.ServiceUnavailable as exc:
-            # The adaptive batcher sheds load it cannot serve within SEG_MAX_LATENCY_MS.
-            raise api.RequestError("the model is overloaded; retry in a few seconds", 503) from exc
-        except Exception as exc:  # the engine worker died or restarts: the client may retry
-            logger.exception("engine call failed")
-            raise api.RequestError(f"the model engine is unavailable ({type(exc).__name__}); retry shortly", 503) \
-                from exc
+        outcome = await self.engine.predict(
+            EngineItem(model=model_id, image=picture, task=parsed.task, classes=list(parsed.classes),
+                       labels_from_prompt=parsed.labels_from_prompt)
+        )
         if outcome.error:
             raise api.RequestError(outcome.error, outcome.status)
-        result = assemble(Prediction.from_dict(outcome.prediction), original.width, original.height)
+        # Pasting masks onto the original image is CPU work: off the event loop.
+        result = await asyncio.to_thread(
+            assemble, Prediction.from_dict(outcome.prediction), original.width, original.height)
         return result, original, (picture if return_input_image else None), model_id, fmt
-
-    async def _predict(self, item: EngineItem) -> list[EngineOutcome]:
-        """The engine call, tried twice on a broken connection: the inter-service client may pick a
-        pooled connection the engine is closing (BrokenPipe, ServerDisconnected). Predictions are
-        pure, so a second try is safe."""
-        try:
-            return await self.engine.to_async.predict([item])
-        except (aiohttp.ClientError, OSError) as exc:
-            logger.warning("engine connection failed (%s); trying once more", exc)
-            return await self.engine.to_async.predict([item])
 
     async def _json(self, task: str, **kwargs) -> dict:
         result, _, picture, model_id, fmt = await self._run(task, **kwargs)
         start = time.perf_counter()
-        body = await asyncio.to_thread(api.response_body, result, model=model_id, mask_format=fmt, input_image=picture)
+        body = await asyncio.to_thread(response_body, result, model=model_id, mask_format=fmt, input_image=picture)
         observe_stage("encode", time.perf_counter() - start)
         return body
 
@@ -314,7 +318,18 @@ class Segmentation:
         return {"models": await self.served_models()}
 
 
-Segmentation.add_asgi_middleware(HealthProbes, readiness=READINESS)
+# The public tier served alone (SEG_ENGINE_URL) talks to the engine over HTTP (serving/engines.py);
+# otherwise BentoML serves the engine beside it.
+if not SETTINGS.engine_urls:
+    Segmentation.engine_service = bentoml.depends(SegmentationEngine)
+Segmentation = bentoml.asgi_app(webui.create_app(), path="/ui")(  # the page to try it: /ui/
+    bentoml.service(
+        name="paligemma-segmentation",
+        workers=SETTINGS.api_workers,
+        traffic={"timeout": SETTINGS.request_timeout_s, "max_concurrency": SETTINGS.max_concurrency},
+    )(Segmentation)
+)
+Segmentation.add_asgi_middleware(HealthProbes, readiness=READINESS, debug_modules=SETTINGS.debug_modules)
 Segmentation.add_asgi_middleware(
     RequestGuard,
     api_keys=SETTINGS.api_keys,

@@ -141,7 +141,7 @@ def decode_mask(mask: dict | None) -> np.ndarray | None:
 
 
 def parse_answer(body: dict) -> SegmentationResult:
-    """The server's JSON answer (see `segmentation.serving.api.response_body`) as library types."""
+    """The server's JSON answer (see `segmentation.model.bodies.response_body`) as library types."""
     objects = [
         DetectedObject(
             label=o["label"],

@@ -61,12 +61,13 @@ def import_fixtures(home: Path, fixtures: Path, model_id: str = DEMO_MODEL) -> N
 
 
 def start_server(home: Path, extra_env: dict[str, str] | None = None, target: str = "service:Segmentation",
-                 ready_timeout: float = 180) -> Server:
-    port = free_port()
-    log = home / f"server-{port}.log"
+                 ready_timeout: float = 180, port: int | None = None) -> Server:
+    port = port or free_port()
+    name = f"server-{port}-{time.monotonic_ns()}"
+    log = home / f"{name}.log"
     # Each server gets a BENTOML_HOME of its own that shares `home`'s model and bento stores: servers
     # sharing one home share its Prometheus directory and garble each other's metrics.
-    own_home = home / f"server-{port}"
+    own_home = home / name
     own_home.mkdir()
     for store in ("models", "bentos"):
         (home / store).mkdir(exist_ok=True)

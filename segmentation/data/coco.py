@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from pycocotools import mask as coco_mask
+
+from ..model.targets import pycocotools_rle, segmentation_mask  # noqa: F401 (this module's public names)
 
 
 @dataclass(frozen=True)
@@ -46,46 +47,6 @@ class Report:
     def summary(self) -> str:
         return (f"{self.lines} lines, {self.objects} objects; skipped {len(self.errors)} bad annotations, "
                 f"{self.crowd} crowd regions, {self.over_limit} objects over --max-objects")
-
-
-def pycocotools_rle(rle: dict) -> dict:
-    """A compressed RLE as pycocotools takes it: `counts` as bytes (JSON holds a str)."""
-    counts = rle["counts"]
-    counts = counts.encode("ascii") if isinstance(counts, str) else counts
-    return {"size": [int(v) for v in rle["size"]], "counts": counts}
-
-
-def segmentation_mask(segmentation, height: int, width: int) -> np.ndarray:
-    """A COCO `segmentation` (polygon list, uncompressed RLE with a counts list, or compressed RLE
-    with a counts string) as a bool `[height, width]` mask. ValueError says what is malformed."""
-    if isinstance(segmentation, list):
-        polygons = [p for p in segmentation if isinstance(p, list)]
-        if not polygons or len(polygons) != len(segmentation):
-            raise ValueError("polygon segmentation must be a non-empty list of [x0, y0, x1, y1, ...] lists")
-        for polygon in polygons:
-            if len(polygon) < 6 or len(polygon) % 2 or not all(isinstance(v, int | float) for v in polygon):
-                raise ValueError("each polygon needs at least 3 points as an even count of numbers")
-        rles = coco_mask.frPyObjects(polygons, height, width)
-        return coco_mask.decode(coco_mask.merge(rles)).astype(bool)
-    if isinstance(segmentation, dict) and "counts" in segmentation and "size" in segmentation:
-        if [int(v) for v in segmentation["size"]] != [height, width]:
-            raise ValueError(f"RLE size {segmentation['size']} differs from the image's [{height}, {width}]")
-        counts = segmentation["counts"]
-        if isinstance(counts, list):
-            if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in counts):
-                raise ValueError("uncompressed RLE counts must be non-negative integers")
-            if sum(counts) != height * width:
-                raise ValueError(f"uncompressed RLE counts sum to {sum(counts)}, not {height}x{width}")
-            rle = coco_mask.frPyObjects(segmentation, height, width)
-        elif isinstance(counts, str):
-            rle = pycocotools_rle(segmentation)
-        else:
-            raise ValueError("RLE counts must be a list of run lengths or a compressed string")
-        try:
-            return coco_mask.decode(rle).astype(bool)
-        except Exception as exc:  # pycocotools raises bare exceptions on corrupt strings
-            raise ValueError(f"unreadable RLE ({exc})") from exc
-    raise ValueError("segmentation must be a polygon list or an RLE {'size', 'counts'}")
 
 
 def _sentences(annotation: dict) -> tuple[str, ...]:

@@ -186,8 +186,8 @@ def label_local(
     on_done: Callable[[], None] = lambda: None,
 ) -> None:
     """Run `names` through a local `Segmenter` in batches, decoding files as the server does."""
+    from ..model.bodies import response_body
     from ..model.images import ImageError, open_image
-    from ..serving.api import response_body
 
     for start in range(0, len(names), batch_size):
         batch = []

@@ -1,4 +1,4 @@
-"""The HTTP API's request checks and response bodies, kept apart from BentoML so they test alone.
+"""The HTTP API's request checks and the /encode answer, kept apart from BentoML so they test alone.
 
 Every client mistake becomes a `RequestError` carrying the status to answer and a message saying
 what was wrong and what is accepted.
@@ -15,20 +15,23 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ..model.encoding import image_to_png_base64, mask_to_png_base64, mask_to_polygons, mask_to_rle
+from ..model.bodies import MASK_FORMATS
 from ..model.images import ImageError, ImageTooLarge, open_image
 from ..model.prompts import Prompt, PromptError, Task, parse_prompt
-from ..model.results import DetectedObject, SegmentationResult
+from ..model.targets import TargetError, encode_object, segmentation_mask
+from ..model.tokens import parse_objects
 from .fetch import FetchError, UrlPolicy, fetch_image
 from .settings import Settings
 
-MASK_FORMATS = ("rle", "png", "polygon", "none")
-
 
 class RequestError(ValueError):
-    def __init__(self, message: str, status: int = 400):
+    """A request that cannot be answered: the HTTP status, a message for the client, and for a
+    transient failure (503, 429) the seconds after which a retry may succeed."""
+
+    def __init__(self, message: str, status: int = 400, retry_after: int | None = None):
         super().__init__(message)
         self.status = status
+        self.retry_after = retry_after
 
 
 def check_mask_format(value: str | None) -> str:
@@ -108,48 +111,6 @@ def decode_base64(value: str, max_bytes: int, field: str = "image_base64") -> by
         raise RequestError(f"{field} is not valid base64: {exc}") from exc
 
 
-def encode_mask(obj: DetectedObject, fmt: str) -> dict | None:
-    if obj.mask is None or fmt == "none":
-        return None
-    if fmt == "rle":
-        return {"format": "rle", **mask_to_rle(obj.mask)}
-    if fmt == "png":
-        return {"format": "png", "data": mask_to_png_base64(obj.mask)}
-    return {"format": "polygon", "polygons": mask_to_polygons(obj.mask)}
-
-
-def object_body(obj: DetectedObject, mask_format: str) -> dict:
-    return {
-        "label": obj.label,
-        "score": round(float(obj.score), 6),
-        "box": list(obj.box),
-        "box_normalized": [round(v, 6) for v in obj.box_normalized],
-        "area": obj.area,
-        "mask": encode_mask(obj, mask_format),
-    }
-
-
-def response_body(
-    result: SegmentationResult,
-    *,
-    model: str,
-    mask_format: str,
-    input_image: Image.Image | None = None,
-) -> dict:
-    """The JSON answer of /segment and /detect."""
-    body = {
-        "model": model,
-        "width": result.width,
-        "height": result.height,
-        "prompt": result.prompt,
-        "text": result.text,
-        "objects": [object_body(o, mask_format) for o in result.objects],
-    }
-    if input_image is not None:
-        body["input_image"] = image_to_png_base64(input_image)
-    return body
-
-
 # ---- POST /encode: a user's mask and label to PaliGemma's training text ---------------------------------
 
 def read_mask(
@@ -164,8 +125,6 @@ def read_mask(
     """The request's bool `[H, W]` mask from exactly one of: an uploaded image file (PNG or any
     accepted format; nonzero pixels are the object), base64 image bytes, a COCO RLE, or polygons with
     the image's `width` and `height`."""
-    from ..data.coco import segmentation_mask
-
     given = [name for name, v in (("mask", upload), ("mask_base64", mask_base64), ("rle", rle),
                                   ("polygons", polygons)) if v]
     if len(given) != 1:
@@ -206,9 +165,7 @@ def read_mask(
 
 
 def encode_body(encoder, mask: np.ndarray, label: str | None, box: list[float] | None) -> dict:
-    """The answer of /encode: the object's text and its parts (see `segmentation.data.targets`)."""
-    from ..data.targets import TargetError, encode_object
-    from ..model.tokens import parse_objects
+    """The answer of /encode: the object's text and its parts (see `segmentation.model.targets`)."""
 
     try:
         text = encode_object(encoder, mask, label or "", box)

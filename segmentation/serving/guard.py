@@ -5,6 +5,7 @@
   or guarded by configuration.
 - Size: a request whose Content-Length is over the cap is answered 413 before its body is read; a
   body without a length is counted as it streams and cut off at the cap.
+- Refusals say when to retry: a 429 or 503 without `Retry-After` gets `Retry-After: 1`.
 - One error shape: BentoML answers bad input in several shapes (`[{"error": ...}]`, or
   `{"error": ..., "detail": [pydantic errors]}` while its OpenAPI document promises a string
   `detail`); 4xx bodies are rewritten to `{"error": message, "detail": message}` naming the fields.
@@ -104,6 +105,9 @@ class RequestGuard:
         async def wrapped(message):
             if message["type"] == "http.response.start":
                 headers = dict(message.get("headers", []))
+                if message["status"] in (429, 503) and b"retry-after" not in headers:
+                    # BentoML's own refusals (max_concurrency, a full batch queue): say when to retry.
+                    message = {**message, "headers": [*message.get("headers", []), (b"retry-after", b"1")]}
                 if 400 <= message["status"] < 500 and headers.get(b"content-type", b"").startswith(b"application/json"):
                     held["start"], held["body"] = message, b""
                     return

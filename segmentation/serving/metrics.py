@@ -1,29 +1,80 @@
-"""The service's own Prometheus metrics, beside BentoML's request counters and batch sizes."""
+"""The service's own Prometheus metrics (prometheus_client), beside BentoML's request counters and
+batch sizes, all on `/metrics`.
+
+BentoML serves `/metrics` from prometheus_client's multiprocess directory (`PROMETHEUS_MULTIPROC_DIR`,
+set in each worker's environment before it starts), so every worker's samples are summed there;
+gauges say how (`multiprocess_mode`).
+
+Request stages: `segmentation_stage_seconds{stage}`, `segmentation_objects_per_request`,
+`segmentation_generated_tokens`.
+
+The engine's load, for autoscaling the engine tier (`seg_engine_*`, exported by the process that
+runs the model):
+
+- `seg_engine_requests_in_flight`: requests the engine has accepted and not answered (queued or
+  running); `seg_engine_running_slots`: rows of the batch being generated; `seg_engine_queue_length`:
+  requests waiting for a slot; `seg_engine_slots`: rows one batch may hold (occupancy is
+  running / slots). The service sets these around each batch; a scheduler that keeps its own slots
+  and queue sets them with `set_running_slots` / `set_queue_length`.
+- `seg_engine_time_to_first_step_seconds`, `seg_engine_steps_per_request` (histograms) and
+  `seg_engine_tokens_per_second` (gauge): for the scheduler to report with the helpers below.
+"""
 
 from __future__ import annotations
 
+import threading
 from typing import TYPE_CHECKING
 
-import bentoml
+from prometheus_client import Gauge, Histogram
 
 if TYPE_CHECKING:  # the public service imports this module and must not import torch
     from .pool import PredictOutcome
 
-STAGE_SECONDS = bentoml.metrics.Histogram(
-    name="segmentation_stage_seconds",
-    documentation="Seconds spent per request stage",
+STAGE_SECONDS = Histogram(
+    "segmentation_stage_seconds",
+    "Seconds spent per request stage",
     labelnames=["stage"],
     buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
 )
-OBJECTS = bentoml.metrics.Histogram(
-    name="segmentation_objects_per_request",
-    documentation="Objects found per image",
+OBJECTS = Histogram(
+    "segmentation_objects_per_request",
+    "Objects found per image",
     buckets=(0, 1, 2, 3, 5, 8, 13, 21, 34),
 )
-TOKENS = bentoml.metrics.Histogram(
-    name="segmentation_generated_tokens",
-    documentation="Tokens generated per image",
+TOKENS = Histogram(
+    "segmentation_generated_tokens",
+    "Tokens generated per image",
     buckets=(1, 8, 16, 32, 64, 128, 256, 512, 1024),
+)
+
+# Engine load. One engine worker per server: "livesum" adds the live processes' values (and drops a
+# dead worker's), which is that worker's value.
+ENGINE_IN_FLIGHT = Gauge(
+    "seg_engine_requests_in_flight", "Requests the engine has accepted and not yet answered (queued or running)",
+    multiprocess_mode="livesum",
+)
+ENGINE_RUNNING_SLOTS = Gauge(
+    "seg_engine_running_slots", "Rows (requests) of the batch the engine is generating now",
+    multiprocess_mode="livesum",
+)
+ENGINE_QUEUE_LENGTH = Gauge(
+    "seg_engine_queue_length", "Requests waiting for a slot in the engine's next batch",
+    multiprocess_mode="livesum",
+)
+ENGINE_SLOTS = Gauge(
+    "seg_engine_slots", "Rows one engine batch may hold (SEG_MAX_BATCH_SIZE)", multiprocess_mode="livesum",
+)
+ENGINE_TIME_TO_FIRST_STEP = Histogram(
+    "seg_engine_time_to_first_step_seconds", "Seconds from a request's arrival at the engine to its first decode step",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+)
+ENGINE_STEPS_PER_REQUEST = Histogram(
+    "seg_engine_steps_per_request", "Decode steps a request took part in",
+    buckets=(1, 8, 16, 32, 64, 128, 256, 512, 1024),
+)
+ENGINE_TOKENS_PER_SECOND = Gauge(
+    "seg_engine_tokens_per_second", "Tokens generated per second over the engine's last batch or step window",
+    multiprocess_mode="livesum",
 )
 
 
@@ -38,3 +89,85 @@ def observe_outcome(outcome: PredictOutcome) -> None:
     if outcome.prediction is not None:
         TOKENS.observe(outcome.prediction.generated_tokens)
         OBJECTS.observe(len(outcome.prediction.objects))
+
+
+# ---- helpers for the engine (its scheduler, or the service around each batch) ---------------------
+
+def set_engine_slots(slots: int) -> None:
+    ENGINE_SLOTS.set(slots)
+
+
+def set_running_slots(rows: int) -> None:
+    ENGINE_RUNNING_SLOTS.set(rows)
+
+
+def set_queue_length(requests: int) -> None:
+    ENGINE_QUEUE_LENGTH.set(requests)
+
+
+def observe_time_to_first_step(seconds: float) -> None:
+    ENGINE_TIME_TO_FIRST_STEP.observe(seconds)
+
+
+def observe_steps_per_request(steps: int) -> None:
+    ENGINE_STEPS_PER_REQUEST.observe(steps)
+
+
+def set_tokens_per_second(value: float) -> None:
+    ENGINE_TOKENS_PER_SECOND.set(value)
+
+
+class EngineLoad:
+    """Requests in flight at the engine and rows running, kept consistent: queued = in flight - running.
+
+    `request_started` / `request_finished` are called per HTTP request (an ASGI middleware on the
+    engine), `batch_started` / `batch_finished` around each batch the engine runs.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.in_flight = 0
+        self.running = 0
+
+    def _publish(self) -> None:
+        ENGINE_IN_FLIGHT.set(self.in_flight)
+        set_running_slots(self.running)
+        set_queue_length(max(0, self.in_flight - self.running))
+
+    def request_started(self) -> None:
+        with self._lock:
+            self.in_flight += 1
+            self._publish()
+
+    def request_finished(self) -> None:
+        with self._lock:
+            self.in_flight = max(0, self.in_flight - 1)
+            self._publish()
+
+    def batch_started(self, rows: int) -> None:
+        with self._lock:
+            self.running = rows
+            self._publish()
+
+    def batch_finished(self) -> None:
+        with self._lock:
+            self.running = 0
+            self._publish()
+
+
+class EngineLoadMiddleware:
+    """ASGI middleware on the engine service: counts `/predict` requests from arrival to answer."""
+
+    def __init__(self, app, *, load: EngineLoad, paths: frozenset[str] = frozenset({"/predict"})) -> None:
+        self.app = app
+        self.load = load
+        self.paths = paths
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope.get("path") not in self.paths:
+            return await self.app(scope, receive, send)
+        self.load.request_started()
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.load.request_finished()

@@ -12,17 +12,24 @@ ASGI middleware answers the probes itself, before any BentoML route:
   silent for `stale_after_s` seconds, or one that refuses connections, is reported not ready.
 
 Every probe answers within `check_timeout_s` plus a few milliseconds.
+
+With `SEG_DEBUG_MODULES=true` (tests), `GET /debug/modules` answers the process id and the top-level
+modules this worker has imported: how the tests see, from inside, that a public tier never loads
+torch or transformers.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
+import sys
 import time
 from typing import Any, Protocol
 
 LIVENESS_PATHS = frozenset({"/livez", "/healthz"})
 READINESS_PATH = "/readyz"
+DEBUG_MODULES_PATH = "/debug/modules"
 
 
 class EngineProbe(Protocol):
@@ -50,8 +57,8 @@ class Readiness:
             ok = await asyncio.wait_for(self.engine.is_ready(1), timeout=self.check_timeout_s)
         except TimeoutError:
             ok = None  # no answer yet: loading, or busy
-        except Exception as exc:  # the engine's socket refused or dropped the connection
-            return False, f"the model engine is unavailable ({type(exc).__name__}); it restarts on its own"
+        except Exception:  # the engine's socket refused or dropped the connection
+            return False, "the model engine is unavailable; it restarts on its own"
         now = time.monotonic()
         if ok:
             self._last_ok = now
@@ -77,9 +84,10 @@ def _json_response(status: int, body: dict[str, Any]) -> tuple[dict, dict]:
 class HealthProbes:
     """ASGI middleware: answers the probe paths itself, passes everything else on."""
 
-    def __init__(self, app, *, readiness: Readiness) -> None:
+    def __init__(self, app, *, readiness: Readiness, debug_modules: bool = False) -> None:
         self.app = app
         self.readiness = readiness
+        self.debug_modules = debug_modules
 
     async def __call__(self, scope, receive, send):
         path = scope.get("path", "") if scope["type"] == "http" else ""
@@ -88,6 +96,8 @@ class HealthProbes:
         elif path == READINESS_PATH:
             ready, reason = await self.readiness.check()
             status, body = (200, {"status": "ready"}) if ready else (503, {"status": "loading", "reason": reason})
+        elif path == DEBUG_MODULES_PATH and self.debug_modules:
+            status, body = 200, {"pid": os.getpid(), "modules": sorted({m.partition(".")[0] for m in sys.modules})}
         else:
             return await self.app(scope, receive, send)
         start, message = _json_response(status, body)

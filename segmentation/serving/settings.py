@@ -12,6 +12,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 DEFAULT_MODEL = "google/paligemma2-3b-mix-448"
 VAE_TAG = "vae-oid"
@@ -50,6 +51,15 @@ ENV_DOCS: dict[str, tuple[str, str]] = {
     "SEG_API_KEY": ("", "comma-separated API keys; when set, API routes need `Authorization: Bearer <key>`"),
     "SEG_API_KEY_FILE": ("", "file holding the API keys (a mounted secret), one per line or comma-separated"),
     "SEG_METRICS_PUBLIC": ("true", "serve /metrics without an API key"),
+    "SEG_ENGINE_URL": ("", "serve the public tier only, against engine tiers served alone (`bentoml serve "
+                           "service:SegmentationEngine`): comma-separated `http://host:port` URLs; a host name "
+                           "stands for every address it resolves to (a headless Kubernetes Service). Empty: "
+                           "the engine runs in this server"),
+    "SEG_ENGINE_MAX_IN_FLIGHT": ("", "requests one engine replica may hold open from one public worker before "
+                                     "it answers 503 at once (default: 2 x SEG_MAX_BATCH_SIZE)"),
+    "SEG_DEBUG_MODULES": ("false", "answer `GET /debug/modules` (this worker's imported modules; for tests)"),
+    "SEG_API_WORKERS": ("", "worker processes of the public service (default: half the machine's cores, "
+                            "1 to 8)"),
 }
 
 
@@ -104,6 +114,10 @@ class Settings:
     max_concurrency: int = 64
     api_keys: tuple[str, ...] = field(default_factory=tuple)
     metrics_public: bool = True
+    engine_urls: tuple[str, ...] = field(default_factory=tuple)
+    engine_max_in_flight: int = 32
+    api_workers: int = 1
+    debug_modules: bool = False
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -146,6 +160,10 @@ class Settings:
             max_concurrency=int(_env("SEG_MAX_CONCURRENCY")),
             api_keys=tuple(k for k in re.split(r"[,\s]+", read_secret("SEG_API_KEY", "SEG_API_KEY_FILE") or "") if k),
             metrics_public=_flag("SEG_METRICS_PUBLIC"),
+            engine_urls=tuple(parse_engine_urls(_env("SEG_ENGINE_URL"))),
+            engine_max_in_flight=int(_env("SEG_ENGINE_MAX_IN_FLIGHT") or 2 * int(_env("SEG_MAX_BATCH_SIZE"))),
+            debug_modules=_flag("SEG_DEBUG_MODULES"),
+            api_workers=int(_env("SEG_API_WORKERS") or default_api_workers()),
         )
 
     def max_body_bytes(self, images: int = 1) -> int:
@@ -156,6 +174,21 @@ class Settings:
     def torch_device(self) -> str | None:
         """None lets the engine pick (GPU when present)."""
         return None if self.device == "auto" else self.device
+
+
+def default_api_workers() -> int:
+    """Half the cores this process may run on (the engine and the event loops need the rest), 1 to 8."""
+    return max(1, min(8, len(os.sched_getaffinity(0)) // 2))
+
+
+def parse_engine_urls(value: str) -> list[str]:
+    """`SEG_ENGINE_URL`: comma-separated `http(s)://host:port` URLs; ValueError says what is wrong."""
+    urls = [u.strip().rstrip("/") for u in value.split(",") if u.strip()]
+    for url in urls:
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname or parts.path:
+            raise ValueError(f"SEG_ENGINE_URL entries must look like http://host:port, not {url}")
+    return urls
 
 
 def read_secret(value_env: str, file_env: str) -> str | None:

@@ -1,12 +1,15 @@
 """The served models in the BentoML model store: found by tag, checked before serving.
 
-`service.py` calls `preflight` when it is imported (by `bentoml serve` itself and by each worker):
-a missing or corrupt file stops the server at once with its name, instead of crashing the engine
-worker, which BentoML would restart forever.
+`service.py` calls `preflight` when it is imported by a process that serves models: `bentoml serve`
+itself (a missing or corrupt file stops the server at once with its name, instead of crashing the
+engine worker, which BentoML would restart forever) and the engine's worker. The public service's
+workers skip it (`checks_models`): the checks build an adapter's base model on the meta device, which
+imports torch and transformers; so does a public tier served alone (`SEG_ENGINE_URL`) altogether.
 """
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import bentoml
@@ -41,6 +44,23 @@ def adapter_base(adapter_id: str, settings: Settings) -> str:
             f"(SEG_MODELS={','.join(settings.models)}): serve its base too, or drop the adapter from SEG_ADAPTERS"
         )
     return base
+
+
+def worker_of(argv: list[str] | None = None) -> str | None:
+    """The BentoML service this process is a worker of (BentoML starts each worker with
+    `--service-name NAME`), or None for any other process (`bentoml serve` itself, a build, a test)."""
+    argv = sys.argv if argv is None else argv
+    if "--service-name" in argv[:-1]:
+        return argv[argv.index("--service-name") + 1]
+    return None
+
+
+def checks_models(settings: Settings, engine_service: str, argv: list[str] | None = None) -> bool:
+    """Whether this process checks the model files: never in a public tier served alone, otherwise
+    in every process but the workers of services other than the engine."""
+    if settings.engine_urls:
+        return False
+    return worker_of(argv) in (None, engine_service)
 
 
 def preflight(settings: Settings) -> dict[str, str]:

@@ -94,3 +94,22 @@ def test_healthcheck_waits_for_readyz_with_a_short_timeout():
 def test_local_secrets_are_git_ignored(path):
     result = subprocess.run(["git", "check-ignore", "-q", path], cwd=ROOT)
     assert result.returncode == 0, f"{path} must be git-ignored: it holds tokens"
+
+
+def test_scale_out_profile_splits_the_engine_from_the_public_tier():
+    spec = compose()
+    engine, public = spec["services"]["engine"], spec["services"]["public"]
+    assert engine["profiles"] == public["profiles"] == ["scale-out"]
+    assert "profiles" not in spec["services"]["segmentation"], "one server stays the default"
+    assert engine["image"] == public["image"] == spec["services"]["segmentation"]["image"]
+    assert engine["command"][:3] == ["start-http-server", "--service-name", "paligemma-engine"]
+    assert "--port" in engine["command"] and engine["command"][engine["command"].index("--port") + 1] == "3000"
+    [devices] = engine["deploy"]["resources"]["reservations"]["devices"]
+    assert devices == {"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}
+    assert "deploy" not in public, "the public tier needs no GPU"
+    assert public["environment"]["SEG_ENGINE_URL"] == "http://engine:3000"
+    assert "SEG_ENGINE_URL" not in engine["environment"]
+    assert "/readyz" in " ".join(engine["healthcheck"]["test"])
+    assert "/livez" in " ".join(public["healthcheck"]["test"])
+    assert seconds(engine["stop_grace_period"]) > float(engine["environment"]["SEG_REQUEST_TIMEOUT_S"])
+    assert "ports" not in engine, "only the public tier is published"

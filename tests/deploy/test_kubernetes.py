@@ -20,6 +20,9 @@ KUBE = ROOT / "deploy" / "kubernetes"
 BASE = KUBE / "base"
 OVERLAYS = sorted(p for p in (KUBE / "overlays").iterdir() if p.is_dir())
 KUSTOMIZATIONS = [BASE, *OVERLAYS]
+SCALE_OUT = KUBE / "overlays" / "scale-out"
+# One pod serving both services: the base and every overlay but the two-tier one (tested at the end).
+SINGLE_POD = [k for k in KUSTOMIZATIONS if k != SCALE_OUT]
 VERSIONS = ["1.30.0", "1.37.0"]
 NAME = "paligemma-segmentation"
 IMAGE_UID = 1034  # BentoML's generated Dockerfile: user bentoml, uid/gid 1034 (test_bento_context checks)
@@ -158,7 +161,7 @@ def test_the_secret_example_holds_placeholders_and_names_the_keys_the_deployment
 # --- facts of every rendered Deployment --------------------------------------------------------
 
 
-@pytest.mark.parametrize("directory", KUSTOMIZATIONS, ids=ids(KUSTOMIZATIONS))
+@pytest.mark.parametrize("directory", SINGLE_POD, ids=ids(SINGLE_POD))
 def test_rendered_deployment_serves_port_3000_with_patient_probes(directory):
     objects = rendered(directory)
     container = server(objects)
@@ -180,7 +183,7 @@ def test_rendered_deployment_serves_port_3000_with_patient_probes(directory):
     assert service["metadata"]["name"] != "bentoml"
 
 
-@pytest.mark.parametrize("directory", KUSTOMIZATIONS, ids=ids(KUSTOMIZATIONS))
+@pytest.mark.parametrize("directory", SINGLE_POD, ids=ids(SINGLE_POD))
 def test_rendered_deployment_runs_locked_down(directory):
     pod = rendered(directory)["Deployment"]["spec"]["template"]["spec"]
     assert pod["enableServiceLinks"] is False, "BENTOML_PORT service-link variables would clobber the port"
@@ -197,7 +200,7 @@ def test_rendered_deployment_runs_locked_down(directory):
     assert pre_stop[0] == "sleep" and int(pre_stop[1]) < pod["terminationGracePeriodSeconds"]
 
 
-@pytest.mark.parametrize("directory", KUSTOMIZATIONS, ids=ids(KUSTOMIZATIONS))
+@pytest.mark.parametrize("directory", SINGLE_POD, ids=ids(SINGLE_POD))
 def test_rendered_deployment_wiring(directory):
     """Config, secrets, cache volume, selectors and the HPA/PDB all point at what exists."""
     objects = rendered(directory)
@@ -231,7 +234,7 @@ def test_rendered_deployment_wiring(directory):
     assert objects["ConfigMap"]["data"]["JAX_PLATFORMS"] == "cpu"
 
 
-@pytest.mark.parametrize("directory", KUSTOMIZATIONS, ids=ids(KUSTOMIZATIONS))
+@pytest.mark.parametrize("directory", SINGLE_POD, ids=ids(SINGLE_POD))
 def test_configmap_sets_only_known_settings(directory):
     """A misspelt SEG_ variable would be ignored silently by the service."""
     from segmentation.serving.settings import ENV_DOCS
@@ -331,3 +334,114 @@ def quantity(value: str | int) -> float:
         if text.endswith(suffix):
             return float(text[: -len(suffix)]) * factor
     return float(text)
+
+
+# --- the scale-out overlay: two tiers that scale apart -------------------------------------------
+
+
+def scale_out() -> dict[tuple[str, str], dict]:
+    return {(o["kind"], o["metadata"]["name"]): o for o in build(SCALE_OUT)}
+
+
+ENGINE = "paligemma-engine"
+
+
+def pod_of(objects: dict, name: str) -> tuple[dict, dict]:
+    pod = objects[("Deployment", name)]["spec"]["template"]["spec"]
+    [container] = pod["containers"]
+    return pod, container
+
+
+def test_scale_out_asks_for_a_gpu_only_on_the_engine():
+    objects = scale_out()
+    assert {name for kind, name in objects if kind == "Deployment"} == {NAME, ENGINE}
+    engine_pod, engine = pod_of(objects, ENGINE)
+    public_pod, public = pod_of(objects, NAME)
+    requests, limits = resources(engine)
+    assert requests["nvidia.com/gpu"] == limits["nvidia.com/gpu"] == 1, "one engine per GPU"
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in engine_pod["tolerations"]
+    assert not any("gpu" in key for key in [*resources(public)[0], *resources(public)[1]])
+    assert "tolerations" not in public_pod
+    assert quantity(resources(public)[0]["memory"]) < quantity(requests["memory"]), "no model in the public tier"
+
+
+def test_scale_out_public_tier_reaches_every_engine_through_a_headless_service():
+    objects = scale_out()
+    _, engine = pod_of(objects, ENGINE)
+    _, public = pod_of(objects, NAME)
+    service = objects[("Service", ENGINE)]
+    assert service["spec"]["clusterIP"] == "None", "headless: DNS names every ready engine pod"
+    labels = objects[("Deployment", ENGINE)]["spec"]["template"]["metadata"]["labels"]
+    assert service["spec"]["selector"].items() <= labels.items()
+    public_labels = objects[("Deployment", NAME)]["spec"]["template"]["metadata"]["labels"]
+    assert not service["spec"]["selector"].items() <= public_labels.items()
+    assert not objects[("Service", NAME)]["spec"]["selector"].items() <= labels.items()
+    [port] = service["spec"]["ports"]
+    assert env_of(public)["SEG_ENGINE_URL"]["value"] == f"http://{ENGINE}:{port['port']}"
+    assert "SEG_ENGINE_URL" not in env_of(engine)
+    assert engine["args"][:3] == ["start-http-server", "--service-name", ENGINE]
+    assert env_of(engine)["SEG_DEVICE"]["value"] == "cuda"
+    assert engine["image"] == public["image"], "one image, two tiers"
+    for pod in (pod_of(objects, ENGINE)[0], pod_of(objects, NAME)[0]):
+        assert pod["enableServiceLinks"] is False
+
+
+def test_scale_out_probes():
+    objects = scale_out()
+    _, engine = pod_of(objects, ENGINE)
+    _, public = pod_of(objects, NAME)
+    # The engine's own readiness (200 once its models are warm); the public tier is ready when it serves.
+    for probe in ("startupProbe", "readinessProbe"):
+        assert engine[probe]["httpGet"] == {"path": "/readyz", "port": "http"}, probe
+        assert public[probe]["httpGet"] == {"path": "/livez", "port": "http"}, probe
+    assert engine["livenessProbe"]["httpGet"]["path"] == public["livenessProbe"]["httpGet"]["path"] == "/livez"
+    startup = engine["startupProbe"]
+    assert startup["failureThreshold"] * startup["periodSeconds"] >= STARTUP_BUDGET_S
+    for container in (engine, public):
+        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+            timeout = container[probe].get("timeoutSeconds", 1)
+            assert timeout < container[probe].get("periodSeconds", 10), probe
+
+
+def test_scale_out_rollouts_outlast_the_longest_request():
+    objects = scale_out()
+    timeout = float(objects[("ConfigMap", NAME)]["data"]["SEG_REQUEST_TIMEOUT_S"])
+    for name in (ENGINE, NAME):
+        deployment = objects[("Deployment", name)]
+        pod, container = pod_of(objects, name)
+        pre_stop = container["lifecycle"]["preStop"]["exec"]["command"]
+        assert pre_stop[0] == "sleep"
+        assert pod["terminationGracePeriodSeconds"] >= int(pre_stop[1]) + timeout, name
+        assert deployment["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0, name
+
+
+def test_scale_out_autoscalers_and_disruption_budgets():
+    objects = scale_out()
+    public_hpa, engine_hpa = objects[("HorizontalPodAutoscaler", NAME)], objects[("HorizontalPodAutoscaler", ENGINE)]
+    assert public_hpa["spec"]["scaleTargetRef"]["name"] == NAME
+    assert engine_hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": ENGINE}
+    [cpu] = public_hpa["spec"]["metrics"]
+    assert cpu["type"] == "Resource" and cpu["resource"]["name"] == "cpu"
+    [queue] = engine_hpa["spec"]["metrics"]
+    assert queue["type"] == "Pods"
+    # The metric the engine exports on /metrics (segmentation/serving/metrics.py).
+    from segmentation.serving.metrics import ENGINE_QUEUE_LENGTH
+
+    assert queue["pods"]["metric"]["name"] == ENGINE_QUEUE_LENGTH._name == "seg_engine_queue_length"
+    assert queue["pods"]["target"]["type"] == "AverageValue"
+    assert engine_hpa["spec"]["minReplicas"] >= 1 and public_hpa["spec"]["minReplicas"] >= 2
+    for name in (ENGINE, NAME):
+        pdb = objects[("PodDisruptionBudget", name)]
+        labels = objects[("Deployment", name)]["spec"]["template"]["metadata"]["labels"]
+        assert pdb["spec"]["selector"]["matchLabels"].items() <= labels.items()
+        assert pdb["spec"]["minAvailable"] == 1
+
+
+def test_scale_out_configmap_sets_only_known_settings():
+    from segmentation.serving.settings import ENV_DOCS
+
+    objects = scale_out()
+    data = objects[("ConfigMap", NAME)]["data"]
+    env = [e["name"] for name in (ENGINE, NAME) for e in pod_of(objects, name)[1]["env"]]
+    unknown = [k for k in [*data, *env] if k.startswith("SEG_") and k not in ENV_DOCS]
+    assert not unknown, unknown

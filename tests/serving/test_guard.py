@@ -1,8 +1,9 @@
+import asyncio
 import json
 
 import pytest
 
-from segmentation.serving.guard import normalize_error_body
+from segmentation.serving.guard import RequestGuard, normalize_error_body
 
 
 @pytest.mark.parametrize(
@@ -25,3 +26,26 @@ def test_error_bodies_get_one_shape(body, message):
 @pytest.mark.parametrize("body", [b'{"error": "fine already"}', b"not json", b'{"error": "x", "detail": "text"}'])
 def test_good_or_foreign_bodies_are_left_alone(body):
     assert normalize_error_body(body) is None
+
+
+@pytest.mark.parametrize(("status", "headers", "retry_after"), [
+    (429, [], b"1"), (503, [], b"1"), (503, [(b"retry-after", b"7")], b"7"), (500, [], None), (200, [], None)])
+def test_refusals_say_when_to_retry(status, headers, retry_after):
+    """BentoML answers its own 429s (max_concurrency) and 503s (a full batch queue) without Retry-After."""
+    async def app(scope, receive, send):  # a downstream ASGI app answering `status`
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [(b"content-type", b"text/plain"), *headers]})
+        await send({"type": "http.response.body", "body": b"x"})
+
+    sent = []
+
+    async def send(message):
+        sent.append(message)
+
+    async def receive():
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    scope = {"type": "http", "path": "/segment", "headers": [(b"content-length", b"0")]}
+    asyncio.run(RequestGuard(app)(scope, receive, send))
+    assert sent[0]["status"] == status
+    assert dict(sent[0]["headers"]).get(b"retry-after") == retry_after

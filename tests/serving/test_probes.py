@@ -37,7 +37,7 @@ def check(readiness: Readiness) -> tuple[bool, str, float]:
         (None, False, "starting"),
         ("silent", False, "loading"),
         ("not-ready", False, "loading"),
-        ("refused", False, "unavailable (ConnectError)"),
+        ("refused", False, "the model engine is unavailable"),
         ("ready", True, "ready"),
     ],
 )

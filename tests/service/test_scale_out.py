@@ -1,0 +1,290 @@
+"""Scale out: the engine served alone (`bentoml serve service:SegmentationEngine`) and the public tier
+against it (`SEG_ENGINE_URL`), as two real servers on 127.0.0.1, beside the one-server default."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import re
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import psutil
+import pytest
+from PIL import Image
+from servers import free_port, kill_tree, start_server
+
+ADAPTERS = "acme/lora-a,acme/lora-b"
+HEAVY = ("torch", "transformers", "peft", "accelerate")
+
+
+def png_b64(seed: int, size: tuple[int, int] = (160, 120)) -> str:
+    pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+@pytest.fixture(scope="module")
+def split_home(tmp_path_factory, tiny_fixtures, lora_adapters) -> Path:
+    """The demo model and two random LoRA adapters: the public tier must stay torch-free with them."""
+    from lora import ADAPTERS as NAMES
+    from lora import import_adapter
+    from servers import import_fixtures
+
+    home = tmp_path_factory.mktemp("split-home")
+    import_fixtures(home, tiny_fixtures)
+    for adapter_id, name in NAMES.items():
+        import_adapter(home, lora_adapters[name], adapter_id)
+    return home
+
+
+@pytest.fixture(scope="module")
+def engine(split_home):
+    srv = start_server(split_home, {"SEG_ADAPTERS": ADAPTERS}, target="service:SegmentationEngine")
+    yield srv
+    kill_tree(srv.process.pid)
+
+
+@pytest.fixture(scope="module")
+def public(split_home, engine):
+    srv = start_server(split_home, {"SEG_ADAPTERS": ADAPTERS, "SEG_ENGINE_URL": engine.url, "SEG_API_WORKERS": "1",
+                                    "SEG_DEBUG_MODULES": "true"})
+    yield srv
+    kill_tree(srv.process.pid)
+
+
+@pytest.fixture(scope="module")
+def single(split_home):
+    srv = start_server(split_home, {"SEG_ADAPTERS": ADAPTERS, "SEG_DEBUG_MODULES": "true"})
+    yield srv
+    kill_tree(srv.process.pid)
+
+
+def requests_to_compare(tmp_path: Path) -> list[tuple[str, dict, int]]:
+    upload = tmp_path / "upload.png"
+    upload.write_bytes(base64.b64decode(png_b64(9, (333, 211))))
+    return [
+        ("json", {"route": "/segment", "body": {"image_base64": png_b64(1), "prompt": "cat ; dog"}}, 200),
+        ("json", {"route": "/segment", "body": {"image_base64": png_b64(2, (97, 180)), "prompt": "car",
+                                                "mask_format": "png", "return_input_image": True}}, 200),
+        ("json", {"route": "/segment", "body": {"image_base64": png_b64(3), "prompt": "tree",
+                                                "mask_format": "polygon", "model": "acme/lora-a"}}, 200),
+        ("json", {"route": "/detect", "body": {"image_base64": png_b64(4), "prompt": "person ; bus",
+                                               "model": "acme/lora-b", "labels_from_prompt": True}}, 200),
+        ("json", {"route": "/segment_batch", "body": {"requests": [
+            {"image_base64": png_b64(5), "prompt": "cat"},
+            {"image_base64": png_b64(6), "prompt": "dog", "task": "detect", "model": "no/such-model"}]}}, 200),
+        ("json", {"route": "/models", "body": {}}, 200),
+        ("json", {"route": "/segment", "body": {"image_base64": png_b64(7), "prompt": "cat", "model": "nope"}}, 400),
+        ("json", {"route": "/segment", "body": {"image_base64": "bm90IGFuIGltYWdl", "prompt": "cat"}}, 400),
+        ("multipart", {"route": "/segment", "files": {"image": upload}, "data": {"prompt": "cat ; car"}}, 200),
+        ("multipart", {"route": "/render", "files": {"image": upload}, "data": {"prompt": "cat"}}, 200),
+    ]
+
+
+def send(url: str, kind: str, spec: dict) -> httpx.Response:
+    if kind == "json":
+        return httpx.post(url + spec["route"], json=spec["body"], timeout=120)
+    files = {name: (path.name, path.read_bytes(), "image/png") for name, path in spec["files"].items()}
+    return httpx.post(url + spec["route"], files=files, data=spec["data"], timeout=120)
+
+
+def test_two_tiers_answer_byte_for_byte_as_one_server(single, public, tmp_path):
+    for kind, spec, status in requests_to_compare(tmp_path):
+        one, two = send(single.url, kind, spec), send(public.url, kind, spec)
+        assert one.status_code == status, (spec["route"], one.text[:300])
+        assert (two.status_code, two.headers["content-type"]) == (status, one.headers["content-type"]), \
+            (spec["route"], two.text[:300])
+        assert two.content == one.content, (spec["route"], one.text[:300], two.text[:300])
+
+
+def process_tree(server) -> list[psutil.Process]:
+    parent = psutil.Process(server.process.pid)
+    return [parent, *parent.children(recursive=True)]
+
+
+def loads_libtorch(proc: psutil.Process) -> bool:
+    return "libtorch" in Path(f"/proc/{proc.pid}/maps").read_text()
+
+
+def test_public_tier_never_loads_torch_or_transformers(public, engine, single):
+    # From inside the worker that serves requests: its own sys.modules.
+    for srv in (public, single):
+        modules = httpx.get(srv.url + "/debug/modules", timeout=10).json()["modules"]
+        assert "bentoml" in modules and "PIL" in modules  # the check sees what is loaded
+        assert not [m for m in HEAVY if m in modules], (srv.url, [m for m in HEAVY if m in modules])
+    # From outside: no process of the public tier (server and workers) has torch's library mapped,
+    # while the engine's do (so the check can fail).
+    assert not [p.pid for p in process_tree(public) if loads_libtorch(p)]
+    assert any(loads_libtorch(p) for p in process_tree(engine))
+    # The single server's public worker skips the model checks too; its engine worker loads torch.
+    assert any(loads_libtorch(p) for p in process_tree(single))
+    # The debug route is off unless asked for.
+    assert httpx.get(engine.url + "/debug/modules", timeout=10).status_code == 404
+
+
+def test_public_worker_starts_in_seconds(split_home, engine):
+    """From `bentoml serve` to the public tier's first answer, and from its worker's process start."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = {"SEG_ADAPTERS": ADAPTERS, "SEG_ENGINE_URL": engine.url, "SEG_API_WORKERS": "1"}
+    launched = time.time()
+    servers: list = []
+    starter = threading.Thread(target=lambda: servers.append(start_server(split_home, env, port=port)))
+    starter.start()
+    alive_at = None
+    try:
+        while alive_at is None and time.time() - launched < 60:
+            try:
+                if httpx.get(url + "/livez", timeout=0.5).status_code == 200:
+                    alive_at = time.time()
+            except httpx.HTTPError:
+                time.sleep(0.02)
+        starter.join(timeout=120)
+        [srv] = servers
+        [worker] = [p for p in psutil.Process(srv.process.pid).children(recursive=True)
+                    if "--service-name" in p.cmdline()]
+        worker_s, serve_s = alive_at - worker.create_time(), alive_at - launched
+        print(f"\n[scale-out] public tier: first answer {serve_s:.2f} s after `bentoml serve`, "
+              f"{worker_s:.2f} s after its worker process started")
+        assert worker_s < 10 and serve_s < 20  # targets 2 s and a few s on idle cores; loose for busy CI
+    finally:
+        starter.join(timeout=120)
+        for srv in servers:
+            kill_tree(srv.process.pid)
+
+
+def test_public_tier_metrics_and_engine_load_metrics(public, engine):
+    httpx.post(public.url + "/segment", json={"image_base64": png_b64(11), "prompt": "cat"}, timeout=120)
+    text = httpx.get(public.url + "/metrics", timeout=10).text
+    for stage in ("decode_input", "encode"):
+        assert re.search(rf'segmentation_stage_seconds_count{{stage="{stage}"}} [1-9]', text), stage
+    engine_text = httpx.get(engine.url + "/metrics", timeout=10).text
+    for stage in ("generate", "mask_decode"):
+        assert re.search(rf'segmentation_stage_seconds_count{{stage="{stage}"}} [1-9]', engine_text), stage
+    for gauge in ("seg_engine_requests_in_flight", "seg_engine_running_slots", "seg_engine_queue_length"):
+        assert re.search(rf"^{gauge} 0\.0$", engine_text, re.M), gauge  # idle again
+    assert re.search(r"^seg_engine_slots 16\.0$", engine_text, re.M)
+    for name in ("seg_engine_time_to_first_step_seconds", "seg_engine_steps_per_request",
+                 "seg_engine_tokens_per_second"):
+        assert f"# TYPE {name}" in engine_text, name
+
+
+async def fire(url: str, bodies: list[dict], concurrency: int) -> list[httpx.Response | None]:
+    limit = asyncio.Semaphore(concurrency)
+    async with httpx.AsyncClient(timeout=120) as client:
+        async def one(body):
+            async with limit:
+                try:
+                    return await client.post(url + "/segment", json=body)
+                except httpx.HTTPError:
+                    return None
+        return await asyncio.gather(*(one(b) for b in bodies))
+
+
+def test_a_full_engine_sheds_at_once_with_retry_after(split_home, engine):
+    srv = start_server(split_home, {"SEG_ENGINE_URL": engine.url, "SEG_ENGINE_MAX_IN_FLIGHT": "1",
+                                    "SEG_ADAPTERS": ADAPTERS})
+    try:
+        bodies = [{"image_base64": png_b64(100 + i), "prompt": "cat ; dog"} for i in range(12)]
+        started = time.perf_counter()
+        responses = asyncio.run(fire(srv.url, bodies, concurrency=12))
+        statuses = [r.status_code if r is not None else 0 for r in responses]
+        assert set(statuses) == {200, 503}, statuses
+        shed = [r for r in responses if r.status_code == 503]
+        assert all(r.headers["retry-after"] == "1" and "overloaded" in r.json()["error"] for r in shed)
+        assert time.perf_counter() - started < 60
+    finally:
+        kill_tree(srv.process.pid)
+
+
+def test_requests_spread_over_engine_replicas(split_home, engine):
+    second = start_server(split_home, {"SEG_ADAPTERS": ADAPTERS}, target="service:SegmentationEngine")
+    srv = start_server(split_home, {"SEG_ENGINE_URL": f"{engine.url},{second.url}", "SEG_ADAPTERS": ADAPTERS})
+    try:
+        def predicts(url: str) -> float:
+            text = httpx.get(url + "/metrics", timeout=10).text
+            return sum(float(v) for v in re.findall(
+                r'^bentoml_service_request_total\{[^}]*endpoint="/predict"[^}]*\} (\S+)$', text, re.M))
+
+        before = predicts(engine.url), predicts(second.url)
+        bodies = [{"image_base64": png_b64(200 + i), "prompt": "cat"} for i in range(16)]
+        responses = asyncio.run(fire(srv.url, bodies, concurrency=8))
+        assert [r.status_code for r in responses] == [200] * 16
+        served = predicts(engine.url) - before[0], predicts(second.url) - before[1]
+        assert sum(served) == 16 and min(served) >= 4, served
+    finally:
+        kill_tree(srv.process.pid)
+        kill_tree(second.process.pid)
+
+
+@pytest.mark.slow
+def test_a_killed_engine_is_answered_503_at_once_and_served_again_after_its_restart(split_home):
+    port = free_port()
+    engine_env = {"SEG_ADAPTERS": ADAPTERS}
+    first = start_server(split_home, engine_env, target="service:SegmentationEngine", port=port)
+    public = start_server(split_home, {**engine_env, "SEG_ENGINE_URL": first.url})
+    engines = [first]
+    try:
+        bodies = [{"image_base64": png_b64(300 + i), "prompt": "cat ; dog"} for i in range(6)]
+        expected = [httpx.post(public.url + "/segment", json=b, timeout=120).content for b in bodies]
+        results: list[tuple[int, int, bytes, str | None]] = []
+        stop = threading.Event()
+
+        def load(worker: int) -> None:  # a bounded loop: each client sends until stopped, at most 150
+            with httpx.Client(timeout=120) as client:
+                for n in range(150):
+                    if stop.is_set():
+                        return
+                    i = (worker + n) % len(bodies)
+                    r = client.post(public.url + "/segment", json=bodies[i])
+                    results.append((i, r.status_code, r.content, r.headers.get("retry-after")))
+                    if r.status_code == 503:
+                        time.sleep(0.2)
+
+        threads = [threading.Thread(target=load, args=(w,)) for w in range(4)]
+        for t in threads:
+            t.start()
+        time.sleep(3)
+        kill_tree(first.process.pid)
+        killed = time.perf_counter()
+        first_503 = None
+        while time.perf_counter() - killed < 5:
+            r = httpx.post(public.url + "/segment", json=bodies[0], timeout=10)
+            if r.status_code == 503:
+                first_503 = time.perf_counter() - killed
+                assert r.headers["retry-after"] == "1"
+                break
+        assert first_503 is not None and first_503 < 1.0, first_503
+        engines.append(start_server(split_home, engine_env, target="service:SegmentationEngine", port=port))
+        restarted = time.perf_counter()
+        recovered = None
+        while time.perf_counter() - restarted < 60:
+            if httpx.post(public.url + "/segment", json=bodies[1], timeout=60).status_code == 200:
+                recovered = time.perf_counter() - restarted
+                break
+            time.sleep(0.2)
+        assert recovered is not None, public.logs()
+        time.sleep(2)
+        stop.set()
+        for t in threads:
+            t.join(timeout=120)
+        statuses = [status for _, status, _, _ in results]
+        print(f"\n[scale-out] engine kill: first 503 after {first_503:.3f} s; served again {recovered:.1f} s after the "
+              f"engine was ready; load loop {len(results)} requests: "
+              f"{ {s: statuses.count(s) for s in sorted(set(statuses))} }")
+        assert set(statuses) <= {200, 503}, statuses
+        assert statuses.count(503) > 0 and statuses.count(200) > 0
+        assert all(retry == "1" for _, status, _, retry in results if status == 503)
+        wrong = [i for i, status, content, _ in results if status == 200 and content != expected[i]]
+        assert not wrong, f"{len(wrong)} answers differ from their request's own"
+        assert httpx.get(public.url + "/readyz", timeout=5).status_code == 200
+    finally:
+        kill_tree(public.process.pid)
+        for srv in engines:
+            kill_tree(srv.process.pid)

@@ -2,9 +2,12 @@
 
 Two services in one server:
 
-- `SegmentationEngine` owns the models (PaliGemma variants and the mask decoder) and exposes one
-  batchable API: BentoML gathers concurrent requests into a batch, the engine runs it and answers
-  each item with its own outcome (one item's failure never fails its neighbours).
+- `SegmentationEngine` owns the models (PaliGemma variants and the mask decoder). With step-level
+  batching (`SEG_SCHEDULER=steps`, the default with the graph engine) its `predict` API takes each
+  request as it comes and hands it to the engine's scheduler, which lets it join the running batch
+  between decode steps and answers it when its own row ends. With `SEG_SCHEDULER=batches` the API is
+  batchable: BentoML gathers concurrent requests into a batch that runs to its longest row. Either way
+  each item gets its own outcome (one item's failure never fails its neighbours).
 - `Segmentation` is the public face: it reads and checks each request, sends the model's share to
   the engine, and pastes and encodes the masks, so CPU work runs beside the batched model work.
 
@@ -47,6 +50,7 @@ from segmentation.serving.guard import RequestGuard
 from segmentation.serving.metrics import (
     EngineLoad,
     EngineLoadMiddleware,
+    SchedulerMetrics,
     observe_outcome,
     observe_stage,
     set_engine_slots,
@@ -69,6 +73,7 @@ refuse_bentoml_downloads()
 
 class SegmentationEngine:
     def __init__(self) -> None:
+        from segmentation.model.graph.decoder import GraphSettings  # torch: the engine's process only
         from segmentation.serving.pool import ModelPool
 
         self.pool = ModelPool.load(
@@ -85,10 +90,18 @@ class SegmentationEngine:
             share_images=SETTINGS.share_images,
             max_new_tokens=SETTINGS.max_new_tokens,
             objects_per_class=SETTINGS.objects_per_class,
+            graph=GraphSettings(buckets=SETTINGS.graph_buckets, sync_every=SETTINGS.sync_every,
+                                prompt_tokens=SETTINGS.graph_prompt_tokens),
+            batch_invariant=SETTINGS.batch_invariant,
         )
-        # One short generation per model, so /readyz turns green only when answers are fast.
+        # One short generation per model (graph engines capture their CUDA graphs in it), so /readyz
+        # turns green only when answers are fast.
         self.pool.warm_up()
-        set_engine_slots(SETTINGS.max_batch_size)
+        if SETTINGS.scheduler == "steps":
+            metrics = SchedulerMetrics(ENGINE_LOAD)
+            self.pool.start_schedulers(on_finish=metrics.row_finished, on_step=metrics.stepped,
+                                       max_wait_s=SETTINGS.max_latency_ms / 1000)
+        set_engine_slots(SETTINGS.graph_buckets[-1] if SETTINGS.scheduler == "steps" else SETTINGS.max_batch_size)
 
     def _model_dir(self, index: int, model_id: str) -> Path:
         if SETTINGS.model_source == "hub":
@@ -104,20 +117,32 @@ class SegmentationEngine:
         """The served models: id, input size, default; then the LoRA adapters with their base."""
         return self.pool.describe()
 
-    # BentoML refuses max_batch_size=1 for a batchable API: SEG_MAX_BATCH_SIZE=1 turns batching off.
-    @bentoml.api(**(
-        dict(batchable=True, max_batch_size=SETTINGS.max_batch_size, max_latency_ms=SETTINGS.max_latency_ms)
-        if SETTINGS.max_batch_size > 1 else {}
-    ))
-    def predict(self, items: list[EngineItem]) -> list[EngineOutcome]:
-        ENGINE_LOAD.batch_started(len(items))
-        try:
-            outcomes = self.pool.predict(predict_requests(items))
-        finally:
-            ENGINE_LOAD.batch_finished()
-        for outcome in outcomes:
-            observe_outcome(outcome)
-        return [engine_outcome(outcome) for outcome in outcomes]
+    if SETTINGS.scheduler == "steps":
+        @bentoml.api
+        async def predict(self, items: list[EngineItem]) -> list[EngineOutcome]:
+            # Each request on its own: the scheduler batches at the level of decode steps. A request
+            # cancelled here (its client left) frees its slot.
+            requests = predict_requests(items)
+            outcomes = await asyncio.gather(*(
+                self.pool.predict_one(r, timeout_s=SETTINGS.request_timeout_s) for r in requests))
+            for outcome in outcomes:
+                observe_outcome(outcome)
+            return [engine_outcome(outcome) for outcome in outcomes]
+    else:
+        # BentoML refuses max_batch_size=1 for a batchable API: SEG_MAX_BATCH_SIZE=1 turns batching off.
+        @bentoml.api(**(
+            dict(batchable=True, max_batch_size=SETTINGS.max_batch_size, max_latency_ms=SETTINGS.max_latency_ms)
+            if SETTINGS.max_batch_size > 1 else {}
+        ))
+        def predict(self, items: list[EngineItem]) -> list[EngineOutcome]:
+            ENGINE_LOAD.batch_started(len(items))
+            try:
+                outcomes = self.pool.predict(predict_requests(items))
+            finally:
+                ENGINE_LOAD.batch_finished()
+            for outcome in outcomes:
+                observe_outcome(outcome)
+            return [engine_outcome(outcome) for outcome in outcomes]
 
 
 # The models the engine serves are class attributes, so `bentoml build` records them in the bento and

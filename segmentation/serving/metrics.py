@@ -23,6 +23,7 @@ runs the model):
 from __future__ import annotations
 
 import threading
+import time
 from typing import TYPE_CHECKING
 
 from prometheus_client import Gauge, Histogram
@@ -117,6 +118,29 @@ def set_tokens_per_second(value: float) -> None:
     ENGINE_TOKENS_PER_SECOND.set(value)
 
 
+class SchedulerMetrics:
+    """Publishes step-level batching as it happens: the scheduler calls `row_finished` as each row ends
+    and `stepped` after each group of steps (from its own thread)."""
+
+    def __init__(self, load: EngineLoad, window_s: float = 10.0) -> None:
+        self.load = load
+        self.window_s = window_s
+        self._marks: list[tuple[float, int]] = []  # (time, tokens so far) within the window
+
+    def row_finished(self, job, generation) -> None:
+        if job.first_step is not None:
+            observe_time_to_first_step(job.first_step - job.submitted)
+        observe_steps_per_request(job.steps)
+
+    def stepped(self, scheduler) -> None:
+        self.load.rows_running(scheduler.running)
+        now = time.monotonic()
+        self._marks = [m for m in self._marks if now - m[0] <= self.window_s] + [(now, scheduler.stats.tokens)]
+        (first, tokens_then), (_, tokens_now) = self._marks[0], self._marks[-1]
+        if now > first:
+            set_tokens_per_second((tokens_now - tokens_then) / (now - first))
+
+
 class EngineLoad:
     """Requests in flight at the engine and rows running, kept consistent: queued = in flight - running.
 
@@ -145,6 +169,12 @@ class EngineLoad:
             self._publish()
 
     def batch_started(self, rows: int) -> None:
+        with self._lock:
+            self.running = rows
+            self._publish()
+
+    def rows_running(self, rows: int) -> None:
+        """Step-level batching: the rows in the running batch now."""
         with self._lock:
             self.running = rows
             self._publish()

@@ -109,14 +109,15 @@ class ModelPool:
             if outcome.error:
                 raise RuntimeError(f"warm-up of {model_id} failed: {outcome.error}")
 
-    def start_schedulers(self, on_finish=None, max_wait_s: float | None = None) -> None:
+    def start_schedulers(self, on_finish=None, on_step=None, max_wait_s: float | None = None) -> None:
         """Serve requests one at a time through a step-level scheduler per base model (graph engines).
         `on_finish(job, generation)` is called as each row ends (metrics); a request that waits more
         than `max_wait_s` for a slot is answered 503."""
         for model_id, engine in self.engines.items():
             if engine.generation != "graph":
                 raise ValueError(f"step-level batching needs the graph engine; {model_id} runs {engine.generation!r}")
-            self.schedulers[model_id] = StepScheduler(engine, on_finish=on_finish, max_wait_s=max_wait_s)
+            self.schedulers[model_id] = StepScheduler(engine, on_finish=on_finish, on_step=on_step,
+                                                      max_wait_s=max_wait_s)
 
     def close(self) -> None:
         for scheduler in self.schedulers.values():

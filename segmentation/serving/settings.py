@@ -16,7 +16,8 @@ from urllib.parse import urlsplit
 
 DEFAULT_MODEL = "google/paligemma2-3b-mix-448"
 VAE_TAG = "vae-oid"
-ENGINES = ("fast", "hf-generate")
+ENGINES = ("auto", "graph", "fast", "hf-generate")
+SCHEDULERS = ("auto", "steps", "batches")
 DTYPES = ("auto", "float32", "bfloat16")
 
 ENV_DOCS: dict[str, tuple[str, str]] = {
@@ -33,8 +34,21 @@ ENV_DOCS: dict[str, tuple[str, str]] = {
     "SEG_MAX_NEW_TOKENS": ("512", "ceiling on generated tokens per image"),
     "SEG_OBJECTS_PER_CLASS": ("5", "objects per class the token budget leaves room for"),
     "SEG_CONSTRAINED": ("true", "grammar-constrained decoding (well-formed objects only)"),
-    "SEG_ENGINE": ("fast", "`fast`: the engine's own decode loop; `hf-generate`: transformers' `generate` "
-                           "(the engine before; the same tokens, slower)"),
+    "SEG_ENGINE": ("auto", "`graph`: a fixed-shape decode step over a static KV cache with the grammar on the device, "
+                           "one CUDA graph per batch bucket on GPUs; `fast`: the engine's own eager loop; "
+                           "`hf-generate`: transformers' `generate` (the same tokens, slowest); `auto`: `graph`"),
+    "SEG_SCHEDULER": ("auto", "`steps`: requests join and leave the running batch between decode steps (graph engine); "
+                              "`batches`: BentoML's adaptive batches, each run to its longest row; `auto`: `steps` "
+                              "with the graph engine"),
+    "SEG_GRAPH_BUCKETS": ("", "batch sizes the graph engine keeps a step (a CUDA graph) for, comma-separated; "
+                              "default: 1, 2, 4, … up to SEG_MAX_BATCH_SIZE (the largest is the number of slots)"),
+    "SEG_SYNC_EVERY": ("", "graph engine: decode steps between the host's checks for finished rows "
+                           "(default 1 on CPUs, 8 on GPUs)"),
+    "SEG_GRAPH_PROMPT_TOKENS": ("64", "graph engine: prompt text tokens its cache holds beside the image "
+                                      "(longer prompts run the `fast` loop)"),
+    "SEG_BATCH_INVARIANT": ("false", "batch-invariant kernels on GPUs (and one padded prompt length): a request's "
+                                     "answer is the same bits in any batch; opt-in, cost unmeasured "
+                                     "(docs/batch-invariance.md)"),
     "SEG_SHARE_IMAGES": ("true", "run the vision tower once per distinct picture of a batch (`fast` engine)"),
     "SEG_DTYPE": ("auto", "model weights: `auto` (bfloat16 on GPUs, float32 on CPUs), `float32`, or "
                           "`bfloat16` (faster on CPUs with native bfloat16, but different answers)"),
@@ -100,7 +114,12 @@ class Settings:
     max_new_tokens: int = 512
     objects_per_class: int = 5
     constrained: bool = True
-    engine: str = "fast"
+    engine: str = "graph"
+    scheduler: str = "steps"
+    graph_buckets: tuple[int, ...] = (1, 2, 4, 8, 16)
+    sync_every: int | None = None
+    graph_prompt_tokens: int = 64
+    batch_invariant: bool = False
     share_images: bool = True
     dtype: str = "auto"
     max_image_bytes: int = 20 * 1024 * 1024
@@ -133,6 +152,22 @@ class Settings:
         engine, dtype = _env("SEG_ENGINE").lower(), _env("SEG_DTYPE").lower()
         if engine not in ENGINES:
             raise ValueError(f"SEG_ENGINE must be one of {', '.join(ENGINES)}, not {engine!r}")
+        engine = "graph" if engine == "auto" else engine
+        scheduler = _env("SEG_SCHEDULER").lower()
+        if scheduler not in SCHEDULERS:
+            raise ValueError(f"SEG_SCHEDULER must be one of {', '.join(SCHEDULERS)}, not {scheduler!r}")
+        if scheduler == "steps" and engine != "graph":
+            raise ValueError(f"SEG_SCHEDULER=steps needs SEG_ENGINE=graph (it is {engine!r})")
+        scheduler = ("steps" if engine == "graph" else "batches") if scheduler == "auto" else scheduler
+        max_batch_size = int(_env("SEG_MAX_BATCH_SIZE"))
+        buckets = _env("SEG_GRAPH_BUCKETS")
+        try:
+            graph_buckets = tuple(sorted({int(b) for b in buckets.split(",") if b.strip()})) if buckets else \
+                tuple(2**i for i in range(max_batch_size.bit_length()) if 2**i < max_batch_size) + (max_batch_size,)
+        except ValueError:
+            raise ValueError(f"SEG_GRAPH_BUCKETS must be comma-separated batch sizes, not {buckets!r}") from None
+        if not graph_buckets or graph_buckets[0] < 1:
+            raise ValueError(f"SEG_GRAPH_BUCKETS must name batch sizes of 1 or more, not {buckets!r}")
         if dtype not in DTYPES:
             raise ValueError(f"SEG_DTYPE must be one of {', '.join(DTYPES)}, not {dtype!r}")
         return cls(
@@ -140,13 +175,18 @@ class Settings:
             adapters=adapters,
             model_source=source,
             vae_tag=_env("SEG_VAE_TAG"),
-            max_batch_size=int(_env("SEG_MAX_BATCH_SIZE")),
+            max_batch_size=max_batch_size,
             max_latency_ms=int(_env("SEG_MAX_LATENCY_MS")),
             device=_env("SEG_DEVICE").lower(),
             max_new_tokens=int(_env("SEG_MAX_NEW_TOKENS")),
             objects_per_class=int(_env("SEG_OBJECTS_PER_CLASS")),
             constrained=_flag("SEG_CONSTRAINED"),
             engine=engine,
+            scheduler=scheduler,
+            graph_buckets=graph_buckets,
+            sync_every=int(_env("SEG_SYNC_EVERY")) if _env("SEG_SYNC_EVERY") else None,
+            graph_prompt_tokens=int(_env("SEG_GRAPH_PROMPT_TOKENS")),
+            batch_invariant=_flag("SEG_BATCH_INVARIANT"),
             share_images=_flag("SEG_SHARE_IMAGES"),
             dtype=dtype,
             max_image_bytes=int(_env("SEG_MAX_IMAGE_BYTES")),

@@ -78,12 +78,13 @@ class StepScheduler:
     """
 
     def __init__(self, engine, *, max_prefill: int | None = None, max_wait_s: float | None = None,
-                 on_finish=None):
+                 on_finish=None, on_step=None):
         self.engine = engine
         self.max_wait_s = max_wait_s  # longest a request may wait for a slot before it is shed (Overloaded)
         self.decoder = engine.decoder
         self.max_prefill = max_prefill or self.decoder.slots
         self.on_finish = on_finish  # called with each finished Job (metrics), from the scheduler thread
+        self.on_step = on_step  # called with the scheduler after each group of steps (metrics)
         self.stats = SchedulerStats()
         self._queue: deque[Job] = deque()
         self._slots: list[Job | None] = [None] * self.decoder.slots
@@ -239,6 +240,8 @@ class StepScheduler:
         done = [job for job in occupied if finished[job.slot]]
         if done:
             self._deliver(done)
+        if self.on_step is not None:
+            self.on_step(self)
 
     def _deliver(self, jobs: list[Job]) -> None:
         results = self.decoder.results([job.slot for job in jobs])

@@ -73,6 +73,10 @@ ENGINE_STEPS_PER_REQUEST = Histogram(
     "seg_engine_steps_per_request", "Decode steps a request took part in",
     buckets=(1, 8, 16, 32, 64, 128, 256, 512, 1024),
 )
+ENGINE_STEP_ROWS = Histogram(
+    "seg_engine_step_rows", "Rows in the running batch, once per group of decode steps (step-level batching)",
+    buckets=(1, 2, 4, 8, 16, 32, 64),
+)
 ENGINE_TOKENS_PER_SECOND = Gauge(
     "seg_engine_tokens_per_second", "Tokens generated per second over the engine's last batch or step window",
     multiprocess_mode="livesum",
@@ -133,6 +137,7 @@ class SchedulerMetrics:
         observe_steps_per_request(job.steps)
 
     def stepped(self, scheduler) -> None:
+        ENGINE_STEP_ROWS.observe(scheduler.running)
         self.load.rows_running(scheduler.running)
         now = time.monotonic()
         self._marks = [m for m in self._marks if now - m[0] <= self.window_s] + [(now, scheduler.stats.tokens)]

@@ -89,13 +89,16 @@ class ModelPool:
         return next(iter(self.engines))
 
     def describe(self) -> list[dict]:
-        """The served models (id, input size, default), then the LoRA adapters with their base."""
+        """The served models (id, input size, default, where batched answers equal solo ones), then the
+        LoRA adapters with their base."""
         models = [
-            {"id": model_id, "image_size": engine.image_size, "default": model_id == self.default_model}
+            {"id": model_id, "image_size": engine.image_size, "default": model_id == self.default_model,
+             "batched_equals_solo": engine.invariance()}
             for model_id, engine in self.engines.items()
         ]
         adapters = [
-            {"id": adapter_id, "image_size": self.engines[base].image_size, "default": False, "base": base}
+            {"id": adapter_id, "image_size": self.engines[base].image_size, "default": False, "base": base,
+             "batched_equals_solo": self.engines[base].invariance()}
             for adapter_id, base in self.adapters.items()
         ]
         return models + adapters

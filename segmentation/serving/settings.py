@@ -27,9 +27,10 @@ ENV_DOCS: dict[str, tuple[str, str]] = {
     "SEG_MODEL_SOURCE": ("store", "`store`: models from the BentoML model store (baked into a bento); "
                                   "`hub`: download at start into the Hugging Face cache (HF_HOME)"),
     "SEG_VAE_TAG": (VAE_TAG, "BentoML model tag of the vae-oid.npz mask decoder"),
-    "SEG_MAX_BATCH_SIZE": ("16", "largest adaptive batch the engine runs"),
-    "SEG_MAX_LATENCY_MS": ("20000", "longest a request may wait for and in its batch before the batcher "
-                                    "sheds it with 503, ms"),
+    "SEG_MAX_BATCH_SIZE": ("16", "largest batch the engine runs (the running batch's slots with step-level "
+                                 "batching)"),
+    "SEG_MAX_LATENCY_MS": ("20000", "longest a request may wait for a slot (step-level batching) or for and in "
+                                    "its batch (adaptive batches) before it is shed with 503, ms"),
     "SEG_DEVICE": ("auto", "`auto` (GPU when present), `cuda`, `cuda:N` or `cpu`"),
     "SEG_MAX_NEW_TOKENS": ("512", "ceiling on generated tokens per image"),
     "SEG_OBJECTS_PER_CLASS": ("5", "objects per class the token budget leaves room for"),

@@ -127,7 +127,9 @@ def test_sync_client_every_api(server, images):
         overlay = client.render(image=images[1], prompt="cat")
         assert overlay.size == (97, 180)
         listed = client.models()
-        assert listed["models"] == [{"id": DEMO_MODEL, "image_size": 224, "default": True}]
+        [served] = listed["models"]
+        assert served.pop("batched_equals_solo").startswith("batched ≡ solo on cpu")
+        assert served == {"id": DEMO_MODEL, "image_size": 224, "default": True}
         batch = client.segment_batch(requests=[
             {"image_base64": b64(images[0]), "prompt": "cat"},
             {"image_base64": "not base64!", "prompt": "cat"},

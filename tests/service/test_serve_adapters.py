@@ -20,7 +20,7 @@ from answers import same_answer
 from lora import ADAPTERS, FINETUNED, SERVED_ADAPTERS, import_adapter, run_import
 from PIL import Image
 from servers import DEMO_MODEL, ROOT, import_fixtures
-from test_load import batch_histogram, post_all
+from test_load import post_all, step_rows
 
 
 def image_b64(seed: int, width: int = 200, height: int = 150) -> str:
@@ -83,12 +83,12 @@ def test_mixed_concurrent_requests_equal_their_solo_answers(adapter_server):
               for seed, prompt in ((0, "cat"), (1, "dog ; car"), (2, "the man on the left"))
               for model in (DEMO_MODEL, *ADAPTERS)]
     bodies.append({"image_base64": image_b64(0), "prompt": "cat", "model": FINETUNED})
-    before = batch_histogram(httpx.get(adapter_server.url + "/metrics", timeout=30).text)
+    before = step_rows(httpx.get(adapter_server.url + "/metrics", timeout=30).text)
     together = asyncio.run(post_all(adapter_server.url, bodies, concurrency=len(bodies)))
-    after = batch_histogram(httpx.get(adapter_server.url + "/metrics", timeout=30).text)
+    after = step_rows(httpx.get(adapter_server.url + "/metrics", timeout=30).text)
     assert [r.status_code for r in together] == [200] * len(bodies), [r.text[:200] for r in together]
-    sizes, batches = after[0] - before[0], after[1] - before[1]
-    assert sizes == len(bodies) and batches < len(bodies)  # some batches held several models
+    rows, groups = after[0] - before[0], after[1] - before[1]
+    assert groups > 0 and rows / groups > 1.5  # the running batch held several requests (and models)
     for body, response in zip(bodies, together):
         assert response.json()["model"] == body["model"]
         alone = httpx.post(adapter_server.url + "/segment", json=body, timeout=120)

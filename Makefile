@@ -8,7 +8,7 @@ FIXTURES ?= .fixtures/tiny
 PORT ?= 3000
 export BENTOML_HOME ?= $(CURDIR)/.bentoml
 
-.PHONY: install test test-slow bench lint fixtures import-demo demo serve build clean system-tools image-tools image image-test bench-engine bench-gpu
+.PHONY: install test test-slow bench lint fixtures import-demo demo serve build clean system-tools image-tools image image-test bench-engine bench-gpu bench-scheduler
 
 # The demo serves a random-weight model with the real architecture under this id.
 DEMO_MODEL := demo/paligemma2-tiny-random
@@ -84,6 +84,12 @@ bench-engine: install
 	$(PY) scripts/benchmark.py --start --size medium --compare-engines --engine-micro \
 		$(if $(SEED_DIR),--seed-dir $(SEED_DIR)) --concurrency 1,8,16 --requests 32 --warmup 8 --rounds 2 \
 		--max-new-tokens 100 --out benchmarks-out/engine.json --plot benchmarks-out/engine.png
+
+# Step-level batching against the service before it (SEG_ENGINE=fast in adaptive batches), one run, same
+# medium model, 100 new tokens, prompts of 1 to 4 classes, 1, 4 and 16 clients (about 15 minutes here).
+bench-scheduler: install
+	$(PY) scripts/benchmark.py --start --size medium --compare-schedulers --concurrency 1,4,16 --requests 32 \
+		--warmup 8 --rounds 2 --max-new-tokens 100 --out benchmarks-out/scheduler.json --plot benchmarks-out/scheduler.png
 
 # One GPU (under 8 minutes, no network): the 3b-448 fixture, raw generation with and without the fast
 # loop at batch 1/8/16/32, the service at 1/16/64 clients, peak GPU memory.

@@ -45,6 +45,7 @@ from segmentation.serving.bento import (
     refuse_bentoml_downloads,
     strict_api,
 )
+from segmentation.serving.disconnect import CancelOnDisconnect
 from segmentation.serving.engines import LocalEngine, RemoteEngines
 from segmentation.serving.guard import RequestGuard
 from segmentation.serving.metrics import (
@@ -165,6 +166,8 @@ SegmentationEngine = bentoml.service(
 
 
 SegmentationEngine.add_asgi_middleware(EngineLoadMiddleware, load=ENGINE_LOAD)
+# A request whose caller left stops at once (with step-level batching its slot is freed).
+SegmentationEngine.add_asgi_middleware(CancelOnDisconnect, paths=frozenset({"/predict"}))
 
 
 class Segmentation:
@@ -355,6 +358,8 @@ Segmentation = bentoml.asgi_app(webui.create_app(), path="/ui")(  # the page to 
     )(Segmentation)
 )
 Segmentation.add_asgi_middleware(HealthProbes, readiness=READINESS, debug_modules=SETTINGS.debug_modules)
+Segmentation.add_asgi_middleware(CancelOnDisconnect,
+                                 paths=frozenset({"/segment", "/detect", "/render", "/segment_batch"}))
 Segmentation.add_asgi_middleware(
     RequestGuard,
     api_keys=SETTINGS.api_keys,

@@ -63,9 +63,11 @@ from seed_service import count_tokens, ensure_venv, seed_prompt, served_seed  # 
 from servers import import_fixtures, kill_tree, start_server  # noqa: E402  (tests/servers.py)
 
 IMAGE_SIZES = ((640, 480), (1024, 768), (320, 240), (800, 800), (480, 640), (224, 224))
-PROMPTS = ("cat", "cat ; dog", "person", "car ; bus ; truck", "the man on the left", "bird")
+PROMPTS = ("cat", "cat ; dog", "person", "car ; bus ; truck", "the man on the left", "bird",
+           "car ; bus ; truck ; person")  # 1 to 4 classes: rows of very different lengths
 DISTINCT_IMAGES = 24
 BATCH_METRIC = "bentoml_service_adaptive_batch_size"
+STEP_ROWS_METRIC = "seg_engine_step_rows"  # step-level batching: running rows per group of steps
 UNBATCHED = "scripts.benchmark_unbatched:Segmentation"
 TARGETS = {
     "batching_speedup": 2.2,  # adaptive / max_batch_size=1 throughput at the highest concurrency
@@ -123,7 +125,8 @@ def scrape(url: str) -> dict:
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
             name, labels, value = sample.name, sample.labels, sample.value
-            if name.startswith(BATCH_METRIC) and labels.get("method_name") == "predict":
+            if (name.startswith(BATCH_METRIC) and labels.get("method_name") == "predict") or \
+                    name.startswith(STEP_ROWS_METRIC):
                 if name.endswith("_bucket"):
                     out["batch_buckets"][labels["le"]] += value
                 elif name.endswith("_sum"):
@@ -464,7 +467,7 @@ def compare_configs(report: dict) -> dict:
             }
     for row in table.values():
         for name, figures in row.items():
-            for other in ("hf-generate", "original"):
+            for other in ("hf-generate", "fast-batches", "original"):
                 if other in row and other != name and row[other]["requests_per_s"]:
                     figures[f"x_{other}"] = round(figures["requests_per_s"] / row[other]["requests_per_s"], 2)
     return table
@@ -691,6 +694,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="time a tiny-model server from start to /readyz green (RUNS times, default 2)")
     parser.add_argument("--label", action="store_true",
                         help="the labelling command's images/s vs the service's best and a sequential loop")
+    parser.add_argument("--compare-schedulers", action="store_true",
+                        help="also serve the service before step-level batching (SEG_ENGINE=fast, "
+                             "SEG_SCHEDULER=batches) beside the default (graph engine, step-level batching)")
     parser.add_argument("--compare-engines", action="store_true",
                         help="also serve SEG_ENGINE=hf-generate (and SEG_DTYPE=bfloat16 where the CPU has it)")
     parser.add_argument("--engine-micro", action="store_true",
@@ -710,7 +716,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("give --url or --start (or only --baseline / --micro / --readyz with --fixtures)")
     if args.label and not (args.url or args.start):
         parser.error("--label drives a server: use it with --url or --start")
-    for flag in ("compare_batching", "compare_adapters", "compare_engines", "seed_dir"):
+    for flag in ("compare_batching", "compare_adapters", "compare_engines", "compare_schedulers", "seed_dir"):
         if getattr(args, flag) and not args.start:
             parser.error(f"--{flag.replace('_', '-')} starts its servers: use it with --start")
     levels = [int(c) for c in args.concurrency.split(",") if c.strip()]
@@ -749,10 +755,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.start and args.compare_batching:
         # SEG_MAX_BATCH_SIZE=1 stops service.py at import (BentoML wants > 1): UNBATCHED serves batches of one.
         configs.append(("max_batch_size_1", UNBATCHED, {}))
+    if args.start and args.compare_schedulers:
+        # The service before step-level batching: the eager loop in BentoML's adaptive batches.
+        configs.append(("fast-batches", "service:Segmentation", {"SEG_ENGINE": "fast", "SEG_SCHEDULER": "batches"}))
     if args.start and args.compare_engines:
-        configs.append(("hf-generate", "service:Segmentation", {"SEG_ENGINE": "hf-generate"}))
+        configs.append(("hf-generate", "service:Segmentation", {"SEG_ENGINE": "hf-generate",
+                                                                "SEG_SCHEDULER": "batches"}))
         if cpu_has_native_bfloat16():
-            configs.append(("fast-bfloat16", "service:Segmentation", {"SEG_DTYPE": "bfloat16"}))
+            configs.append(("fast-bfloat16", "service:Segmentation", {"SEG_DTYPE": "bfloat16", "SEG_ENGINE": "fast",
+                                                                      "SEG_SCHEDULER": "batches"}))
     if args.start and args.seed_dir:
         configs.append(("original", "seed", {}))
     configs = configs if (args.url or args.start) else []

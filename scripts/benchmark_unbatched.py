@@ -3,7 +3,8 @@
 `SEG_MAX_BATCH_SIZE=1` stops `service.py` at import (BentoML 1.4.40 requires `max_batch_size > 1`,
 and its batch-size histogram needs a largest bucket above 1), so `scripts/benchmark.py
 --compare-batching` serves this module instead: the same services and the same adaptive dispatcher,
-which here never puts more than one request in a batch.
+which here never puts more than one request in a batch (with step-level batching: a running batch
+of one slot).
 
     bentoml serve scripts.benchmark_unbatched:Segmentation
 """
@@ -15,6 +16,7 @@ import os
 from bentoml._internal.marshal.dispatcher import CorkDispatcher
 
 os.environ["SEG_MAX_BATCH_SIZE"] = "2"  # the smallest value BentoML accepts; each dispatcher takes 1
+os.environ["SEG_GRAPH_BUCKETS"] = "1"  # step-level batching: one slot, so one request at a time
 
 from service import Segmentation  # noqa: E402
 

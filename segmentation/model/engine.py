@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,6 +78,9 @@ class PaliGemmaEngine:
         self.processor = processor
         self.tokenizer = processor.tokenizer
         self.tokenizer.padding_side = "left"  # right padding breaks batched == solo
+        # A fast tokenizer sets its padding and truncation on its Rust object at every call: two threads
+        # at once (the scheduler's and a request's) garble each other's inputs.
+        self._tokenizer_lock = threading.RLock()
         self.constrained = constrained
         self.max_new_tokens = max_new_tokens
         self.objects_per_class = objects_per_class
@@ -145,7 +149,9 @@ class PaliGemmaEngine:
     def row_spec(self, prompt: Prompt, budget: int | None = None) -> RowSpec:
         """A row's own budget (grown with its classes, see `max_new_tokens_for`) and label length."""
         # Labels follow the mask codes with a leading space, as the classes are tokenized here.
-        class_tokens = [tuple(self.tokenizer(" " + c, add_special_tokens=False).input_ids) for c in prompt.classes]
+        with self._tokenizer_lock:
+            class_tokens = [tuple(self.tokenizer(" " + c, add_special_tokens=False).input_ids)
+                            for c in prompt.classes]
         label_tokens = [len(t) for t in class_tokens]
         if budget is None:
             budget = max_new_tokens_for(
@@ -254,7 +260,8 @@ class PaliGemmaEngine:
         if self.batch_invariant and self.generation == "graph":
             # Every prompt padded to the length the graph engine's cache holds (longer ones run as they are).
             padding = {"padding": "max_length", "max_length": self.fixed_prompt_length}
-        inputs = self.processor(images=pictures, text=texts, return_tensors="pt", **padding)
+        with self._tokenizer_lock:
+            inputs = self.processor(images=pictures, text=texts, return_tensors="pt", **padding)
         inputs.pop("labels", None)  # only for training; the processor adds it with token_type_ids
         inputs = inputs.to(self.device)
         inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
@@ -302,6 +309,10 @@ class PaliGemmaEngine:
         return sequences[:, inputs["input_ids"].shape[1]:]
 
     def _row(self, ids: list[int], logprobs: list[float]) -> Generation:
+        with self._tokenizer_lock:
+            return self._generation(ids, logprobs)
+
+    def _generation(self, ids: list[int], logprobs: list[float]) -> Generation:
         if self.vocab.eos_id in ids:
             ids = ids[: ids.index(self.vocab.eos_id)]
         logprobs = logprobs[: len(ids)]

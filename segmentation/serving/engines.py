@@ -34,6 +34,7 @@ from .bento import EngineItem, EngineOutcome
 logger = logging.getLogger(__name__)
 
 RETRY_AFTER_S = 1
+CONNECTION_TRIES = 4  # tries of one engine call over the in-server client's pooled connections
 
 
 class EngineError(RequestError):
@@ -64,13 +65,17 @@ class LocalEngine:
         import bentoml
 
         try:
-            try:
-                [outcome] = await self.dependency.to_async.predict([item])
-            except (aiohttp.ClientError, OSError) as exc:
-                # The inter-service client may pick a pooled connection the engine is closing
-                # (BrokenPipe, ServerDisconnected); a prediction is pure, so a second try is safe.
-                logger.warning("engine connection failed (%s); trying once more", exc)
-                [outcome] = await self.dependency.to_async.predict([item])
+            for attempt in range(1, CONNECTION_TRIES + 1):
+                try:
+                    [outcome] = await self.dependency.to_async.predict([item])
+                    break
+                except (aiohttp.ClientError, OSError) as exc:
+                    # The inter-service client may pick pooled connections the engine has closed
+                    # (BrokenPipe, ServerDisconnected: after a burst the pool holds many idle ones past
+                    # the engine's keep-alive); a prediction is pure, so another try is safe.
+                    if attempt == CONNECTION_TRIES:
+                        raise
+                    logger.warning("engine connection failed (%s); trying again", exc)
         except bentoml.exceptions.ServiceUnavailable as exc:
             # The adaptive batcher sheds load it cannot serve within SEG_MAX_LATENCY_MS.
             raise EngineError(OVERLOADED) from exc

@@ -124,7 +124,7 @@ def set_tokens_per_second(value: float) -> None:
 
 class SchedulerMetrics:
     """Publishes step-level batching as it happens: the scheduler calls `row_finished` as each row ends
-    and `stepped` after each group of steps (from its own thread)."""
+    and `stepped` after each group of steps, or once its running batch has emptied (from its own thread)."""
 
     def __init__(self, load: EngineLoad, window_s: float = 10.0) -> None:
         self.load = load
@@ -136,8 +136,9 @@ class SchedulerMetrics:
             observe_time_to_first_step(job.first_step - job.submitted)
         observe_steps_per_request(job.steps)
 
-    def stepped(self, scheduler) -> None:
-        ENGINE_STEP_ROWS.observe(scheduler.running)
+    def stepped(self, scheduler, rows: int) -> None:
+        if rows:
+            ENGINE_STEP_ROWS.observe(rows)
         self.load.rows_running(scheduler.running)
         now = time.monotonic()
         self._marks = [m for m in self._marks if now - m[0] <= self.window_s] + [(now, scheduler.stats.tokens)]

@@ -45,7 +45,7 @@ ENV_DOCS: dict[str, tuple[str, str]] = {
                               "default: 1, 2, 4, … up to SEG_MAX_BATCH_SIZE (the largest is the number of slots)"),
     "SEG_SYNC_EVERY": ("", "graph engine: decode steps between the host's checks for finished rows "
                            "(default 1 on CPUs, 8 on GPUs)"),
-    "SEG_GRAPH_PROMPT_TOKENS": ("64", "graph engine: prompt text tokens its cache holds beside the image "
+    "SEG_GRAPH_PROMPT_TOKENS": ("128", "graph engine: prompt text tokens its cache holds beside the image "
                                       "(longer prompts run the `fast` loop)"),
     "SEG_BATCH_INVARIANT": ("false", "batch-invariant kernels on GPUs (and one padded prompt length): a request's "
                                      "answer is the same bits in any batch; opt-in, cost unmeasured "
@@ -119,7 +119,7 @@ class Settings:
     scheduler: str = "steps"
     graph_buckets: tuple[int, ...] = (1, 2, 4, 8, 16)
     sync_every: int | None = None
-    graph_prompt_tokens: int = 64
+    graph_prompt_tokens: int = 128
     batch_invariant: bool = False
     share_images: bool = True
     dtype: str = "auto"

@@ -156,3 +156,21 @@ def test_closing_fails_what_is_left(engine):
             future.result(timeout=10)
     with pytest.raises(RuntimeError, match="closed"):
         submit(scheduler, 0, 0)
+
+
+def test_a_prompt_longer_than_the_cache_runs_the_fast_loop_alone(tiny_fixtures, solo):
+    """A prompt past the graph cache's room is answered by the fast loop (the same tokens), beside rows
+    that do fit and keep their slots."""
+    engine = PaliGemmaEngine.from_pretrained(tiny_fixtures / "paligemma", generation="graph",
+                                             graph=GraphSettings(buckets=(1, 2), prompt_tokens=8))
+    scheduler = StepScheduler(engine)
+    try:
+        long_prompt = parse_prompt("car ; bus ; person ; bird ; tree ; sky")  # more than 8 text tokens
+        short = submit(scheduler, 0, 0, 30)
+        long = scheduler.submit(random_image(90, 70, 30), long_prompt, max_new_tokens=30)
+        want = PaliGemmaEngine.from_pretrained(tiny_fixtures / "paligemma", generation="fast").generate(
+            [random_image(90, 70, 30)], [long_prompt], max_new_tokens=[30])[0]
+        assert long.result(timeout=120).token_ids == want.token_ids
+        assert short.result(timeout=120).token_ids == solo(0, 0, 30).token_ids
+    finally:
+        scheduler.close()

@@ -62,7 +62,7 @@ class GraphSettings:
 
     buckets: tuple[int, ...] = DEFAULT_BUCKETS  # batch sizes with a step (and a CUDA graph) of their own
     sync_every: int | None = None  # steps between the host's checks for finished rows (None: per device)
-    prompt_tokens: int = 64  # text tokens of a prompt the cache holds beside the image tokens
+    prompt_tokens: int = 128  # text tokens of a prompt the cache holds beside the image tokens
     compile: bool = False  # torch.compile the step (CPU; on CUDA the graphs already remove the overhead)
     use_graphs: bool | None = None  # capture CUDA graphs (None: on CUDA)
 

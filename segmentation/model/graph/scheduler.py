@@ -19,11 +19,12 @@ tests; on a GPU see docs/batch-invariance.md).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
 from collections import deque
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 
 import torch
@@ -34,6 +35,19 @@ from ..prompts import Prompt
 from .decoder import bucket_for
 
 logger = logging.getLogger(__name__)
+
+
+def _fail(future: Future, exc: BaseException) -> None:
+    """Fail a future unless it is settled already (a client may cancel it at any moment)."""
+    if not future.done():
+        with contextlib.suppress(InvalidStateError):
+            future.set_exception(exc)
+
+
+def _answer(future: Future, result) -> None:
+    if not future.done():
+        with contextlib.suppress(InvalidStateError):
+            future.set_result(result)
 
 
 class Overloaded(RuntimeError):
@@ -84,7 +98,9 @@ class StepScheduler:
         self.decoder = engine.decoder
         self.max_prefill = max_prefill or self.decoder.slots
         self.on_finish = on_finish  # called with each finished Job (metrics), from the scheduler thread
-        self.on_step = on_step  # called with the scheduler after each group of steps (metrics)
+        # Called as on_step(scheduler, rows) after each group of steps with the rows that stepped, and
+        # with rows=0 when the running batch has emptied (metrics).
+        self.on_step = on_step
         self.stats = SchedulerStats()
         self._queue: deque[Job] = deque()
         self._slots: list[Job | None] = [None] * self.decoder.slots
@@ -150,6 +166,8 @@ class StepScheduler:
                 self._admit()
                 if self.running:
                     self._step_and_collect()
+                elif self.on_step is not None:
+                    self.on_step(self, 0)
             except Exception as exc:  # a failed step fails the rows in it, never the loop
                 logger.exception("step-level batch failed")
                 self._fail_running(exc)
@@ -157,27 +175,25 @@ class StepScheduler:
         with self._wake:
             waiting, self._queue = list(self._queue), deque()
         for job in waiting:
-            job.future.set_exception(RuntimeError("the scheduler is closed"))
+            _fail(job.future, RuntimeError("the scheduler is closed"))
 
     def _drop_gone(self) -> None:
         """Free the slots of requests that were cancelled or ran out of time; skip such waiting ones."""
         now = time.monotonic()
         gone = [job for job in self._slots if job is not None and self._is_gone(job, now)]
-        if gone:
-            self._free([job.slot for job in gone])
         with self._wake:
             waiting = [job for job in self._queue if self._is_gone(job, now)]
             shed = [job for job in self._queue if job.admit_by is not None and now > job.admit_by
                     and job not in waiting]
             for job in waiting + shed:
                 self._queue.remove(job)
+        self.stats.dropped += len(gone) + len(waiting) + len(shed)
         for job in gone + waiting:
-            self.stats.dropped += 1
-            if not job.future.done():
-                job.future.set_exception(TimeoutError("the request ran out of time in the engine"))
+            _fail(job.future, TimeoutError("the request ran out of time in the engine"))
         for job in shed:
-            self.stats.dropped += 1
-            job.future.set_exception(Overloaded(f"no free slot within {self.max_wait_s:g}s; retry shortly"))
+            _fail(job.future, Overloaded(f"no free slot within {self.max_wait_s:g}s; retry shortly"))
+        if gone:
+            self._free([job.slot for job in gone])
 
     @staticmethod
     def _is_gone(job: Job, now: float) -> bool:
@@ -195,9 +211,19 @@ class StepScheduler:
         jobs = [job for job in jobs if not job.future.cancelled()]
         if not jobs:
             return
-        slots = free[: len(jobs)]
         try:
             inputs = self.engine.prepare([job.image for job in jobs], [job.prompt for job in jobs])
+            jobs, inputs = self._beyond_the_cache(jobs, inputs)
+        except Exception as exc:
+            logger.exception("preparing %d requests failed", len(jobs))
+            for job in jobs:
+                _fail(job.future, exc)
+            self.stats.failed += len(jobs)
+            return
+        if not jobs:
+            return
+        slots = free[: len(jobs)]
+        try:
             names = [job.adapter for job in jobs] if self.engine.adapters else None
             context, _ = self.engine.graph_context(names)
             with context(len(jobs)):
@@ -206,7 +232,7 @@ class StepScheduler:
         except Exception as exc:
             logger.exception("prefill failed for %d requests", len(jobs))
             for job in jobs:
-                job.future.set_exception(exc)
+                _fail(job.future, exc)
             self.stats.failed += len(jobs)
             return
         now = time.monotonic()
@@ -215,6 +241,30 @@ class StepScheduler:
             job.slot, job.first_step, job.reach = slot, now, prompt_length + job.spec.budget + 1
             self._slots[slot] = job
         self.stats.admitted += len(jobs)
+
+    def _beyond_the_cache(self, jobs: list[Job], inputs) -> tuple[list[Job], dict]:
+        """Answer the requests whose prompt and budget exceed the decoder's cache with the `fast` loop, one
+        at a time (the running batch waits meanwhile); the rest, and their inputs, go on to the prefill."""
+        lengths = inputs["attention_mask"].sum(-1).tolist()
+        too_long = [job for job, length in zip(jobs, lengths) if length + job.spec.budget + 1 > self.decoder.length]
+        if not too_long:
+            return jobs, inputs
+        for job in too_long:
+            try:
+                [generation] = self.engine.generate([job.image], [job.prompt], max_new_tokens=[job.spec.budget],
+                                                    adapters=[self._adapter_id(job)])
+            except Exception as exc:
+                self.stats.failed += 1
+                _fail(job.future, exc)
+                continue
+            self.stats.completed += 1
+            _answer(job.future, generation)
+        rest = [job for job in jobs if job not in too_long]
+        return rest, (self.engine.prepare([j.image for j in rest], [j.prompt for j in rest]) if rest else {})
+
+    def _adapter_id(self, job: Job) -> str | None:
+        """The adapter id (as `engine.generate` takes it) of a job's PEFT adapter name."""
+        return next((a for a, name in self.engine.adapters.items() if name == job.adapter), None)
 
     def _step_and_collect(self) -> None:
         decoder = self.decoder
@@ -241,7 +291,7 @@ class StepScheduler:
         if done:
             self._deliver(done)
         if self.on_step is not None:
-            self.on_step(self)
+            self.on_step(self, len(occupied))
 
     def _deliver(self, jobs: list[Job]) -> None:
         results = self.decoder.results([job.slot for job in jobs])
@@ -252,8 +302,7 @@ class StepScheduler:
             self.stats.tokens += len(generation.token_ids) + 1  # and its end token
             if self.on_finish is not None:
                 self.on_finish(job, generation)
-            if not job.future.done():
-                job.future.set_result(generation)
+            _answer(job.future, generation)
 
     def _free(self, slots: list[int]) -> None:
         for slot in slots:
@@ -269,5 +318,4 @@ class StepScheduler:
             self._free([job.slot for job in jobs])
         for job in jobs:
             self.stats.failed += 1
-            if not job.future.done():
-                job.future.set_exception(exc)
+            _fail(job.future, exc)

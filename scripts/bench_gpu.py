@@ -99,7 +99,7 @@ def raw_generation(directory: Path, device: str, batches: list[int], tokens: int
     start = time.perf_counter()
     decoder = graph.decoder  # buffers reserved, graphs captured
     graph_setup = {"setup_s": round(time.perf_counter() - start, 2), "capture_s": round(decoder.capture_seconds, 2),
-                   "graphs": len(decoder.graphs), "reserved_gib": round(decoder.reserved_bytes() / 2**30, 3),
+                   "graphs": len(decoder.graphs), "reserved_mib": round(decoder.reserved_bytes() / 2**20, 2),
                    "cache_length": decoder.length, "buckets": list(decoder.buckets)}
     log(f"[graph] {graph_setup}")
     rows = []

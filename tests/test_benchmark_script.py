@@ -89,7 +89,7 @@ def test_bench_gpu_runs_tiny_on_the_cpu(tiny_fixtures, tmp_path):
     assert all(tokens[("graph", b)] == tokens[("fast", b)] == tokens[("hf-generate", b)] for b in (1, 2))
     assert set(report["fast_over_hf_generate_tokens_per_s"]) == set(report["graph_over_hf_generate_tokens_per_s"])
     graph = report["raw"]["graph"]
-    assert graph["graphs"] == 0 and graph["buckets"] == [1, 2] and graph["reserved_gib"] > 0  # no CUDA: no graphs
+    assert graph["graphs"] == 0 and graph["buckets"] == [1, 2] and graph["reserved_mib"] > 0  # no CUDA: no graphs
     floor = report["raw"]["floor"]
     assert [f["batch"] for f in floor] == [1, 2] and all(f["step_ms"] > 0 for f in floor)
     assert set(report["service"]) == {"fast, adaptive batches", "graph, step-level batching"}

@@ -5,7 +5,7 @@ every step, so both choose the same tokens."""
 import pytest
 import torch
 
-from segmentation.model.grammar import ObjectGrammar, RowSpec, Vocabulary
+from segmentation.model.grammar import ObjectGrammar, RowSpec
 from segmentation.model.graph.device_grammar import (
     GrammarTables,
     advance,
@@ -14,18 +14,6 @@ from segmentation.model.graph.device_grammar import (
     initial_state,
     trie_size,
 )
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    from make_tiny_model import build_tokenizer
-
-    return build_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def vocab(tokenizer):
-    return Vocabulary(tokenizer, len(tokenizer) + 7)  # logits wider than the tokenizer, as real PaliGemma
 
 
 def labels(tokenizer, *classes):

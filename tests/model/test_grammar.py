@@ -10,18 +10,6 @@ from segmentation.model.grammar import ObjectGrammar, RowSpec, Vocabulary, min_o
 from segmentation.model.tokens import parse_objects
 
 
-@pytest.fixture(scope="module")
-def tokenizer():
-    from make_tiny_model import build_tokenizer
-
-    return build_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def vocab(tokenizer):
-    return Vocabulary(tokenizer, len(tokenizer) + 7)  # logits wider than the tokenizer, as real PaliGemma
-
-
 def run_grammar(vocab, rows, seed, eos_bias=0.0):
     """Greedy 'generation' from random logits through the processor; returns ids per row and logprobs."""
     generator = torch.Generator().manual_seed(seed)

@@ -1,10 +1,9 @@
 """The graph engine's decode step (segmentation/model/graph/decoder.py) as a fixed-shape, host-free step:
 no host synchronisation and no data-dependent shape inside it, and one compiled graph per bucket."""
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
+from pictures import random_image
 from torch.overrides import TorchFunctionMode
 
 from segmentation.model.engine import PaliGemmaEngine
@@ -48,10 +47,6 @@ def _has_bool_index(index) -> bool:
     parts = index if isinstance(index, tuple) else (index,)
     return any(isinstance(p, torch.Tensor) and p.dtype == torch.bool for p in parts)
 
-
-def random_image(width, height, seed):
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
 
 
 @pytest.fixture(scope="module")

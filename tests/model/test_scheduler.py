@@ -10,7 +10,7 @@ import time
 
 import numpy as np
 import pytest
-from PIL import Image
+from pictures import random_image
 
 from segmentation.model.engine import PaliGemmaEngine
 from segmentation.model.graph.decoder import GraphSettings
@@ -20,10 +20,6 @@ from segmentation.model.prompts import parse_prompt
 PROMPTS = [("cat", "segment"), ("dog ; cat", "detect"), ("the man on the left", "segment"),
            ("car ; bus ; person ; bird", "detect"), ("tree ; sky", "segment"), ("bird", "detect")]
 
-
-def random_image(width, height, seed):
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
 
 
 @pytest.fixture(scope="module")

@@ -214,23 +214,16 @@ class StepScheduler:
         try:
             inputs = self.engine.prepare([job.image for job in jobs], [job.prompt for job in jobs])
             jobs, inputs = self._beyond_the_cache(jobs, inputs)
-        except Exception as exc:
-            logger.exception("preparing %d requests failed", len(jobs))
-            for job in jobs:
-                _fail(job.future, exc)
-            self.stats.failed += len(jobs)
-            return
-        if not jobs:
-            return
-        slots = free[: len(jobs)]
-        try:
+            if not jobs:
+                return
+            slots = free[: len(jobs)]
             names = [job.adapter for job in jobs] if self.engine.adapters else None
             context, _ = self.engine.graph_context(names)
             with context(len(jobs)):
                 self.decoder.prefill(slots, inputs, [job.spec for job in jobs],
                                      share_images=self.engine.share_images and names is None)
-        except Exception as exc:
-            logger.exception("prefill failed for %d requests", len(jobs))
+        except Exception as exc:  # these requests fail; the running batch goes on
+            logger.exception("admitting %d requests failed", len(jobs))
             for job in jobs:
                 _fail(job.future, exc)
             self.stats.failed += len(jobs)

@@ -170,3 +170,22 @@ def test_a_prompt_longer_than_the_cache_runs_the_fast_loop_alone(tiny_fixtures, 
         assert short.result(timeout=120).token_ids == solo(0, 0, 30).token_ids
     finally:
         scheduler.close()
+
+
+def test_rows_move_down_into_freed_slots(engine, solo):
+    """When a low slot frees up, the highest row moves into it (keys, state, outputs): steps then run
+    fewer rows, and the moved row still answers as alone."""
+    scheduler = StepScheduler(engine)
+    try:
+        seen = []  # (rows that stepped, rows computed) per group of steps
+        scheduler.on_step = lambda s, rows: rows and seen.append((rows, s.last_batch))
+        short = submit(scheduler, 0, 1, 6)  # slot 0, ends after a few steps
+        long = [submit(scheduler, i, i % len(PROMPTS), 60) for i in (1, 2, 3)]  # slots 1-3
+        assert short.result(timeout=60).token_ids == solo(0, 1, 6).token_ids
+        for i, future in zip((1, 2, 3), long):
+            assert future.result(timeout=120).token_ids == solo(i, i % len(PROMPTS), 60).token_ids
+        # Every group of steps computed its rows only, also after the first row left slot 0.
+        assert all(rows == computed for rows, computed in seen), seen
+        assert (4, 4) in seen and any(rows in (2, 3) for rows, _ in seen[seen.index((4, 4)):])
+    finally:
+        scheduler.close()

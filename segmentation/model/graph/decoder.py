@@ -230,6 +230,12 @@ class StaticDecoder:
         # Finished and idle rows keep stepping with the rest: keep their writes inside the cache.
         self.write_index[rows].copy_((self.write_index[rows] + 1).clamp(max=self.span - 1))
 
+    def batch_for(self, rows: int) -> int:
+        """The batch a step for the first `rows` slots runs: the smallest bucket that holds them where the
+        shape must be one of a few (CUDA graphs, torch.compile); exactly `rows` for an eager step, where
+        every idle row would be computed for nothing (on a CPU that costs as much as a real row)."""
+        return bucket_for(rows, self.buckets) if self.fixed_span else min(rows, self.slots)
+
     def fit_span(self, positions: int) -> None:
         """Let eager steps attend over the first `positions` cache positions only (rounded up to 64; the
         rows' keys must all lie there). A no-op where the shape is fixed (graphs, torch.compile)."""
@@ -272,6 +278,16 @@ class StaticDecoder:
         self.reset()
         self.capture_seconds = time.perf_counter() - started
         logger.info("captured %d decode graphs in %.1fs", len(self.graphs), self.capture_seconds)
+
+    @torch.inference_mode()
+    def move(self, source: int, target: int) -> None:
+        """Move a row from slot `source` to slot `target`: its keys and values, position, grammar state
+        and outputs (the scheduler closes holes, so that steps run fewer rows)."""
+        slotted = [*self.keys, *self.values, self.token, self.position, self.write_index, self.start,
+                   self.finished, self.out_tokens, self.out_logprobs, *vars(self.rows).values(),
+                   *vars(self.state).values()]
+        for tensor in slotted:
+            tensor[target] = tensor[source]
 
     @torch.inference_mode()
     def reset(self, rows: slice | torch.Tensor | None = None) -> None:
@@ -338,7 +354,7 @@ class StaticDecoder:
         with adapters: the graphs hold the base model only).
         """
         count = inputs["input_ids"].shape[0]
-        batch = bucket_for(count, self.buckets)
+        batch = self.batch_for(count)
         self.reset()
         steps = max(spec.budget for spec in specs) + 1  # the first one comes from the prefill
         self.fit_span(inputs["input_ids"].shape[1] + steps)

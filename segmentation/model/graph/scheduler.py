@@ -32,7 +32,6 @@ from PIL import Image
 
 from ..grammar import RowSpec
 from ..prompts import Prompt
-from .decoder import bucket_for
 
 logger = logging.getLogger(__name__)
 
@@ -102,6 +101,7 @@ class StepScheduler:
         # with rows=0 when the running batch has emptied (metrics).
         self.on_step = on_step
         self.stats = SchedulerStats()
+        self.last_batch = 0  # rows the last group of steps computed (occupied or not)
         self._queue: deque[Job] = deque()
         self._slots: list[Job | None] = [None] * self.decoder.slots
         self._wake = threading.Condition()
@@ -261,8 +261,9 @@ class StepScheduler:
 
     def _step_and_collect(self) -> None:
         decoder = self.decoder
+        self._compact()  # after admission: new rows took the lowest free slots first
         occupied = [job for job in self._slots if job is not None]
-        bucket = bucket_for(max(job.slot for job in occupied) + 1, decoder.buckets)
+        bucket = self.last_batch = decoder.batch_for(max(job.slot for job in occupied) + 1)
         names = None
         if self.engine.adapters:
             from ..adapters import BASE_ROW
@@ -296,6 +297,20 @@ class StepScheduler:
             if self.on_finish is not None:
                 self.on_finish(job, generation)
             _answer(job.future, generation)
+
+    def _compact(self) -> None:
+        """Move the highest rows down into free slots below them: a step runs the first n slots, so
+        every hole under the highest row is a row computed for nothing."""
+        while True:
+            occupied = [slot for slot, job in enumerate(self._slots) if job is not None]
+            free = [slot for slot, job in enumerate(self._slots) if job is None]
+            if not occupied or not free or free[0] > occupied[-1]:
+                return
+            source, target = occupied[-1], free[0]
+            self.decoder.move(source, target)
+            job = self._slots[source]
+            self._slots[target], self._slots[source], job.slot = job, None, target
+            self.decoder.reset(torch.tensor([source], device=self.decoder.device))
 
     def _free(self, slots: list[int]) -> None:
         for slot in slots:

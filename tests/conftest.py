@@ -3,10 +3,15 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
 import pytest
+
+# Triton decides at its import whether kernels run in its CPU interpreter; torch.compile (tests of the
+# graph engine) imports it too, so the batch-invariance tests' setting must come before any test runs.
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))

@@ -45,7 +45,7 @@ def open_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Im
         raise ImageTooLarge(f"the image is too large ({exc}); the limit is {max_pixels} pixels") from exc
     except UnidentifiedImageError as exc:  # its message holds the repr of a BytesIO: not for clients
         raise ImageError(
-            f"the data is not a readable image in an accepted format ({', '.join(ACCEPTED_FORMATS)})"
+            f"the data is not a readable image; accepted formats: {', '.join(ACCEPTED_FORMATS)}"
         ) from exc
     except (OSError, SyntaxError, ValueError) as exc:  # truncated or corrupt data
         raise ImageError(f"the image could not be decoded: {exc}") from exc

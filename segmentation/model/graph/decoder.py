@@ -346,7 +346,7 @@ class StaticDecoder:
     def decode(self, inputs: dict[str, torch.Tensor], specs: list[RowSpec], *, share_images: bool = True,
                forward_kwargs: dict | None = None, context=None, graphs: bool = True) -> list[Decoded]:
         """Greedy generation of a whole batch (as `fastgen.greedy_decode`, the same tokens): prefill into
-        slots 0..n-1, then steps of the smallest bucket that holds n rows until every row is finished
+        slots 0..n-1, then steps of `batch_for(n)` rows (a bucket, or n for eager steps) until every row is finished
         (checked every `sync_every` steps) or the longest budget is spent.
 
         `context(rows)` wraps the prefill (n rows) and the steps (bucket rows): PEFT's per-row adapter

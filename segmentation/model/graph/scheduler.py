@@ -7,7 +7,8 @@ it. Here one thread owns the engine's `StaticDecoder` and loops:
 1. **admit**: waiting requests (first come, first served) are prefilled together into free slots, as
    many as there are free slots;
 2. **step**: `sync_every` decode steps of the smallest bucket that holds every occupied slot (one
-   CUDA graph replay each on a GPU);
+   CUDA graph replay each on a GPU; an eager step on the CPU computes exactly the occupied rows, the
+   highest rows having moved down into freed slots);
 3. **leave**: one look at the rows (the only host synchronisation); each finished row's answer goes
    back at once through its future and its slot is free for the next admission. A request whose
    future was cancelled (its client left) or whose deadline passed frees its slot too.

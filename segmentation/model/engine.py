@@ -218,6 +218,9 @@ class PaliGemmaEngine:
             )
             if self.batch_invariant:
                 self._decoder.fixed_span = True  # every step attends over the whole cache
+            logger.info("graph engine: %d slots x %d cache positions, buckets %s, %.1f MiB of buffers reserved",
+                        self._decoder.slots, self._decoder.length, self._decoder.buckets,
+                        self._decoder.reserved_bytes() / 2**20)
             self._decoder.capture(self.model.disable_adapter if self.adapters else contextlib.nullcontext)
         return self._decoder
 

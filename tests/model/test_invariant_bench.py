@@ -14,6 +14,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.slow  # about 90 s under the interpreter: make test-slow (and .ci/run) runs it
 def test_bench_invariance_smoke_run_on_the_cpu(tmp_path):
     pytest.importorskip("triton")
     out = tmp_path / "invariance.json"

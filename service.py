@@ -74,10 +74,14 @@ refuse_bentoml_downloads()
 
 class SegmentationEngine:
     def __init__(self) -> None:
-        from segmentation.model.graph.decoder import GraphSettings  # torch: the engine's process only
+        from segmentation.model.compute import compute_thread  # torch: the engine's process only
+        from segmentation.model.graph.decoder import GraphSettings
         from segmentation.serving.pool import ModelPool
 
-        self.pool = ModelPool.load(
+        # All torch work of this process runs on one thread (segmentation/model/compute.py says why).
+        self.compute = compute_thread()
+        self.pool = self.compute.run(
+            ModelPool.load,
             {model_id: self._model_dir(i, model_id) for i, model_id in enumerate(SETTINGS.models)},
             Path(self.vae.path) / VAE_FILE,
             adapters={
@@ -97,11 +101,11 @@ class SegmentationEngine:
         )
         # One short generation per model (graph engines capture their CUDA graphs in it), so /readyz
         # turns green only when answers are fast.
-        self.pool.warm_up()
+        self.compute.run(self.pool.warm_up)
         if SETTINGS.scheduler == "steps":
             metrics = SchedulerMetrics(ENGINE_LOAD)
             self.pool.start_schedulers(on_finish=metrics.row_finished, on_step=metrics.stepped,
-                                       max_wait_s=SETTINGS.max_latency_ms / 1000)
+                                       max_wait_s=SETTINGS.max_latency_ms / 1000, thread=self.compute)
         set_engine_slots(SETTINGS.graph_buckets[-1] if SETTINGS.scheduler == "steps" else SETTINGS.max_batch_size)
 
     def _model_dir(self, index: int, model_id: str) -> Path:
@@ -138,7 +142,7 @@ class SegmentationEngine:
         def predict(self, items: list[EngineItem]) -> list[EngineOutcome]:
             ENGINE_LOAD.batch_started(len(items))
             try:
-                outcomes = self.pool.predict(predict_requests(items))
+                outcomes = self.compute.run(self.pool.predict, predict_requests(items))
             finally:
                 ENGINE_LOAD.batch_finished()
             for outcome in outcomes:

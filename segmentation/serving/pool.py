@@ -23,6 +23,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from ..model.compute import ComputeThread
 from ..model.engine import PaliGemmaEngine
 from ..model.graph.scheduler import Overloaded, StepScheduler
 from ..model.predictions import Prediction
@@ -112,15 +113,19 @@ class ModelPool:
             if outcome.error:
                 raise RuntimeError(f"warm-up of {model_id} failed: {outcome.error}")
 
-    def start_schedulers(self, on_finish=None, on_step=None, max_wait_s: float | None = None) -> None:
+    def start_schedulers(self, on_finish=None, on_step=None, max_wait_s: float | None = None,
+                         thread: ComputeThread | None = None) -> None:
         """Serve requests one at a time through a step-level scheduler per base model (graph engines).
         `on_finish(job, generation)` is called as each row ends (metrics); a request that waits more
-        than `max_wait_s` for a slot is answered 503."""
+        than `max_wait_s` for a slot is answered 503. The first model's scheduler runs on `thread` (the
+        compute thread its engine was loaded on, see segmentation/model/compute.py), the others on
+        threads of their own."""
         for model_id, engine in self.engines.items():
             if engine.generation != "graph":
                 raise ValueError(f"step-level batching needs the graph engine; {model_id} runs {engine.generation!r}")
+        for index, (model_id, engine) in enumerate(self.engines.items()):
             self.schedulers[model_id] = StepScheduler(engine, on_finish=on_finish, on_step=on_step,
-                                                      max_wait_s=max_wait_s)
+                                                      max_wait_s=max_wait_s, thread=thread if index == 0 else None)
 
     def close(self) -> None:
         for scheduler in self.schedulers.values():

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 import torch
 from PIL import Image
 
+from ..compute import ComputeThread
 from ..grammar import RowSpec
 from ..prompts import Prompt
 
@@ -92,7 +93,7 @@ class StepScheduler:
     """
 
     def __init__(self, engine, *, max_prefill: int | None = None, max_wait_s: float | None = None,
-                 on_finish=None, on_step=None):
+                 on_finish=None, on_step=None, thread: ComputeThread | None = None):
         self.engine = engine
         self.max_wait_s = max_wait_s  # longest a request may wait for a slot before it is shed (Overloaded)
         self.decoder = engine.decoder
@@ -107,8 +108,15 @@ class StepScheduler:
         self._slots: list[Job | None] = [None] * self.decoder.slots
         self._wake = threading.Condition()
         self._closed = False
-        self._thread = threading.Thread(target=self._run, name="step-scheduler", daemon=True)
-        self._thread.start()
+        # The loop runs on the process's compute thread when given (where the engine was loaded: see
+        # segmentation/model/compute.py), else on a thread of its own.
+        self._loop: Future | None = None
+        self._thread: threading.Thread | None = None
+        if thread is not None:
+            self._loop = thread.occupy(self._run, "a step-level scheduler")
+        else:
+            self._thread = threading.Thread(target=self._run, name="step-scheduler", daemon=True)
+            self._thread.start()
 
     # --- the public side ------------------------------------------------------------------------
 
@@ -151,7 +159,11 @@ class StepScheduler:
         with self._wake:
             self._closed = True
             self._wake.notify()
-        self._thread.join(timeout)
+        if self._thread is not None:
+            self._thread.join(timeout)
+        else:
+            with contextlib.suppress(TimeoutError):
+                self._loop.result(timeout)
 
     # --- the loop -------------------------------------------------------------------------------
 

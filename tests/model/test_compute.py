@@ -1,0 +1,70 @@
+"""The compute thread (segmentation/model/compute.py): one thread runs a process's torch work, a
+step-level scheduler can make it its home for good, and nothing else is then sent to it."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+from pictures import random_image
+
+from segmentation.model.compute import ComputeThread
+from segmentation.model.engine import PaliGemmaEngine
+from segmentation.model.graph.decoder import GraphSettings
+from segmentation.model.graph.scheduler import StepScheduler
+from segmentation.model.prompts import parse_prompt
+
+
+def test_run_and_submit_use_one_thread_that_is_not_the_caller():
+    compute = ComputeThread(name="test-compute")
+    idents = {compute.run(threading.get_ident) for _ in range(3)}
+    idents.add(compute.submit(threading.get_ident).result())
+    assert idents == {compute.ident} and compute.ident != threading.get_ident()
+    # From the thread itself, run calls directly (a queued call would wait for itself forever).
+    assert compute.run(lambda: compute.run(threading.get_ident)) == compute.ident
+    with pytest.raises(ZeroDivisionError):
+        compute.run(lambda: 1 / 0)
+
+
+def test_an_occupied_thread_refuses_other_work_until_its_loop_ends():
+    compute = ComputeThread(name="test-compute")
+    release = threading.Event()
+    started = threading.Event()
+
+    def loop():
+        started.set()
+        release.wait(10)
+
+    done = compute.occupy(loop, "a test loop")
+    assert started.wait(10) and compute.occupied
+    with pytest.raises(RuntimeError, match="a test loop"):
+        compute.run(threading.get_ident)
+    with pytest.raises(RuntimeError, match="already"):
+        compute.occupy(loop, "another loop")
+    release.set()
+    done.result(10)
+    assert not compute.occupied
+    assert compute.run(threading.get_ident) == compute.ident
+
+
+def test_a_scheduler_on_the_compute_thread_runs_every_forward_there(tiny_fixtures):
+    compute = ComputeThread(name="test-compute")
+    # Loaded and warmed on the compute thread, as the service's engine worker does.
+    engine = compute.run(PaliGemmaEngine.from_pretrained, tiny_fixtures / "paligemma", generation="graph",
+                         graph=GraphSettings(buckets=(1, 2, 4)))
+    seen: list[int] = []
+    # q_proj runs in the prefill (transformers' forward) and in every decode step (the decoder's own).
+    query = engine.model.model.language_model.layers[0].self_attn.q_proj
+    hook = query.register_forward_pre_hook(lambda *_: seen.append(threading.get_ident()))
+    scheduler = StepScheduler(engine, thread=compute)
+    try:
+        futures = [scheduler.submit(random_image(64, 64, seed), parse_prompt("cat ; dog"), max_new_tokens=12)
+                   for seed in range(3)]
+        answers = [future.result(120) for future in futures]
+    finally:
+        scheduler.close()
+        hook.remove()
+    assert len(answers) == 3 and scheduler.stats.completed == 3
+    assert len(seen) > 3 and set(seen) == {compute.ident}
+    # The loop has ended: the thread takes work again.
+    assert not compute.occupied and compute.run(threading.get_ident) == compute.ident

@@ -295,6 +295,20 @@ def _round(value: float | None, digits: int = 4) -> float | None:
 
 # ------------------------------------------------------------------------------------- servers
 
+def export_commit(ref: str, cache_dir: Path) -> tuple[str, Path]:
+    """The project's files at git commit `ref`, exported once into the cache (`git archive`: no
+    worktree, the repository is left as it is); returns (short commit id, directory)."""
+    commit = subprocess.run(["git", "rev-parse", "--short=7", f"{ref}^{{commit}}"], cwd=ROOT, check=True,
+                            capture_output=True, text=True).stdout.strip()
+    directory = cache_dir / f"source-{commit}"
+    if not (directory / "service.py").is_file():
+        directory.mkdir(parents=True, exist_ok=True)
+        archive = subprocess.run(["git", "archive", "--format=tar", commit], cwd=ROOT, check=True,
+                                 capture_output=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(directory)], input=archive, check=True)
+    return commit, directory
+
+
 def fixtures_for(size: str, cache_dir: Path, seed: int) -> Path:
     """DIR/paligemma and DIR/vae-oid.npz for `size`, written once into the cache."""
     from make_tiny_model import write_fixtures
@@ -308,10 +322,11 @@ def fixtures_for(size: str, cache_dir: Path, seed: int) -> Path:
 
 @contextlib.contextmanager
 def served(fixtures: Path, model_id: str, env: dict[str, str], target: str = "service:Segmentation",
-           adapters: dict[str, Path] | None = None):
+           adapters: dict[str, Path] | None = None, source: Path = ROOT):
     """A `bentoml serve` on 127.0.0.1 with its own BENTOML_HOME; yields (server, seconds to /readyz).
 
-    `adapters` (adapter id -> LoRA directory of the model) are imported and served too.
+    `adapters` (adapter id -> LoRA directory of the model) are imported and served too. `source`: the
+    project tree whose service.py is served (another commit's, see `export_commit`).
     """
     with tempfile.TemporaryDirectory(prefix="seg-bench-") as tmp:
         home = Path(tmp)
@@ -323,7 +338,7 @@ def served(fixtures: Path, model_id: str, env: dict[str, str], target: str = "se
         if adapters:
             env = {**env, "SEG_ADAPTERS": ",".join(adapters)}
         start = time.perf_counter()
-        server = start_server(home, {"SEG_MODELS": model_id, **env}, target=target, ready_timeout=600)
+        server = start_server(home, {"SEG_MODELS": model_id, **env}, target=target, ready_timeout=600, cwd=source)
         ready = time.perf_counter() - start
         try:
             yield server, ready
@@ -461,15 +476,18 @@ def compare_configs(report: dict) -> dict:
             tokens = config.get("generated_tokens_mean", level.get("generated_tokens_mean"))
             rate = level["requests_per_s"]
             table.setdefault(str(level["concurrency"]), {})[name] = {
-                "requests_per_s": rate, "generated_tokens_mean": tokens,
+                "requests_per_s": rate, "p50_s": level["latency_s"]["p50"], "generated_tokens_mean": tokens,
                 "tokens_per_s": round(rate * tokens, 2) if tokens is not None else None,
                 "errors": sum(level["errors"].values()), "requests": level["requests"],
             }
     for row in table.values():
         for name, figures in row.items():
-            for other in ("hf-generate", "fast-batches", "original"):
+            baselines = ["hf-generate", "fast-batches", "original", *(n for n in row if n.startswith("main@"))]
+            for other in baselines:
                 if other in row and other != name and row[other]["requests_per_s"]:
                     figures[f"x_{other}"] = round(figures["requests_per_s"] / row[other]["requests_per_s"], 2)
+                    if row[other]["p50_s"]:
+                        figures[f"p50_x_{other}"] = round(figures["p50_s"] / row[other]["p50_s"], 2)
     return table
 
 
@@ -703,6 +721,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="prefill and decode-step times per engine setting beside a bare forward loop")
     parser.add_argument("--engine-batches", default="1,8", help="batch sizes for --engine-micro")
     parser.add_argument("--engine-tokens", type=int, default=40, help="tokens per row for --engine-micro")
+    parser.add_argument("--baseline-ref", metavar="REF",
+                        help="also serve the service as it was at git commit REF (exported into --cache-dir), "
+                             "with the same settings, as configuration main@REF")
     parser.add_argument("--seed-dir", type=Path,
                         help="a checkout of the original FastAPI service to serve and measure beside ours")
     parser.add_argument("--seed-venv", type=Path, default=ROOT / ".fixtures" / "seed-venv",
@@ -716,7 +737,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("give --url or --start (or only --baseline / --micro / --readyz with --fixtures)")
     if args.label and not (args.url or args.start):
         parser.error("--label drives a server: use it with --url or --start")
-    for flag in ("compare_batching", "compare_adapters", "compare_engines", "compare_schedulers", "seed_dir"):
+    for flag in ("compare_batching", "compare_adapters", "compare_engines", "compare_schedulers", "seed_dir",
+                 "baseline_ref"):
         if getattr(args, flag) and not args.start:
             parser.error(f"--{flag.replace('_', '-')} starts its servers: use it with --start")
     levels = [int(c) for c in args.concurrency.split(",") if c.strip()]
@@ -764,6 +786,11 @@ def main(argv: list[str] | None = None) -> int:
         if cpu_has_native_bfloat16():
             configs.append(("fast-bfloat16", "service:Segmentation", {"SEG_DTYPE": "bfloat16", "SEG_ENGINE": "fast",
                                                                       "SEG_SCHEDULER": "batches"}))
+    sources: dict[str, Path] = {}  # configuration -> the tree it serves, where not this one
+    if args.start and args.baseline_ref:
+        commit, sources[f"main@{args.baseline_ref}"] = export_commit(args.baseline_ref, args.cache_dir)
+        configs.append((f"main@{args.baseline_ref}", "service:Segmentation", {}))
+        report["settings"]["baseline_commit"] = commit
     if args.start and args.seed_dir:
         configs.append(("original", "seed", {}))
     configs = configs if (args.url or args.start) else []
@@ -789,10 +816,13 @@ def main(argv: list[str] | None = None) -> int:
                                            "ready_s": round(ready, 2), "max_new_tokens": 100}
                 continue
             model_id = f"demo/paligemma2-{args.size}-random"
-            server, ready = stack.enter_context(served(fixtures, model_id, {**server_env, **env}, target))
+            server, ready = stack.enter_context(served(fixtures, model_id, {**server_env, **env}, target,
+                                                       source=sources.get(name, ROOT)))
             print(f"[{name}] {model_id} ready in {ready:.1f} s at {server.url}", flush=True)
             urls[name] = server.url
             report["configs"][name] = {"target": target, "env": {**server_env, **env}, "ready_s": round(ready, 2)}
+            if name in sources:
+                report["configs"][name]["source"] = f"git commit {report['settings']['baseline_commit']}"
         for name, url in urls.items():
             if args.warmup:
                 asyncio.run(_drive(url, work[:args.warmup], min(args.warmup, top), args.timeout,

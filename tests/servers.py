@@ -61,7 +61,7 @@ def import_fixtures(home: Path, fixtures: Path, model_id: str = DEMO_MODEL) -> N
 
 
 def start_server(home: Path, extra_env: dict[str, str] | None = None, target: str = "service:Segmentation",
-                 ready_timeout: float = 180, port: int | None = None) -> Server:
+                 ready_timeout: float = 180, port: int | None = None, cwd: Path = ROOT) -> Server:
     port = port or free_port()
     name = f"server-{port}-{time.monotonic_ns()}"
     log = home / f"{name}.log"
@@ -82,7 +82,7 @@ def start_server(home: Path, extra_env: dict[str, str] | None = None, target: st
     with log.open("wb") as out:
         process = subprocess.Popen(
             [sys.executable, "-m", "bentoml", "serve", target, "--host", "127.0.0.1", "--port", str(port)],
-            cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
+            cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT,
         )
     server = Server(f"http://127.0.0.1:{port}", home, process, log)
     deadline = time.monotonic() + ready_timeout

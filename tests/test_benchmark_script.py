@@ -67,6 +67,32 @@ def test_benchmark_script_writes_a_complete_report(tiny_fixtures, tmp_path):
     assert report["targets"]["no_recompilation"]["met"] is True
 
 
+def test_benchmark_serves_another_commit_beside_this_one(tiny_fixtures, tmp_path):
+    """--baseline-ref REF exports the project at REF and serves it with the same settings (here REF is
+    HEAD: what matters is that the exported tree serves and both get the same load)."""
+    out = tmp_path / "bench.json"
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "benchmark.py"), "--start", "--size", "tiny",
+         "--fixtures", str(tiny_fixtures), "--cache-dir", str(tmp_path / "cache"), "--baseline-ref", "HEAD",
+         "--requests", "4", "--warmup", "1", "--concurrency", "2", "--max-new-tokens", "16",
+         "--out", str(out), "--plot", str(tmp_path / "bench.png")],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    report = json.loads(out.read_text())
+    commit = subprocess.run(["git", "rev-parse", "--short=7", "HEAD"], cwd=ROOT, capture_output=True,
+                            text=True, check=True).stdout.strip()
+    assert report["settings"]["baseline_commit"] == commit
+    assert (tmp_path / "cache" / f"source-{commit}" / "service.py").is_file()
+    baseline = report["configs"]["main@HEAD"]
+    assert baseline["source"] == f"git commit {commit}"
+    for name in ("adaptive", "main@HEAD"):
+        [level] = report["configs"][name]["levels"]
+        assert level["requests"] == level["ok"] == 4 and level["errors"] == {}
+    row = report["comparison"]["2"]["adaptive"]
+    assert row["x_main@HEAD"] > 0 and row["p50_x_main@HEAD"] > 0
+
+
 def test_bench_gpu_runs_tiny_on_the_cpu(tiny_fixtures, tmp_path):
     """scripts/bench_gpu.py end to end at the tiny size on the CPU (the GPU run is make bench-gpu)."""
     (tmp_path / "cache").mkdir()

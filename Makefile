@@ -85,10 +85,13 @@ bench-engine: install
 		$(if $(SEED_DIR),--seed-dir $(SEED_DIR)) --concurrency 1,8,16 --requests 32 --warmup 8 --rounds 2 \
 		--max-new-tokens 100 --out benchmarks-out/engine.json --plot benchmarks-out/engine.png
 
-# Step-level batching against the service before it (SEG_ENGINE=fast in adaptive batches), one run, same
-# medium model, 100 new tokens, prompts of 1 to 4 classes, 1, 4 and 16 clients (about 15 minutes here).
+# Step-level batching against the service before it, in one run on the same medium model (100 new tokens,
+# prompts of 1 to 4 classes, 1, 4 and 16 clients): this tree's batches mode (SEG_ENGINE=fast in adaptive
+# batches) and main as it was before step-level batching (commit SCHEDULER_BASELINE, served from an
+# export of that commit). About 20 minutes here.
+SCHEDULER_BASELINE := 1dbfe35
 bench-scheduler: install
-	$(PY) scripts/benchmark.py --start --size medium --compare-schedulers --concurrency 1,4,16 --requests 32 \
+	$(PY) scripts/benchmark.py --start --size medium --compare-schedulers --baseline-ref $(SCHEDULER_BASELINE) --concurrency 1,4,16 --requests 32 \
 		--warmup 8 --rounds 2 --max-new-tokens 100 --out benchmarks-out/scheduler.json --plot benchmarks-out/scheduler.png
 
 # One GPU (under 8 minutes, no network): the 3b-448 fixture, raw generation with and without the fast

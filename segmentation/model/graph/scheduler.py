@@ -2,7 +2,8 @@
 
 With whole-batch generation (`PaliGemmaEngine.generate`) a batch lasts as long as its longest row:
 finished rows idle in it, and a request that arrives one step after a batch started waits for all of
-it. Here one thread owns the engine's `StaticDecoder` and loops:
+it. Here one thread (the process's compute thread when given one: segmentation/model/compute.py)
+owns the engine's `StaticDecoder` and loops:
 
 1. **admit**: waiting requests (first come, first served) are prefilled together into free slots, as
    many as there are free slots;

@@ -58,13 +58,14 @@ def test_a_scheduler_on_the_compute_thread_runs_every_forward_there(tiny_fixture
     hook = query.register_forward_pre_hook(lambda *_: seen.append(threading.get_ident()))
     scheduler = StepScheduler(engine, thread=compute)
     try:
-        futures = [scheduler.submit(random_image(64, 64, seed), parse_prompt("cat ; dog"), max_new_tokens=12)
-                   for seed in range(3)]
+        # Detection prompts: the fixture's random model answers them with tokens, so rows take steps.
+        futures = [scheduler.submit(random_image(64, 64, seed), parse_prompt(text, "detect"), max_new_tokens=12)
+                   for seed, text in enumerate(["cat", "car ; bus ; person ; bird", "cat"])]
         answers = [future.result(120) for future in futures]
     finally:
         scheduler.close()
         hook.remove()
-    assert len(answers) == 3 and scheduler.stats.completed == 3
+    assert len(answers) == 3 and scheduler.stats.completed == 3 and scheduler.stats.steps > 0
     assert len(seen) > 3 and set(seen) == {compute.ident}
     # The loop has ended: the thread takes work again.
     assert not compute.occupied and compute.run(threading.get_ident) == compute.ident

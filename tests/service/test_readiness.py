@@ -58,13 +58,15 @@ def test_probes_answer_at_once_from_start_to_ready(tmp_path, tiny_fixtures):
         kill_tree(process.pid)
 
     # BentoML's arbiter opens the listening socket before the API worker has booted (about 2 s of
-    # imports): a poll sent in that window waits for the worker. Any later poll must answer at once.
+    # imports): a poll sent in that window waits for the worker, and a /readyz among them then also
+    # waits for its look at the engine, so it may run out of time just after the first answer. Any poll
+    # sent after the first answer must answer at once.
     answered = [entry for entry in log if isinstance(entry[3], tuple)]
     print("polls (path, sent, seconds, outcome):", *[(p, round(t, 2), round(d, 3), o if isinstance(o, str) else o[0])
                                                      for p, t, d, o in log], sep="\n")
     first_answer = min(sent + seconds for _, sent, seconds, _ in answered)
-    late = [entry for entry in log if entry[3] == "timeout" and entry[1] + entry[2] > first_answer + 0.05]
-    assert not late, f"{len(late)} of {len(log)} polls timed out after the API worker answered: {late[:5]}"
+    late = [entry for entry in log if entry[3] == "timeout" and entry[1] >= first_answer]
+    assert not late, f"{len(late)} of {len(log)} polls sent after the API worker answered timed out: {late[:5]}"
     boot_waits = [entry for entry in log if entry[3] == "timeout"]
     assert all(first_answer - sent < 10 for _, sent, _, _ in boot_waits), boot_waits
     after_boot = [seconds for _, sent, seconds, _ in answered if sent >= first_answer]

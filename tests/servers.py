@@ -60,8 +60,29 @@ def import_fixtures(home: Path, fixtures: Path, model_id: str = DEMO_MODEL) -> N
     )
 
 
+class PortTaken(RuntimeError):
+    """The server exited at start because a port it picked was taken meanwhile."""
+
+
 def start_server(home: Path, extra_env: dict[str, str] | None = None, target: str = "service:Segmentation",
                  ready_timeout: float = 180, port: int | None = None, cwd: Path = ROOT) -> Server:
+    """`bentoml serve target` on 127.0.0.1, returned once /readyz answers 200.
+
+    BentoML picks free ports for its own sockets (circus's control socket among them) and binds them
+    later; another process can take one in between, and the server exits with "Address already in
+    use". Such a start is tried again (three tries), as is one whose own port (free_port) was taken.
+    """
+    for attempt in range(3):
+        try:
+            return _start_server_once(home, extra_env, target, ready_timeout, port, cwd)
+        except PortTaken:
+            if attempt == 2:
+                raise
+    raise AssertionError("unreachable")
+
+
+def _start_server_once(home: Path, extra_env: dict[str, str] | None, target: str, ready_timeout: float,
+                       port: int | None, cwd: Path) -> Server:
     port = port or free_port()
     name = f"server-{port}-{time.monotonic_ns()}"
     log = home / f"{name}.log"
@@ -88,7 +109,9 @@ def start_server(home: Path, extra_env: dict[str, str] | None = None, target: st
     deadline = time.monotonic() + ready_timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"server exited with {process.returncode}:\n{server.logs()}")
+            logs = server.logs()
+            failure = PortTaken if "Address already in use" in logs else RuntimeError
+            raise failure(f"server exited with {process.returncode}:\n{logs}")
         try:
             # Short timeouts: /readyz can hang while the engine is still loading.
             if httpx.get(server.url + "/readyz", timeout=2).status_code == 200:

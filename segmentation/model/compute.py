@@ -19,39 +19,57 @@ scheduler makes it its home for good (`occupy`); after that, other work must not
 from __future__ import annotations
 
 import functools
+import queue
 import threading
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 
 
 class ComputeThread:
     """A single worker thread that runs functions one at a time (`run`, `submit`), or one loop for good
-    (`occupy`)."""
+    (`occupy`).
+
+    A daemon thread (not a `ThreadPoolExecutor`'s): the interpreter joins an executor's threads at exit,
+    and a scheduler's loop that nobody closed would then keep a stopping worker alive for ever.
+    """
 
     def __init__(self, name: str = "torch-compute"):
-        self.name = name
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
-        self._ident: int | None = None
+        self._tasks: queue.SimpleQueue = queue.SimpleQueue()
         self._resident: str | None = None  # what occupies the thread for good, if anything
         self._lock = threading.Lock()
-        self._executor.submit(self._remember_ident).result()
+        self._thread = threading.Thread(target=self._serve, name=name, daemon=True)
+        self._thread.start()
 
-    def _remember_ident(self) -> None:
-        self._ident = threading.get_ident()
+    def _serve(self) -> None:
+        while True:
+            future, fn, args, kwargs = self._tasks.get()
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                result = fn(*args, **kwargs)
+            except BaseException as exc:  # handed to whoever waits on the future
+                future.set_exception(exc)
+            else:
+                future.set_result(result)
 
     @property
     def ident(self) -> int:
         """The thread's `threading.get_ident()`."""
-        return self._ident
+        return self._thread.ident
 
     def is_current(self) -> bool:
-        return threading.get_ident() == self._ident
+        return threading.current_thread() is self._thread
+
+    def _queue(self, fn, args, kwargs) -> Future:
+        future: Future = Future()
+        self._tasks.put((future, fn, args, kwargs))
+        return future
 
     def submit(self, fn, /, *args, **kwargs) -> Future:
         """Queue `fn(*args, **kwargs)`; its future holds the result."""
         with self._lock:
             if self._resident is not None:
                 raise RuntimeError(f"the compute thread runs {self._resident} for good; it takes no other work")
-            return self._executor.submit(fn, *args, **kwargs)
+            return self._queue(fn, args, kwargs)
 
     def run(self, fn, /, *args, **kwargs):
         """`fn(*args, **kwargs)` on the thread, waited for (called directly when already on it)."""
@@ -66,7 +84,7 @@ class ComputeThread:
             if self._resident is not None:
                 raise RuntimeError(f"the compute thread runs {self._resident} for good already")
             self._resident = name
-            return self._executor.submit(self._occupied, loop)
+            return self._queue(self._occupied, (loop,), {})
 
     def _occupied(self, loop) -> None:
         try:

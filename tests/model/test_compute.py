@@ -4,6 +4,7 @@ step-level scheduler can make it its home for good, and nothing else is then sen
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 
 import pytest
 from pictures import random_image
@@ -13,6 +14,8 @@ from segmentation.model.engine import PaliGemmaEngine
 from segmentation.model.graph.decoder import GraphSettings
 from segmentation.model.graph.scheduler import StepScheduler
 from segmentation.model.prompts import parse_prompt
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_run_and_submit_use_one_thread_that_is_not_the_caller():
@@ -69,3 +72,14 @@ def test_a_scheduler_on_the_compute_thread_runs_every_forward_there(tiny_fixture
     assert len(seen) > 3 and set(seen) == {compute.ident}
     # The loop has ended: the thread takes work again.
     assert not compute.occupied and compute.run(threading.get_ident) == compute.ident
+
+
+def test_a_process_whose_compute_thread_is_occupied_still_exits():
+    """A loop nobody closed (a server stopping) must not keep the interpreter from exiting."""
+    import subprocess
+    import sys
+
+    code = ("import time\nfrom segmentation.model.compute import ComputeThread\n"
+            "ComputeThread().occupy(lambda: time.sleep(600), 'a loop')\nprint('bye')\n")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout.strip() == "bye", done.stderr[-2000:]

@@ -111,13 +111,8 @@ class StepScheduler:
         self._closed = False
         # The loop runs on the process's compute thread when given (where the engine was loaded: see
         # segmentation/model/compute.py), else on a thread of its own.
-        self._loop: Future | None = None
-        self._thread: threading.Thread | None = None
-        if thread is not None:
-            self._loop = thread.occupy(self._run, "a step-level scheduler")
-        else:
-            self._thread = threading.Thread(target=self._run, name="step-scheduler", daemon=True)
-            self._thread.start()
+        thread = thread or ComputeThread(name="step-scheduler")
+        self._loop: Future = thread.occupy(self._run, "a step-level scheduler")
 
     # --- the public side ------------------------------------------------------------------------
 
@@ -160,11 +155,8 @@ class StepScheduler:
         with self._wake:
             self._closed = True
             self._wake.notify()
-        if self._thread is not None:
-            self._thread.join(timeout)
-        else:
-            with contextlib.suppress(TimeoutError):
-                self._loop.result(timeout)
+        with contextlib.suppress(TimeoutError):
+            self._loop.result(timeout)
 
     # --- the loop -------------------------------------------------------------------------------
 

@@ -70,6 +70,12 @@ ENV_DOCS: dict[str, tuple[str, str]] = {
                            "service:SegmentationEngine`): comma-separated `http://host:port` URLs; a host name "
                            "stands for every address it resolves to (a headless Kubernetes Service). Empty: "
                            "the engine runs in this server"),
+    "SEG_ENGINE_TOKEN": ("", "shared secret between the public tier and the engine: the engine refuses every "
+                             "request without `Authorization: Bearer <token>` (401) except probes and metrics; "
+                             "the public tier sends it. Needed by an engine served alone on a non-loopback address"),
+    "SEG_ENGINE_TOKEN_FILE": ("", "file holding SEG_ENGINE_TOKEN (a mounted secret)"),
+    "SEG_ENGINE_INSECURE": ("false", "let an engine served alone listen on a non-loopback address without a token "
+                                     "(only where the network itself keeps strangers out)"),
     "SEG_ENGINE_MAX_IN_FLIGHT": ("", "requests one engine replica may hold open from one public worker before "
                                      "it answers 503 at once (default: 2 x SEG_MAX_BATCH_SIZE)"),
     "SEG_DEBUG_MODULES": ("false", "answer `GET /debug/modules` (this worker's imported modules; for tests)"),
@@ -132,10 +138,12 @@ class Settings:
     fetch_timeout_s: float = 10.0
     request_timeout_s: float = 300.0
     max_concurrency: int = 64
-    api_keys: tuple[str, ...] = field(default_factory=tuple)
+    api_keys: tuple[str, ...] = field(default_factory=tuple, repr=False)
     metrics_public: bool = True
     engine_urls: tuple[str, ...] = field(default_factory=tuple)
     engine_max_in_flight: int = 32
+    engine_token: str | None = field(default=None, repr=False)
+    engine_insecure: bool = False
     api_workers: int = 1
     debug_modules: bool = False
 
@@ -202,10 +210,17 @@ class Settings:
             api_keys=tuple(k for k in re.split(r"[,\s]+", read_secret("SEG_API_KEY", "SEG_API_KEY_FILE") or "") if k),
             metrics_public=_flag("SEG_METRICS_PUBLIC"),
             engine_urls=tuple(parse_engine_urls(_env("SEG_ENGINE_URL"))),
+            engine_token=read_secret("SEG_ENGINE_TOKEN", "SEG_ENGINE_TOKEN_FILE"),
+            engine_insecure=_flag("SEG_ENGINE_INSECURE"),
             engine_max_in_flight=int(_env("SEG_ENGINE_MAX_IN_FLIGHT") or 2 * int(_env("SEG_MAX_BATCH_SIZE"))),
             debug_modules=_flag("SEG_DEBUG_MODULES"),
             api_workers=int(_env("SEG_API_WORKERS") or default_api_workers()),
         )
+
+    def engine_max_body_bytes(self) -> int:
+        """The largest body the engine reads: a batch of items, each a model-input picture of at most
+        1024 px a side as base64 PPM (bento.py MAX_ITEM_SIDE), and 64 KiB for the rest."""
+        return self.max_batch_size * ((1024 * 1024 * 3 + 64) * 4 // 3 + 4 + 64 * 1024) + 64 * 1024
 
     def max_body_bytes(self, images: int = 1) -> int:
         """The largest request body for `images` images: base64 inflates by 4/3; 64 KiB for the rest."""

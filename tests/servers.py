@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,8 +66,10 @@ class PortTaken(RuntimeError):
 
 
 def start_server(home: Path, extra_env: dict[str, str] | None = None, target: str = "service:Segmentation",
-                 ready_timeout: float = 180, port: int | None = None, cwd: Path = ROOT) -> Server:
-    """`bentoml serve target` on 127.0.0.1, returned once /readyz answers 200.
+                 ready_timeout: float = 180, port: int | None = None, cwd: Path = ROOT,
+                 wrapper: Sequence[str] = ()) -> Server:
+    """`bentoml serve target` on 127.0.0.1, returned once /readyz answers 200. `wrapper` is a command
+    that runs the server (its arguments follow it), e.g. one that starts it in a namespace of its own.
 
     BentoML picks free ports for its own sockets (circus's control socket among them) and binds them
     later; another process can take one in between, and the server exits with "Address already in
@@ -74,7 +77,7 @@ def start_server(home: Path, extra_env: dict[str, str] | None = None, target: st
     """
     for attempt in range(3):
         try:
-            return _start_server_once(home, extra_env, target, ready_timeout, port, cwd)
+            return _start_server_once(home, extra_env, target, ready_timeout, port, cwd, wrapper)
         except PortTaken:
             if attempt == 2:
                 raise
@@ -82,7 +85,7 @@ def start_server(home: Path, extra_env: dict[str, str] | None = None, target: st
 
 
 def _start_server_once(home: Path, extra_env: dict[str, str] | None, target: str, ready_timeout: float,
-                       port: int | None, cwd: Path) -> Server:
+                       port: int | None, cwd: Path, wrapper: Sequence[str]) -> Server:
     port = port or free_port()
     name = f"server-{port}-{time.monotonic_ns()}"
     log = home / f"{name}.log"
@@ -102,7 +105,7 @@ def _start_server_once(home: Path, extra_env: dict[str, str] | None, target: str
     }
     with log.open("wb") as out:
         process = subprocess.Popen(
-            [sys.executable, "-m", "bentoml", "serve", target, "--host", "127.0.0.1", "--port", str(port)],
+            [*wrapper, sys.executable, "-m", "bentoml", "serve", target, "--host", "127.0.0.1", "--port", str(port)],
             cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT,
         )
     server = Server(f"http://127.0.0.1:{port}", home, process, log)

@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,9 +75,10 @@ def engine_as_deployed(port: int) -> list[str]:
 
 def start_server(home: Path, extra_env: dict[str, str] | None = None, target: str = "service:Segmentation",
                  ready_timeout: float = 180, port: int | None = None, cwd: Path = ROOT,
-                 command=None) -> Server:
+                 command=None, wrapper: Sequence[str] = ()) -> Server:
     """`bentoml serve target` on 127.0.0.1, returned once /readyz answers 200. `command(port)`: the
-    arguments after `python` instead (e.g. `engine_as_deployed`).
+    arguments after `python` instead (e.g. `engine_as_deployed`). `wrapper` is a command that runs the
+    server (its arguments follow it), e.g. one that starts it in a namespace of its own.
 
     BentoML picks free ports for its own sockets (circus's control socket among them) and binds them
     later; another process can take one in between, and the server exits with "Address already in
@@ -84,7 +86,7 @@ def start_server(home: Path, extra_env: dict[str, str] | None = None, target: st
     """
     for attempt in range(3):
         try:
-            return _start_server_once(home, extra_env, target, ready_timeout, port, cwd, command)
+            return _start_server_once(home, extra_env, target, ready_timeout, port, cwd, command, wrapper)
         except PortTaken:
             if attempt == 2:
                 raise
@@ -92,8 +94,8 @@ def start_server(home: Path, extra_env: dict[str, str] | None = None, target: st
 
 
 def _start_server_once(home: Path, extra_env: dict[str, str] | None, target: str, ready_timeout: float,
-                       port: int | None, cwd: Path, command) -> Server:
-    server = spawn_server(home, extra_env, target, port, cwd, command)
+                       port: int | None, cwd: Path, command, wrapper: Sequence[str]) -> Server:
+    server = spawn_server(home, extra_env, target, port, cwd, command, wrapper)
     process = server.process
     deadline = time.monotonic() + ready_timeout
     while time.monotonic() < deadline:
@@ -113,7 +115,7 @@ def _start_server_once(home: Path, extra_env: dict[str, str] | None, target: str
 
 
 def spawn_server(home: Path, extra_env: dict[str, str] | None = None, target: str = "service:Segmentation",
-                 port: int | None = None, cwd: Path = ROOT, command=None) -> Server:
+                 port: int | None = None, cwd: Path = ROOT, command=None, wrapper: Sequence[str] = ()) -> Server:
     """Start a server as `start_server` does, without waiting for it (for servers that never get ready)."""
     port = port or free_port()
     name = f"server-{port}-{time.monotonic_ns()}"
@@ -135,6 +137,6 @@ def spawn_server(home: Path, extra_env: dict[str, str] | None = None, target: st
     with log.open("wb") as out:
         arguments = command(port) if command else ["-m", "bentoml", "serve", target, "--host", "127.0.0.1",
                                                     "--port", str(port)]
-        process = subprocess.Popen([sys.executable, *arguments], cwd=cwd, env=env, stdout=out,
+        process = subprocess.Popen([*wrapper, sys.executable, *arguments], cwd=cwd, env=env, stdout=out,
                                    stderr=subprocess.STDOUT)
     return Server(f"http://127.0.0.1:{port}", home, process, log)

@@ -22,7 +22,9 @@ variables (see `segmentation/serving/settings.py` and the README), read when thi
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+from collections.abc import AsyncGenerator
 from pathlib import Path
 
 import bentoml
@@ -46,7 +48,7 @@ from segmentation.serving.bento import (
     strict_api,
 )
 from segmentation.serving.disconnect import CancelOnDisconnect
-from segmentation.serving.engines import RemoteEngines, local_engine_url
+from segmentation.serving.engines import RemoteEngines, local_engine_url, stream_event
 from segmentation.serving.guard import RequestGuard
 from segmentation.serving.lifecycle import restart_worker, stop_server
 from segmentation.serving.metrics import (
@@ -165,6 +167,28 @@ class SegmentationEngine:
                 observe_outcome(outcome)
             return [engine_outcome(outcome) for outcome in outcomes]
 
+    @bentoml.api
+    async def predict_stream(self, item: EngineItem) -> AsyncGenerator[str, None]:
+        """One request answered as its row decodes: server-sent events of its new text, then its outcome
+        (engines.py reads them). With adaptive batches (`SEG_SCHEDULER=batches`) the answer comes whole."""
+        [request] = predict_requests([item])
+        events = self.pool.stream_one(request, timeout_s=SETTINGS.request_timeout_s) \
+            if SETTINGS.scheduler == "steps" else self._whole(request)
+        async with contextlib.aclosing(events):  # a caller that leaves cancels the request
+            async for event in events:
+                if "outcome" in event:
+                    observe_outcome(event["outcome"])
+                    event = {"outcome": engine_outcome(event["outcome"]).model_dump(mode="json")}
+                yield stream_event(event)
+
+    async def _whole(self, request):
+        ENGINE_LOAD.batch_started(1)
+        try:
+            [outcome] = await asyncio.to_thread(self.compute.run, self.pool.predict, [request])
+        finally:
+            ENGINE_LOAD.batch_finished()
+        yield {"outcome": outcome}
+
 
 # The models the engine serves are class attributes, so `bentoml build` records them in the bento and
 # `containerize` bakes them into the image. Which ones is an environment variable (SEG_MODELS), so
@@ -189,9 +213,10 @@ SegmentationEngine = bentoml.service(
 # the body's size.
 SegmentationEngine.add_asgi_middleware(EngineGate, token=SETTINGS.engine_token)
 SegmentationEngine.add_asgi_middleware(RequestGuard, default_max_body_bytes=SETTINGS.engine_max_body_bytes())
-SegmentationEngine.add_asgi_middleware(EngineLoadMiddleware, load=ENGINE_LOAD)
+SegmentationEngine.add_asgi_middleware(EngineLoadMiddleware, load=ENGINE_LOAD,
+                                       paths=frozenset({"/predict", "/predict_stream"}))
 # A request whose caller left stops at once (with step-level batching its slot is freed).
-SegmentationEngine.add_asgi_middleware(CancelOnDisconnect, paths=frozenset({"/predict"}))
+SegmentationEngine.add_asgi_middleware(CancelOnDisconnect, paths=frozenset({"/predict", "/predict_stream"}))
 
 
 class Segmentation:

@@ -62,6 +62,7 @@ class EngineItem(bentoml.IODescriptor):
         min_length=1, max_length=MAX_ITEM_CLASSES)
     max_new_tokens: int | None = Field(None, ge=1, le=MAX_ITEM_TOKENS)
     labels_from_prompt: bool = False
+    cut_after: int | None = Field(None, ge=1, le=MAX_ITEM_TOKENS)  # OpenAI's max_tokens (pool.PredictRequest)
 
     @field_serializer("image", when_used="json")
     def _image_as_base64(self, image: Image.Image) -> str:
@@ -106,7 +107,8 @@ def predict_requests(items: list[EngineItem]) -> list:
 
     return [
         PredictRequest(
-            item.model, item.image, Prompt(item.task, tuple(item.classes), item.labels_from_prompt), item.max_new_tokens
+            item.model, item.image, Prompt(item.task, tuple(item.classes), item.labels_from_prompt),
+            item.max_new_tokens, item.cut_after,
         )
         for item in items
     ]

@@ -32,14 +32,15 @@ import sys
 logger = logging.getLogger(__name__)
 
 # The format of the engine's requests and answers. Raise it whenever EngineItem, EngineOutcome or the
-# routes change in a way an older or newer peer would misread.
-WIRE_VERSION = "2"
+# routes change in a way an older or newer peer would misread. v3: EngineItem.cut_after, the prediction's
+# prompt_tokens, finish_reason, tokens and logprobs, and the /predict_stream route.
+WIRE_VERSION = "3"
 WIRE_VERSION_HEADER = "x-seg-wire-version"
 
 # Open without the token: what probes and Prometheus scrape (GET or HEAD only).
 OPEN_PATHS = frozenset({"/livez", "/readyz", "/healthz", "/metrics"})
-# The engine's API routes: POST with a JSON body only.
-API_PATHS = frozenset({"/predict", "/describe"})
+# The engine's API routes: POST with a JSON body only (/predict_stream answers server-sent events).
+API_PATHS = frozenset({"/predict", "/predict_stream", "/describe"})
 JSON_MEDIA_TYPES = frozenset({"application/json"})
 
 

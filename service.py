@@ -59,6 +59,8 @@ from segmentation.serving.metrics import (
     observe_stage,
     set_engine_slots,
 )
+from segmentation.serving.openai_api import OpenAIErrors
+from segmentation.serving.openai_api import create_app as openai_app
 from segmentation.serving.probes import HealthProbes, Readiness
 from segmentation.serving.settings import Settings, adapter_tag, model_tag, read_secret
 from segmentation.serving.store import VAE_FILE, checks_models, load_mask_encoder, preflight
@@ -409,9 +411,12 @@ Segmentation = bentoml.asgi_app(webui.create_app(), path="/ui")(  # the page to 
         traffic={"timeout": SETTINGS.request_timeout_s, "max_concurrency": SETTINGS.max_concurrency},
     )(Segmentation)
 )
+# The OpenAI-compatible API (segmentation/serving/openai_api.py), its errors in OpenAI's shape.
+Segmentation = bentoml.asgi_app(openai_app(SETTINGS), path="/v1")(Segmentation)
 Segmentation.add_asgi_middleware(HealthProbes, readiness=READINESS, debug_modules=SETTINGS.debug_modules)
-Segmentation.add_asgi_middleware(CancelOnDisconnect,
-                                 paths=frozenset({"/segment", "/detect", "/render", "/segment_batch"}))
+Segmentation.add_asgi_middleware(CancelOnDisconnect, paths=frozenset(
+    {"/segment", "/detect", "/render", "/segment_batch", "/v1/chat/completions"}))
+Segmentation.add_asgi_middleware(OpenAIErrors)
 Segmentation.add_asgi_middleware(
     RequestGuard,
     api_keys=SETTINGS.api_keys,

@@ -132,6 +132,12 @@ def is_enabled(device_type: str | torch.device = "cuda") -> bool:
     return _device_type(device_type) in _libraries
 
 
+def enabled_kinds() -> frozenset[str]:
+    """The device types the mode is on for now (cheap: the graph engine compares it before each replay,
+    since a CUDA graph holds the kernels of the mode it was captured under)."""
+    return frozenset(_libraries)
+
+
 @contextlib.contextmanager
 def batch_invariant(device_type: str = "cuda") -> Iterator[None]:
     """The mode on for `device_type` inside the block (process-wide while it lasts); left as found after."""
@@ -169,6 +175,6 @@ def describe(device: str | torch.device | None = None, dtype: torch.dtype | str 
 
 
 __all__ = [
-    "COVERED_OPS", "ENV", "available", "batch_invariant", "describe", "disable", "enable", "env_enabled",
-    "is_enabled",
+    "COVERED_OPS", "ENV", "available", "batch_invariant", "describe", "disable", "enable", "enabled_kinds",
+    "env_enabled", "is_enabled",
 ]

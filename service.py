@@ -48,7 +48,12 @@ from segmentation.serving.bento import (
 from segmentation.serving.disconnect import CancelOnDisconnect
 from segmentation.serving.engines import RemoteEngines, local_engine_url
 from segmentation.serving.guard import RequestGuard
-from segmentation.serving.lifecycle import restart_worker, stop_server
+from segmentation.serving.lifecycle import (
+    exit_nonzero_after_a_failed_start,
+    restart_worker,
+    stop_server,
+    stop_server_on_failure,
+)
 from segmentation.serving.metrics import (
     EngineLoad,
     EngineLoadMiddleware,
@@ -56,6 +61,7 @@ from segmentation.serving.metrics import (
     observe_outcome,
     observe_stage,
     set_engine_slots,
+    watch_engine_steps,
 )
 from segmentation.serving.probes import HealthProbes, Readiness
 from segmentation.serving.settings import Settings, adapter_tag, model_tag, read_secret
@@ -72,6 +78,7 @@ ENGINE_NAME = "paligemma-engine"
 ADAPTER_BASES = preflight(SETTINGS) if checks_models(SETTINGS, ENGINE_NAME) else {}
 ENGINE_LOAD = EngineLoad()
 refuse_bentoml_downloads()
+exit_nonzero_after_a_failed_start()  # `bentoml serve` exits 1 when a worker stopped it (lifecycle.py)
 
 
 class SegmentationEngine:
@@ -79,6 +86,12 @@ class SegmentationEngine:
         problem = exposure_problem(listening_address(), token=SETTINGS.engine_token, insecure=SETTINGS.engine_insecure)
         if problem:
             stop_server(problem)  # before loading anything: a respawned worker would refuse again
+        # A start that fails would fail the same way again: stop the server once, with the reason (BentoML
+        # would otherwise start this worker again for ever).
+        with stop_server_on_failure("the model engine"):
+            self._start()
+
+    def _start(self) -> None:
         from segmentation.model.compute import compute_thread  # torch: the engine's process only
         from segmentation.model.graph.decoder import GraphSettings
         from segmentation.serving.pool import ModelPool
@@ -101,11 +114,12 @@ class SegmentationEngine:
             max_new_tokens=SETTINGS.max_new_tokens,
             objects_per_class=SETTINGS.objects_per_class,
             graph=GraphSettings(buckets=SETTINGS.graph_buckets, sync_every=SETTINGS.sync_every,
-                                prompt_tokens=SETTINGS.graph_prompt_tokens),
+                                prompt_tokens=SETTINGS.graph_prompt_tokens, require=SETTINGS.require_graphs),
             batch_invariant=SETTINGS.batch_invariant,
             max_prompt_chars=SETTINGS.max_prompt_chars,
             max_classes=SETTINGS.max_classes,
         )
+        watch_engine_steps(self.pool.engines.values())  # seg_engine_steps_total{path}: fallbacks show
         # One short generation per model (graph engines capture their CUDA graphs in it), so /readyz
         # turns green only when answers are fast.
         self.compute.run(self.pool.warm_up)

@@ -47,6 +47,10 @@ ENV_DOCS: dict[str, tuple[str, str]] = {
                            "(default 1 on CPUs, 8 on GPUs)"),
     "SEG_GRAPH_PROMPT_TOKENS": ("128", "graph engine: prompt text tokens its cache holds beside the image "
                                       "(longer prompts run the `fast` loop)"),
+    "SEG_REQUIRE_GRAPHS": ("false", "graph engine: capture a CUDA graph for every bucket or stop the server at "
+                                    "start with the reason (also on CPUs, where capture fails); `false`: a bucket "
+                                    "whose capture failed is logged and steps eagerly "
+                                    "(`seg_engine_steps_total{path=\"fixed\"}`)"),
     "SEG_BATCH_INVARIANT": ("false", "batch-invariant kernels on GPUs (and one padded prompt length): a request's "
                                      "answer is the same bits in any batch; opt-in, cost unmeasured "
                                      "(docs/batch-invariance.md)"),
@@ -62,7 +66,9 @@ ENV_DOCS: dict[str, tuple[str, str]] = {
                               "even though they are private or loopback"),
     "SEG_FETCH_TIMEOUT_S": ("10", "connect and read timeout for image_url downloads, seconds"),
     "SEG_REQUEST_TIMEOUT_S": ("300", "longest a request may take before the server answers 504"),
-    "SEG_MAX_CONCURRENCY": ("64", "requests handled at once; more are answered 429 at once"),
+    "SEG_MAX_CONCURRENCY": ("64", "requests handled at once; more are answered 429 at once. BentoML gives each "
+                                  "public worker ceil(N / SEG_API_WORKERS) of them and connections do not spread "
+                                  "evenly over workers, so 429s can start below N"),
     "SEG_API_KEY": ("", "comma-separated API keys; when set, API routes need `Authorization: Bearer <key>`"),
     "SEG_API_KEY_FILE": ("", "file holding the API keys (a mounted secret), one per line or comma-separated"),
     "SEG_METRICS_PUBLIC": ("true", "serve /metrics without an API key"),
@@ -126,6 +132,7 @@ class Settings:
     graph_buckets: tuple[int, ...] = (1, 2, 4, 8, 16)
     sync_every: int | None = None
     graph_prompt_tokens: int = 128
+    require_graphs: bool = False
     batch_invariant: bool = False
     share_images: bool = True
     dtype: str = "auto"
@@ -195,6 +202,7 @@ class Settings:
             graph_buckets=graph_buckets,
             sync_every=int(_env("SEG_SYNC_EVERY")) if _env("SEG_SYNC_EVERY") else None,
             graph_prompt_tokens=int(_env("SEG_GRAPH_PROMPT_TOKENS")),
+            require_graphs=_flag("SEG_REQUIRE_GRAPHS"),
             batch_invariant=_flag("SEG_BATCH_INVARIANT"),
             share_images=_flag("SEG_SHARE_IMAGES"),
             dtype=dtype,

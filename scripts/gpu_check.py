@@ -564,6 +564,9 @@ class Runner:
         failed = [n for n, o in self.report["phases"].items() if o["status"] == "FAIL"]
         self.report["failed"] = failed
         self.save()
+        self.print("gpu-check summary:")  # every phase's line again, together at the end of the output
+        for line in self.report["lines"]:
+            self.print(line)
         self.print(f"gpu-check: {len(failed)} phase(s) failed{': ' + ', '.join(failed) if failed else ''}; "
                    f"{self.report['wall_s']}s; report {self.args.out}")
         return 1 if failed else 0

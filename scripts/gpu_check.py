@@ -159,6 +159,18 @@ def _scheduled(engine, images, prompts, budgets) -> tuple[list, dict]:
     return answers, stats
 
 
+def replay_and_eager(engine, images, prompts, budgets) -> tuple[list, list, dict, dict]:
+    """One batch through the graph engine twice: its graphs replayed, then the same fixed-shape step run
+    eagerly (`without_graphs`): (replayed, eager, steps of the first by path, steps of the second)."""
+    decoder = engine.decoder
+    before = dict(decoder.steps)
+    replayed = engine.generate(images, prompts, max_new_tokens=budgets)
+    middle = dict(decoder.steps)
+    with decoder.without_graphs():
+        eager = engine.generate(images, prompts, max_new_tokens=budgets)
+    return replayed, eager, _steps_since(before, middle), _steps_since(middle, dict(decoder.steps))
+
+
 def phase_tiny(ctx) -> dict:
     device = ctx["device"]
     graph, fast = _tiny_engines(device)
@@ -175,12 +187,7 @@ def phase_tiny(ctx) -> dict:
     cap = ctx["tiny_tokens"]
     for rows in ctx["tiny_rows"]:
         images, prompts, budgets = _requests(rows, seed=rows, cap=cap)
-        before = dict(decoder.steps)
-        replayed = graph.generate(images, prompts, max_new_tokens=budgets)
-        middle = dict(decoder.steps)
-        with decoder.without_graphs():
-            eager = graph.generate(images, prompts, max_new_tokens=budgets)
-        after = dict(decoder.steps)
+        replayed, eager, steps_replayed, steps_eager = replay_and_eager(graph, images, prompts, budgets)
         quick = fast.generate(images, prompts, max_new_tokens=budgets)
         solo = [graph.generate([i], [p], max_new_tokens=[b])[0] for i, p, b in zip(images, prompts, budgets)]
         case = {
@@ -192,7 +199,7 @@ def phase_tiny(ctx) -> dict:
             "replay_eq_fast_tokens": sum(a.token_ids == b.token_ids for a, b in zip(replayed, quick)),
             "replay_eq_solo_tokens": sum(a.token_ids == b.token_ids for a, b in zip(replayed, solo)),
             "tokens": [len(a.token_ids) for a in replayed],
-            "steps_replayed": _steps_since(before, middle), "steps_eager": _steps_since(middle, after),
+            "steps_replayed": steps_replayed, "steps_eager": steps_eager,
         }
         data["cases"].append(case)
         if case["replay_eq_eager"] != rows:

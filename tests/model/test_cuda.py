@@ -15,6 +15,7 @@ import copy
 
 import pytest
 import torch
+from gpu_check import replay_and_eager  # scripts/gpu_check.py: the same comparison, in its tiny phase
 from pictures import random_image
 from test_graph_step import HostSyncGuard
 
@@ -66,15 +67,9 @@ def test_every_bucket_is_captured_and_replays_the_eager_step(engine):
     assert engine.graph_status()["captured"] and engine.graph_status()["eager_buckets"] == []
     start = dict(decoder.steps)
     for rows in (1, 2, 3, 4):  # buckets 1, 2, 4 (one idle row), 4
-        images, prompts, budgets = batch(rows, seed=rows)
-        before = dict(decoder.steps)
-        replayed = engine.generate(images, prompts, max_new_tokens=budgets)
-        replay = dict(decoder.steps)
-        with decoder.without_graphs():
-            eager = engine.generate(images, prompts, max_new_tokens=budgets)
-        after = dict(decoder.steps)
-        assert replay["fixed"] == before["fixed"] and after["graph"] == replay["graph"]  # each on its own path
-        assert after["fixed"] - replay["fixed"] == replay["graph"] - before["graph"]  # as many steps each way
+        replayed, eager, replay_steps, eager_steps = replay_and_eager(engine, *batch(rows, seed=rows))
+        assert set(replay_steps) <= {"graph"} and set(eager_steps) <= {"fixed"}  # each on its own path
+        assert replay_steps.get("graph", 0) == eager_steps.get("fixed", 0)  # as many steps each way
         # The same kernels on the same shapes, once recorded and replayed: the same bits in any dtype.
         assert [g.token_ids for g in replayed] == [g.token_ids for g in eager], rows
         assert [g.token_logprobs for g in replayed] == [g.token_logprobs for g in eager], rows

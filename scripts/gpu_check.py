@@ -501,6 +501,14 @@ WORKER_PHASES = {"tiny": phase_tiny, "kernels": phase_kernels, "capture": phase_
                  "agreement": phase_agreement, "invariance": phase_invariance, "service": phase_service}
 
 
+def exception_reason(exc: BaseException) -> str:
+    """An exception in one line: its first line, and where the message goes on (a server's log), the line
+    that says why it stopped."""
+    lines = [line.strip() for line in f"{type(exc).__name__}: {exc}".strip().splitlines() if line.strip()]
+    why = next((line for line in reversed(lines[1:]) if re.search(r"FATAL|stopping the server|Error", line)), None)
+    return (lines[0] + (f" ... {why}" if why else ""))[:800]
+
+
 def worker_main(names: list[str], settings: dict) -> int:
     """Run these phases in this process, announcing each and printing its result as one protocol line."""
     ctx = {**settings, "state": {}, "log": lambda line: print(line, flush=True)}
@@ -509,8 +517,7 @@ def worker_main(names: list[str], settings: dict) -> int:
         try:
             outcome = WORKER_PHASES[name](ctx)
         except BaseException as exc:  # noqa: BLE001 -- a phase's failure is its result; the next may still run
-            outcome = result("FAIL", f"{type(exc).__name__}: {exc}".strip().splitlines()[0][:800],
-                             traceback=traceback.format_exc()[-6000:])
+            outcome = result("FAIL", exception_reason(exc), traceback=traceback.format_exc()[-6000:])
         print(f"{MARK} result {name} {json.dumps(outcome, default=str)}", flush=True)
     return 0
 

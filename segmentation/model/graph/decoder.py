@@ -332,6 +332,7 @@ class StaticDecoder:
             except Exception as exc:  # this bucket steps eagerly; the others may still capture
                 reason = f"{type(exc).__name__}: {exc}".strip().splitlines()[0][:500]
                 self.capture_failures[batch] = reason
+                self._abandon_pool()
                 logger.error("CUDA graph capture failed for bucket %d: %s; its steps run eagerly", batch, reason)
                 continue
             self.capture_report[batch] = {"seconds": round(time.perf_counter() - tick, 4),
@@ -343,19 +344,36 @@ class StaticDecoder:
                     sorted(self.graphs), f"; eager: {sorted(self.capture_failures)}" if self.capture_failures else "")
 
     def _capture_one(self, batch: int, context):
-        with context():
-            if self._graph_pool is None:
-                self._graph_pool = torch.cuda.graph_pool_handle()
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):  # warm-up off the capture, as CUDA graphs require
-                for _ in range(2):
+        previous = torch.cuda.current_stream(self.device)
+        try:
+            with context():
+                if self._graph_pool is None:
+                    self._graph_pool = torch.cuda.graph_pool_handle()
+                stream = torch.cuda.Stream(self.device)
+                stream.wait_stream(previous)
+                with torch.cuda.stream(stream):  # warm-up off the capture, as CUDA graphs require
+                    for _ in range(2):
+                        self._step(batch)
+                previous.wait_stream(stream)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=self._graph_pool):
                     self._step(batch)
-            torch.cuda.current_stream().wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._graph_pool):
-                self._step(batch)
+        finally:
+            # When ending a capture raises, `torch.cuda.graph` never leaves its capture stream: this thread
+            # would go on running everything there.
+            torch.cuda.set_stream(previous)
         return graph
+
+    def _abandon_pool(self) -> None:
+        """After a failed capture: the graphs still to capture go to a fresh memory pool. When ending a
+        capture raises (the capture was invalidated), PyTorch leaves its pool marked as being recorded
+        to, and every later capture into it fails ("already recording to mempool_id", measured on an
+        H200, torch 2.11); that mark is ended if PyTorch lets us, and the pool is left to the graphs
+        captured into it before."""
+        if self._graph_pool is not None:
+            with contextlib.suppress(Exception):
+                torch._C._cuda_endAllocateToPool(self.device.index or 0, self._graph_pool)
+        self._graph_pool = None
 
     def _reserved(self) -> int:
         return torch.cuda.memory_reserved(self.device) if self.device.type == "cuda" else 0

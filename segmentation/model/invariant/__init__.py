@@ -172,7 +172,8 @@ def describe(device: str | torch.device | None = None, dtype: torch.dtype | str 
                 f"fixture); log-probabilities and scores within 1e-5, not bit for bit (CPU matmuls sum a row "
                 f"differently alone and in a batch); not proven in {name} for other shapes")
     return (f"batched ≡ solo not guaranteed on cuda in {name}: GPU kernels choose tiles and reduction orders by "
-            f"batch shape (H200: 11/16 rows equal in bfloat16, 15/16 in float32); set {ENV}=1 for bit-for-bit rows")
+            f"batch shape (H200, graph engine, bfloat16: 7/16 rows equal alone, 0/16 bit for bit); set {ENV}=1 for "
+            f"bit-for-bit rows (16/16 there; step cost x1.0 at 16 rows, x1.29 alone)")
 
 
 __all__ = [

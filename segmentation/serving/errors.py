@@ -103,6 +103,17 @@ async def send_error(send, status: int, message: str, *, kind: str | None = None
 _UNION_TAG = re.compile(r"[\[\](),]|^(?:constrained|function|nullable|lax|strict)-")
 
 
+# pydantic's messages in the service's words (the limit first, then what was sent).
+_PLAIN_WORDS = [
+    (re.compile(r"^String should have at least 1 character$"), "must not be empty"),
+    (re.compile(r"^String should have at most (\d+) characters?$"), r"is too long; the limit is \1 characters"),
+    (re.compile(r"^List should have at most (\d+) items? after validation, not (\d+)$"),
+     r"has \2 items; the limit is \1"),
+    (re.compile(r"^List should have at least (\d+) items? after validation, not (\d+)$"),
+     r"has \2 items; at least \1 are needed"),
+]
+
+
 def _field_errors(detail: list, pattern_hints: dict[str, str] | None = None) -> str:
     parts = []
     for item in detail:
@@ -110,9 +121,9 @@ def _field_errors(detail: list, pattern_hints: dict[str, str] | None = None) -> 
             # pydantic names the branches of a union in `loc` (`constrained-str`, `list[...]`): not fields.
             loc = [str(p) for p in item.get("loc", ()) if p != "body" and not _UNION_TAG.search(str(p))]
             message = str(item.get("msg", "invalid")).removeprefix("Value error, ")
-            if message == "String should have at least 1 character":
-                message = "must not be empty"
-            elif message.startswith("String should match pattern"):
+            for pattern, replacement in _PLAIN_WORDS:
+                message = pattern.sub(replacement, message)
+            if message.startswith("String should match pattern"):
                 # The pattern itself says little to a person; say what it means.
                 hint = (pattern_hints or {}).get(loc[-1] if loc else "")
                 message = hint or "does not have the accepted form (see /docs.json)"

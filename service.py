@@ -209,9 +209,11 @@ class Segmentation:
         model: str | None,
         mask_format: str | None,
         labels_from_prompt: bool = False,
+        keep_bytes: bool = False,
     ):
-        """Check the request, run the engine: (prediction, width, height, model picture, image bytes,
-        model id, mask format). The full-size picture lives only while it is decoded and resized."""
+        """Check the request, run the engine: (prediction, width, height, model picture, the image file's
+        bytes if `keep_bytes` else None, model id, mask format). The full-size picture lives only while it
+        is decoded and resized."""
         models = await self.served_models()
         model_id = api.check_model(model, [m["id"] for m in models])
         size = next(m["image_size"] for m in models if m["id"] == model_id)
@@ -225,6 +227,8 @@ class Segmentation:
             width, height = original.size
             picture = await asyncio.to_thread(model_input, original, size)
             del original
+        if not keep_bytes:
+            del data  # not held while the engine runs
         observe_stage("decode_input", time.perf_counter() - start)
 
         outcome = await self.engine.predict(
@@ -233,7 +237,8 @@ class Segmentation:
         )
         if outcome.error:
             raise self._engine_refusal(outcome.error, outcome.status)
-        return Prediction.from_dict(outcome.prediction), width, height, picture, data, model_id, fmt
+        return Prediction.from_dict(outcome.prediction), width, height, picture, data if keep_bytes else None, \
+            model_id, fmt
 
     @staticmethod
     def _engine_refusal(message: str, status: int) -> api.RequestError:
@@ -314,7 +319,8 @@ class Segmentation:
         ))
 
     async def _overlay(self, **kwargs) -> Image.Image:
-        prediction, width, height, _, data, _, _ = await self._run("segment", mask_format="none", **kwargs)
+        prediction, width, height, _, data, _, _ = await self._run("segment", mask_format="none", keep_bytes=True,
+                                                                   **kwargs)
         # The picture is decoded again (its bytes were kept, not its pixels, while the engine ran); the
         # overlay holds it, a float copy and every mask: three times a decode's share of the budget.
         async with self.pixels.hold(3 * width * height):

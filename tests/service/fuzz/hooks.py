@@ -7,8 +7,11 @@
   error with kind `unusable_input` passes. The document describes that kind under 400/413/415: a
   request valid by the schema whose content cannot be used (bytes that are no image, a refused URL,
   an unknown model, an empty mask, a box out of order). Every other 4xx to a schema-valid request is
-  still a failure, and so is an `unusable_input` answer to anything the schema itself can express,
-  because pydantic answers those first with kind `invalid_request`.
+  still a failure: what the schema can express, pydantic refuses first with kind `invalid_request`.
+  Two kinds of case are skipped: a form text value that is a JSON string literal (the document says
+  such a part is decoded once, as BentoML's client JSON-encodes every part, while schemathesis means
+  the quotes), and a case labelled positive whose body breaks the document's own schema (schemathesis
+  4.32's coverage phase makes those for multipart bodies with a `oneOf` beside a file).
 """
 
 from __future__ import annotations

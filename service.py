@@ -22,6 +22,7 @@ variables (see `segmentation/serving/settings.py` and the README), read when thi
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from pathlib import Path
 
@@ -257,8 +258,9 @@ class Segmentation:
         prediction, width, height, picture, _, model_id, fmt = await self._run(task, **kwargs)
         start = time.perf_counter()
         masks = any(o.mask64 is not None for o in prediction.objects)
-        # Pasting full-size masks is CPU work and memory: off the event loop, within the pixel budget.
-        async with self.pixels.hold(width * height if masks else 0):
+        # Pasting full-size masks is CPU work and memory: off the event loop, within the pixel budget (an
+        # answer without masks holds nothing full-size and does not queue for it).
+        async with self.pixels.hold(width * height) if masks else contextlib.nullcontext():
             body = await asyncio.to_thread(api.answer_body, prediction, width, height, model=model_id,
                                            mask_format=fmt, input_image=picture if return_input_image else None)
         observe_stage("encode", time.perf_counter() - start)

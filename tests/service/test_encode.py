@@ -87,7 +87,7 @@ def test_box_is_used(server, mask, tiny_fixtures):
      ({"polygons": [[0, 0, 50, 0, 5, 5]], "width": 8, "height": 8}, "outside the 8x8 image"),
      ({"polygons": [[0, 0, 1e30, 0, 5, 5]], "width": 8, "height": 8}, "polygons.0.2"),
      ({"polygons": [[0, 0, 5, 0, 5, 5]]}, "width"),
-     ({"polygons": [[0, 0, 5]], "width": 8, "height": 8}, "at least 6 items"),
+     ({"polygons": [[0, 0, 5]], "width": 8, "height": 8}, "polygons.0: has 3 items; at least 6 are needed"),
      ({"mask_base64": "bm90IGFuIGltYWdl"}, "mask: "),
      ({"mask_base64": "###"}, "mask_base64 is not valid base64"),
      ({"rle": {"size": [4, 4], "counts": [0, 16]}, "box": [0.5, 0, 0.2, 1]}, "y1 < y2"),

@@ -44,8 +44,14 @@ from segmentation.serving.bento import (
     strict_api,
 )
 from segmentation.serving.disconnect import CancelOnDisconnect
-from segmentation.serving.engines import LocalEngine, RemoteEngines
+from segmentation.serving.engines import RemoteEngines, local_engine_url
 from segmentation.serving.guard import RequestGuard
+from segmentation.serving.lifecycle import (
+    exit_nonzero_after_a_failed_start,
+    restart_worker,
+    stop_server,
+    stop_server_on_failure,
+)
 from segmentation.serving.metrics import (
     EngineLoad,
     EngineLoadMiddleware,
@@ -53,10 +59,12 @@ from segmentation.serving.metrics import (
     observe_outcome,
     observe_stage,
     set_engine_slots,
+    watch_engine_steps,
 )
 from segmentation.serving.probes import HealthProbes, Readiness
 from segmentation.serving.settings import Settings, adapter_tag, model_tag, read_secret
 from segmentation.serving.store import VAE_FILE, checks_models, load_mask_encoder, preflight
+from segmentation.serving.trust import EngineGate, exposure_problem, listening_address
 
 SETTINGS = Settings.from_env()
 # /readyz and /livez are answered by our middleware at once (BentoML's own /readyz can hang while
@@ -68,10 +76,20 @@ ENGINE_NAME = "paligemma-engine"
 ADAPTER_BASES = preflight(SETTINGS) if checks_models(SETTINGS, ENGINE_NAME) else {}
 ENGINE_LOAD = EngineLoad()
 refuse_bentoml_downloads()
+exit_nonzero_after_a_failed_start()  # `bentoml serve` exits 1 when a worker stopped it (lifecycle.py)
 
 
 class SegmentationEngine:
     def __init__(self) -> None:
+        problem = exposure_problem(listening_address(), token=SETTINGS.engine_token, insecure=SETTINGS.engine_insecure)
+        if problem:
+            stop_server(problem)  # before loading anything: a respawned worker would refuse again
+        # A start that fails would fail the same way again: stop the server once, with the reason (BentoML
+        # would otherwise start this worker again for ever).
+        with stop_server_on_failure("the model engine"):
+            self._start()
+
+    def _start(self) -> None:
         from segmentation.model.compute import compute_thread  # torch: the engine's process only
         from segmentation.model.graph.decoder import GraphSettings
         from segmentation.serving.pool import ModelPool
@@ -94,17 +112,29 @@ class SegmentationEngine:
             max_new_tokens=SETTINGS.max_new_tokens,
             objects_per_class=SETTINGS.objects_per_class,
             graph=GraphSettings(buckets=SETTINGS.graph_buckets, sync_every=SETTINGS.sync_every,
-                                prompt_tokens=SETTINGS.graph_prompt_tokens),
+                                prompt_tokens=SETTINGS.graph_prompt_tokens, require=SETTINGS.require_graphs),
             batch_invariant=SETTINGS.batch_invariant,
+            max_prompt_chars=SETTINGS.max_prompt_chars,
+            max_classes=SETTINGS.max_classes,
         )
+        watch_engine_steps(self.pool.engines.values())  # seg_engine_steps_total{path}: fallbacks show
         # One short generation per model (graph engines capture their CUDA graphs in it), so /readyz
         # turns green only when answers are fast.
         self.compute.run(self.pool.warm_up)
         if SETTINGS.scheduler == "steps":
             metrics = SchedulerMetrics(ENGINE_LOAD)
             self.pool.start_schedulers(on_finish=metrics.row_finished, on_step=metrics.stepped,
-                                       max_wait_s=SETTINGS.max_latency_ms / 1000, thread=self.compute)
+                                       max_wait_s=SETTINGS.max_latency_ms / 1000, thread=self.compute,
+                                       on_broken=restart_worker)
         set_engine_slots(SETTINGS.graph_buckets[-1] if SETTINGS.scheduler == "steps" else SETTINGS.max_batch_size)
+
+    def __is_ready__(self) -> bool:
+        return self.pool.broken is None
+
+    def __is_alive__(self) -> bool:
+        # A scheduler that gave up (a CUDA error) never recovers in this process: let the orchestrator
+        # restart it (a Kubernetes liveness probe on /livez; the scheduler already answers 503).
+        return self.pool.broken is None
 
     def _model_dir(self, index: int, model_id: str) -> Path:
         if SETTINGS.model_source == "hub":
@@ -167,6 +197,10 @@ SegmentationEngine = bentoml.service(
 )(SegmentationEngine)
 
 
+# Before anything reads a body: the token, JSON only (never a pickle), the wire version (trust.py); then
+# the body's size.
+SegmentationEngine.add_asgi_middleware(EngineGate, token=SETTINGS.engine_token)
+SegmentationEngine.add_asgi_middleware(RequestGuard, default_max_body_bytes=SETTINGS.engine_max_body_bytes())
 SegmentationEngine.add_asgi_middleware(EngineLoadMiddleware, load=ENGINE_LOAD)
 # A request whose caller left stops at once (with step-level batching its slot is freed).
 SegmentationEngine.add_asgi_middleware(CancelOnDisconnect, paths=frozenset({"/predict"}))
@@ -183,10 +217,13 @@ class Segmentation:
         if SETTINGS.engine_urls:
             self.engine = RemoteEngines(
                 list(SETTINGS.engine_urls), timeout_s=SETTINGS.request_timeout_s,
-                max_in_flight=SETTINGS.engine_max_in_flight,
+                max_in_flight=SETTINGS.engine_max_in_flight, token=SETTINGS.engine_token,
             )
-        else:
-            self.engine = LocalEngine(self.engine_service)
+        else:  # the engine BentoML serves beside this service, over its Unix socket, in JSON as well
+            self.engine = RemoteEngines(
+                [local_engine_url(ENGINE_NAME)], timeout_s=SETTINGS.request_timeout_s,
+                max_in_flight=SETTINGS.max_concurrency, token=SETTINGS.engine_token,
+            )
         READINESS.attach(self.engine)
         self._mask_encoder = None  # loaded by the first /encode: most servers never need it
         self._mask_encoder_lock = asyncio.Lock()
@@ -393,8 +430,8 @@ class Segmentation:
         return {"models": await self.served_models()}
 
 
-# The public tier served alone (SEG_ENGINE_URL) talks to the engine over HTTP (serving/engines.py);
-# otherwise BentoML serves the engine beside it.
+# The public tier served alone (SEG_ENGINE_URL) talks to remote engines; otherwise BentoML serves the
+# engine beside it (the dependency only starts it: calls go through serving/engines.py, in JSON).
 if not SETTINGS.engine_urls:
     Segmentation.engine_service = bentoml.depends(SegmentationEngine)
 Segmentation = bentoml.asgi_app(webui.create_app(), path="/ui")(  # the page to try it: /ui/

@@ -9,6 +9,9 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 DEFAULT_MAX_PIXELS = 40_000_000  # 40 MP: a 8000x5000 photo passes, a decompression bomb does not
 ACCEPTED_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
+# The largest model-input picture the engine takes from a caller, pixels a side (PaliGemma reads 224, 448
+# or 896 px squares; the engine's processor resizes whatever it gets).
+MAX_MODEL_SIDE = 1024
 
 
 class ImageError(ValueError):

@@ -8,12 +8,11 @@ URL downloads.
 from __future__ import annotations
 
 import base64
-import binascii
 import contextlib
 import inspect
 import io
 import typing
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import _bentoml_impl.serde as _bentoml_serde
 import bentoml
@@ -21,6 +20,7 @@ from PIL import Image
 from pydantic import ConfigDict, Field, create_model, field_serializer, field_validator
 from starlette.responses import JSONResponse
 
+from ..model.images import MAX_MODEL_SIDE
 from . import api
 from .errors import UNUSABLE_INPUT, kind_for
 from .inputs import INPUT_CONFIG, one_of_schema
@@ -43,19 +43,30 @@ def refuse_bentoml_downloads() -> None:
     _bentoml_serde.make_safe_connect = _refuse_bentoml_downloads
 
 
+# What an engine item may hold at most, whatever the server's own limits (checked again per item by the
+# model pool, segmentation/serving/pool.py): enough for any served model, small enough to parse safely.
+MAX_ITEM_CLASSES = 256
+MAX_ITEM_TEXT = 10_000
+MAX_ITEM_TOKENS = 100_000
+
+
 class EngineItem(bentoml.IODescriptor):
     """One image for the engine: the picture already resized to the model's input size.
 
-    In one server the item is pickled. Between the tiers (`SEG_ENGINE_URL`) it travels as JSON, the
-    picture as base64 of an uncompressed PPM: exact pixels, written and read in about a millisecond
-    (PNG costs ~75 ms at 448 px), so the remote engine sees the very picture the local one would.
+    It travels as JSON, the picture as base64 of an uncompressed PPM: exact pixels, written and read in
+    about a millisecond (PNG costs ~75 ms at 448 px), so every engine sees the very picture the public
+    tier made. The engine reads nothing else (never a pickle: trust.py), and refuses pictures that are not
+    a PPM of at most MAX_MODEL_SIDE pixels a side before decoding their pixels.
     """
 
-    model: str
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(min_length=1, max_length=200)
     image: Image.Image
-    task: str
-    classes: list[str]
-    max_new_tokens: int | None = None
+    task: Literal["segment", "detect"]
+    classes: list[Annotated[str, Field(min_length=1, max_length=MAX_ITEM_TEXT)]] = Field(
+        min_length=1, max_length=MAX_ITEM_CLASSES)
+    max_new_tokens: int | None = Field(None, ge=1, le=MAX_ITEM_TOKENS)
     labels_from_prompt: bool = False
 
     @field_serializer("image", when_used="json")
@@ -67,13 +78,25 @@ class EngineItem(bentoml.IODescriptor):
     @field_validator("image", mode="before")
     @classmethod
     def _image_from_base64(cls, value):
-        """A JSON item's picture (base64 text) as bytes, which BentoML's image field then opens."""
-        if isinstance(value, str):
-            try:
-                return base64.b64decode(value, validate=True)
-            except (binascii.Error, ValueError) as exc:
-                raise ValueError("image must be base64 image bytes") from exc
-        return value
+        """A JSON item's picture (base64 of a PPM) as a loaded RGB image; a picture made in this process
+        (tests, benchmarks) as it is."""
+        if isinstance(value, Image.Image):
+            return value
+        if not isinstance(value, str):
+            raise ValueError("image must be base64 text of a PPM picture")
+        if len(value) > (MAX_MODEL_SIDE**2 * 3 + 64) * 4 // 3 + 4:
+            raise ValueError(f"image is larger than a {MAX_MODEL_SIDE} px square PPM")
+        try:
+            picture = Image.open(io.BytesIO(base64.b64decode(value, validate=True)), formats=["PPM"])
+        except Exception as exc:  # bad base64, not a PPM, a decompression bomb's header: all the caller's
+            raise ValueError("image must be base64 text of a PPM picture") from exc
+        if max(picture.size) > MAX_MODEL_SIDE or picture.mode != "RGB":
+            raise ValueError(f"image must be an RGB picture of at most {MAX_MODEL_SIDE} px a side")
+        try:
+            picture.load()
+        except Exception as exc:
+            raise ValueError("image is a truncated or corrupt PPM picture") from exc
+        return picture
 
 
 class EngineOutcome(bentoml.IODescriptor):

@@ -1,18 +1,24 @@
-"""The public service's link to the model engine: in the same server, or remote engine replicas.
+"""The public service's link to the model engine: over HTTP with JSON, to the engine of this server or
+to engine replicas served alone.
 
-- `LocalEngine`: the engine BentoML runs beside the public service (`bentoml.depends`); items are
-  pickled over BentoML's own socket. One server, the default.
-- `RemoteEngines` (`SEG_ENGINE_URL`): one or more engine tiers served alone (`bentoml serve
-  service:SegmentationEngine`), called over HTTP with JSON (httpx). Each request goes to the replica
-  with the fewest requests in flight; a host name is resolved to all its addresses (a headless
-  Kubernetes Service names every ready engine pod) and re-resolved every few seconds. A replica
-  that refuses a connection is left alone for a second and the request tries the next one, so an
-  engine that dies or restarts is answered 503 with `Retry-After` at once, and served again as soon
-  as it is back; a replica with `max_in_flight` requests open takes no more (503 at once rather than
-  a pile of requests behind a slow engine).
+- One server (the default): BentoML serves the engine beside the public service on a Unix socket in
+  a private directory; `local_engine_url()` finds it. BentoML's own client between services would
+  pickle the items, and an engine that unpickles is an engine that runs any code it is sent
+  (trust.py): the public tier talks JSON to it like to a remote one.
+- Scale out (`SEG_ENGINE_URL`): one or more engine tiers served alone (`bentoml serve
+  service:SegmentationEngine`). Each request goes to the replica with the fewest requests in flight;
+  a host name is resolved to all its addresses (a headless Kubernetes Service names every ready engine
+  pod) and re-resolved every few seconds. A replica that refuses a connection is left alone for a
+  second and the request tries the next one, so an engine that dies or restarts is answered 503 with
+  `Retry-After` at once, and served again as soon as it is back; a replica with `max_in_flight`
+  requests open takes no more (503 at once rather than a pile of requests behind a slow engine).
 
-Both raise `EngineError` (status, message without internals, `retry_after`) for anything but an
-answer; predictions are pure, so trying one request on a second replica never changes an answer.
+Every call carries the shared secret (`SEG_ENGINE_TOKEN`) and the wire format version (trust.py); an
+engine that refuses either is reported by `/readyz` and in the log with the reason.
+
+`RemoteEngines` raises `EngineError` (status, message without internals, `retry_after`) for anything but
+an answer; predictions are pure, so trying one request again or on a second replica never changes an
+answer.
 """
 
 from __future__ import annotations
@@ -30,11 +36,17 @@ import httpx
 
 from .api import RequestError
 from .bento import EngineItem, EngineOutcome
+from .probes import NotReady
+from .trust import WIRE_VERSION, WIRE_VERSION_HEADER
 
 logger = logging.getLogger(__name__)
 
 RETRY_AFTER_S = 1
-CONNECTION_TRIES = 4  # tries of one engine call over the in-server client's pooled connections
+# Tries of one call on one replica when the connection breaks under it: a pooled keep-alive connection
+# the engine closed meanwhile fails the first try; a dead engine then refuses the next connection.
+CONNECTION_TRIES = 3
+# How long a replica's acceptance of our token and wire version is trusted before /readyz asks again.
+VERIFIED_FOR_S = 30.0
 
 
 class EngineError(RequestError):
@@ -44,48 +56,31 @@ class EngineError(RequestError):
         super().__init__(message, status, retry_after)
 
 
+class EngineRefused(EngineError, NotReady):
+    """The engine refuses this tier for good (token, wire version): no retry helps until redeployed."""
+
+    def __init__(self, message: str):
+        super().__init__(message, 503, None)
+
+
 UNAVAILABLE = "the model engine is unavailable (restarting or unreachable); retry shortly"
 OVERLOADED = "the model engine is overloaded; retry in a few seconds"
+BAD_TOKEN = ("the model engine refused this server's engine token (SEG_ENGINE_TOKEN differs between the "
+             "public tier and the engine)")
 
 
-class LocalEngine:
-    """The engine BentoML serves in the same server (a `bentoml.depends` proxy)."""
+def local_engine_url(engine_name: str) -> str:
+    """The URL of the engine BentoML serves beside the public service in this server: `unix:///…sock`
+    (or `http://127.0.0.1:PORT` where BentoML uses TCP between services)."""
+    from bentoml._internal.container import BentoMLContainer
 
-    def __init__(self, dependency) -> None:
-        self.dependency = dependency
-
-    async def describe(self) -> list[dict]:
-        return await self.dependency.to_async.describe()
-
-    async def is_ready(self, timeout: int | None = None) -> bool:
-        return await self.dependency.is_ready(timeout)
-
-    async def predict(self, item: EngineItem) -> EngineOutcome:
-        import aiohttp
-        import bentoml
-
-        try:
-            for attempt in range(1, CONNECTION_TRIES + 1):
-                try:
-                    [outcome] = await self.dependency.to_async.predict([item])
-                    break
-                except (aiohttp.ClientError, OSError) as exc:
-                    # The inter-service client may pick pooled connections the engine has closed
-                    # (BrokenPipe, ServerDisconnected: after a burst the pool holds many idle ones past
-                    # the engine's keep-alive); a prediction is pure, so another try is safe.
-                    if attempt == CONNECTION_TRIES:
-                        raise
-                    logger.warning("engine connection failed (%s); trying again", exc)
-        except bentoml.exceptions.ServiceUnavailable as exc:
-            # The adaptive batcher sheds load it cannot serve within SEG_MAX_LATENCY_MS.
-            raise EngineError(OVERLOADED) from exc
-        except Exception as exc:  # the engine worker died or restarts: the client may retry
-            logger.exception("engine call failed")
-            raise EngineError(UNAVAILABLE) from exc
-        return outcome
-
-    async def close(self) -> None:
-        pass
+    mapping = BentoMLContainer.remote_runner_mapping.get()
+    if engine_name not in mapping:
+        raise RuntimeError(f"BentoML serves no {engine_name!r} beside this service (mapping: {sorted(mapping)})")
+    url = mapping[engine_name]
+    if url.startswith("tcp://"):
+        return "http://" + url.removeprefix("tcp://")
+    return "unix://" + urlsplit(url).path  # BentoML writes file:///…/N.sock
 
 
 @dataclass
@@ -95,6 +90,7 @@ class Replica:
     in_flight: int = 0
     down_until: float = 0.0
     served: int = 0
+    verified_at: float = -1e9  # when it last accepted our token and wire version
 
     def usable(self, now: float) -> bool:
         return now >= self.down_until
@@ -121,10 +117,14 @@ def _is_address(host: str) -> bool:
 
 
 class RemoteEngines:
-    """Engine replicas over HTTP: least requests in flight first, refused replicas skipped for a while."""
+    """Engine replicas over HTTP: least requests in flight first, refused replicas skipped for a while.
 
-    def __init__(self, urls: list[str], *, timeout_s: float, max_in_flight: int, connect_timeout_s: float = 1.0,
-                 resolve_every_s: float = 5.0, down_for_s: float = 1.0) -> None:
+    `urls`: `http(s)://host:port` (a name stands for every address it resolves to) or `unix:///path`
+    (the engine of this server). `token`: the engine's shared secret (None: send none).
+    """
+
+    def __init__(self, urls: list[str], *, timeout_s: float, max_in_flight: int, token: str | None = None,
+                 connect_timeout_s: float = 1.0, resolve_every_s: float = 5.0, down_for_s: float = 1.0) -> None:
         if not urls:
             raise ValueError("no engine URL")
         self.origins = [self._origin(u) for u in urls]
@@ -132,6 +132,9 @@ class RemoteEngines:
         self.resolve_every_s = resolve_every_s
         self.down_for_s = down_for_s
         self.timeout = httpx.Timeout(timeout_s, connect=connect_timeout_s)
+        self.headers = {WIRE_VERSION_HEADER: WIRE_VERSION}
+        if token:
+            self.headers["authorization"] = f"Bearer {token}"
         self.replicas: dict[str, Replica] = {}
         self._turn = itertools.count()
         self._resolving = asyncio.Lock()
@@ -139,21 +142,26 @@ class RemoteEngines:
     @staticmethod
     def _origin(url: str) -> _Origin:
         parts = urlsplit(url)
+        if parts.scheme == "unix":
+            return _Origin(url, "unix", parts.path, 0)
         port = parts.port or (443 if parts.scheme == "https" else 80)
         return _Origin(url, parts.scheme, parts.hostname, port)
 
     def _replica(self, url: str) -> Replica:
         if url not in self.replicas:
             # One pooled client per replica; a connection per request in flight at most.
-            self.replicas[url] = Replica(url, httpx.AsyncClient(
-                base_url=url, timeout=self.timeout,
-                limits=httpx.Limits(max_connections=self.max_in_flight, max_keepalive_connections=self.max_in_flight),
-            ))
+            limits = httpx.Limits(max_connections=self.max_in_flight, max_keepalive_connections=self.max_in_flight)
+            options = dict(base_url=url, timeout=self.timeout, limits=limits, headers=self.headers)
+            if url.startswith("unix://"):
+                path = urlsplit(url).path
+                options.update(base_url="http://engine", transport=httpx.AsyncHTTPTransport(uds=path, limits=limits))
+            self.replicas[url] = Replica(url, httpx.AsyncClient(**options))
         return self.replicas[url]
 
     async def _resolve(self, origin: _Origin) -> list[str]:
-        """The origin's replica URLs: an IP literal as is; a name as every address it resolves to."""
-        if _is_address(origin.host) or origin.scheme == "https":  # TLS needs the name itself
+        """The origin's replica URLs: an IP literal, a Unix socket or TLS as is; a name as every
+        address it resolves to."""
+        if origin.scheme in ("unix", "https") or _is_address(origin.host):  # TLS needs the name itself
             return [origin.url]
         try:
             infos = await asyncio.get_running_loop().getaddrinfo(
@@ -193,19 +201,19 @@ class RemoteEngines:
                 continue
             replica.in_flight += 1
             try:
-                response = await replica.client.post(path, json=body)
-            except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
-                # Refused or unreachable: nothing was sent; leave it alone briefly, try the next.
-                replica.down_until = time.monotonic() + self.down_for_s
-                last = exc
-                continue
-            except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError) as exc:
-                # The engine closed the connection (a stopping or crashed engine): try the next.
+                response = await self._post_to(replica, path, body)
+            except (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError, httpx.ReadError,
+                    httpx.WriteError) as exc:
+                # Refused, unreachable, or closed under the request (a stopping or crashed engine):
+                # leave it alone briefly and try the next.
                 replica.down_until = time.monotonic() + self.down_for_s
                 last = exc
                 continue
             except httpx.TimeoutException as exc:
                 raise EngineError("the model engine did not answer in time; retry later", 504, None) from exc
+            except httpx.HTTPError as exc:  # anything else httpx refuses to do: the client still gets a 503
+                logger.error("engine call to %s failed: %s", replica.url, exc)
+                raise EngineError(UNAVAILABLE) from exc
             finally:
                 replica.in_flight -= 1
             replica.down_until = 0.0
@@ -215,6 +223,19 @@ class RemoteEngines:
         raise EngineError(UNAVAILABLE)
 
     @staticmethod
+    async def _post_to(replica: Replica, path: str, body: dict) -> httpx.Response:
+        for attempt in range(1, CONNECTION_TRIES + 1):
+            try:
+                return await replica.client.post(path, json=body)
+            except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError) as exc:
+                # A pooled connection the engine had closed (after a burst the pool holds many idle
+                # ones past its keep-alive): another connection, same replica. A prediction is pure.
+                if attempt == CONNECTION_TRIES:
+                    raise
+                logger.info("engine connection to %s broke (%s); trying again", replica.url, type(exc).__name__)
+        raise AssertionError("unreachable")
+
+    @staticmethod
     def _check(response: httpx.Response) -> None:
         if response.status_code == 200:
             return
@@ -222,6 +243,10 @@ class RemoteEngines:
             raise EngineError(OVERLOADED, response.status_code)
         if response.status_code == 504:
             raise EngineError("the model engine did not answer in time; retry later", 504, None)
+        refusal = refusal_reason(response)
+        if refusal is not None:
+            logger.error("engine at %s refused this public tier: %s", response.request.url, refusal)
+            raise EngineRefused(refusal)
         logger.error("engine answered %d: %s", response.status_code, response.text[:500])
         raise EngineError(UNAVAILABLE)
 
@@ -237,17 +262,47 @@ class RemoteEngines:
         return EngineOutcome.model_validate(outcome)
 
     async def is_ready(self, timeout: int | None = None) -> bool:
-        """Ready when one replica's own /readyz says so (it does once its models are warm)."""
+        """Ready when one replica's own /readyz says so (it does once its models are warm) and it accepts
+        this tier's token and wire version; raises EngineRefused when every ready replica refuses them."""
         replicas = await self._current()
 
-        async def ready(replica: Replica) -> bool:
+        async def ready(replica: Replica) -> str | bool:
             try:
                 response = await replica.client.get("/readyz", timeout=timeout or 5)
+                if response.status_code != 200:
+                    return False
+                if time.monotonic() - replica.verified_at < VERIFIED_FOR_S:
+                    return True
+                check = await replica.client.post("/describe", json={}, timeout=timeout or 5)
             except httpx.HTTPError:
                 return False
-            return response.status_code == 200
+            refusal = refusal_reason(check)
+            if refusal is not None:
+                logger.error("engine at %s refused this public tier: %s", replica.url, refusal)
+                return refusal
+            if check.status_code == 200:
+                replica.verified_at = time.monotonic()
+                return True
+            return False
 
-        return any(await asyncio.gather(*(ready(r) for r in replicas)))
+        answers = await asyncio.gather(*(ready(r) for r in replicas))
+        if any(a is True for a in answers):
+            return True
+        refusals = [a for a in answers if isinstance(a, str)]
+        if refusals:
+            raise EngineRefused(refusals[0])
+        return False
 
     async def close(self) -> None:
         await asyncio.gather(*(r.client.aclose() for r in self.replicas.values()))
+
+
+def refusal_reason(response: httpx.Response) -> str | None:
+    """Why an engine refuses this tier for good (a wrong token, another wire version), or None."""
+    if response.status_code == 401:
+        return BAD_TOKEN
+    if response.status_code == 409:
+        theirs = response.headers.get(WIRE_VERSION_HEADER, "?")
+        return (f"the public tier speaks wire format v{WIRE_VERSION} and the model engine v{theirs}: "
+                "run the same release in both tiers")
+    return None

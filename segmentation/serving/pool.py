@@ -25,13 +25,20 @@ from PIL import Image
 
 from ..model.compute import ComputeThread
 from ..model.engine import PaliGemmaEngine
-from ..model.graph.scheduler import Overloaded, StepScheduler
+from ..model.graph.scheduler import EngineBroken, Overloaded, StepScheduler
+from ..model.images import MAX_MODEL_SIDE
 from ..model.predictions import Prediction
-from ..model.prompts import Prompt
+from ..model.prompts import MAX_CLASSES, MAX_PROMPT_CHARS, Prompt, PromptError, parse_prompt
 from ..model.segmenter import ParsedGeneration, attach_masks, parse_generation, parse_generations
 from ..model.vae import MaskDecoder
 
 logger = logging.getLogger(__name__)
+
+
+# What a client reads when the engine fails it (the cause goes to the server log, never to the client).
+GENERATION_FAILED = "generation failed on the server; retry shortly"
+MASKS_FAILED = "mask decoding failed on the server; retry shortly"
+BROKEN = "the model engine failed and is restarting; retry shortly"
 
 
 @dataclass
@@ -52,17 +59,25 @@ class PredictOutcome:
     timings: dict[str, float] = field(default_factory=dict)
 
 
+def _adapter_graphs(engine: PaliGemmaEngine) -> dict:
+    status = engine.graph_status()
+    return {**status, "captured": False, "buckets": [], "eager_buckets": list(engine.graph_settings.buckets),
+            "why": "rows with a LoRA adapter step eagerly through PEFT's hooks (the graphs hold the base model)"}
+
+
 class ModelPool:
     """Engines by model id, and the adapters attached to them (adapter id -> its base's model id)."""
 
     def __init__(self, engines: dict[str, PaliGemmaEngine], decoder: MaskDecoder,
-                 adapters: dict[str, str] | None = None):
+                 adapters: dict[str, str] | None = None, *, max_prompt_chars: int = MAX_PROMPT_CHARS,
+                 max_classes: int = MAX_CLASSES):
         if not engines:
             raise ValueError("a pool needs at least one model")
         self.engines = engines
         self.decoder = decoder
         self.adapters = dict(adapters or {})
         self.schedulers: dict = {}  # base model id -> StepScheduler, once started
+        self.max_prompt_chars, self.max_classes = max_prompt_chars, max_classes
         self._decoder_lock = threading.Lock()  # mask decoding from several worker threads
         for adapter_id, base in self.adapters.items():
             if base not in engines or adapter_id not in engines[base].adapters:
@@ -70,10 +85,12 @@ class ModelPool:
 
     @classmethod
     def load(cls, model_dirs: dict[str, Path], vae_file: Path, adapters: dict[str, tuple[str, Path]] | None = None,
+             *, max_prompt_chars: int = MAX_PROMPT_CHARS, max_classes: int = MAX_CLASSES,
              **engine_options) -> ModelPool:
         """Engines for `model_dirs` (id -> checkpoint directory; the first is the default), each base's
         LoRA adapters (adapter id -> (base id, adapter directory)) attached unmerged, and the decoder.
-        `engine_options` go to `PaliGemmaEngine.from_pretrained` (device, grammar, budgets)."""
+        `engine_options` go to `PaliGemmaEngine.from_pretrained` (device, grammar, budgets); the prompt
+        limits are checked again on every request (`refusal`)."""
         engines = {model_id: PaliGemmaEngine.from_pretrained(path, **engine_options)
                    for model_id, path in model_dirs.items()}
         adapters = adapters or {}
@@ -83,29 +100,34 @@ class ModelPool:
                 engine.attach_adapters(attached)
         decoder = MaskDecoder.from_npz(vae_file)
         decoder.warmup()
-        return cls(engines, decoder, {adapter_id: base for adapter_id, (base, _) in adapters.items()})
+        return cls(engines, decoder, {adapter_id: base for adapter_id, (base, _) in adapters.items()},
+                   max_prompt_chars=max_prompt_chars, max_classes=max_classes)
 
     @property
     def default_model(self) -> str:
         return next(iter(self.engines))
 
     def describe(self) -> list[dict]:
-        """The served models (id, input size, default, where batched answers equal solo ones), then the
-        LoRA adapters with their base."""
+        """The served models (id, input size, default, where batched answers equal solo ones, whether
+        their decode steps replay CUDA graphs and for which buckets), then the LoRA adapters with their base
+        (their rows step eagerly through PEFT's hooks: no graphs)."""
         models = [
             {"id": model_id, "image_size": engine.image_size, "default": model_id == self.default_model,
-             "batched_equals_solo": engine.invariance()}
+             "batched_equals_solo": engine.invariance(), "graphs": engine.graph_status()}
             for model_id, engine in self.engines.items()
         ]
         adapters = [
             {"id": adapter_id, "image_size": self.engines[base].image_size, "default": False, "base": base,
-             "batched_equals_solo": self.engines[base].invariance()}
+             "batched_equals_solo": self.engines[base].invariance(), "graphs": _adapter_graphs(self.engines[base])}
             for adapter_id, base in self.adapters.items()
         ]
         return models + adapters
 
     def warm_up(self) -> None:
         """One short generation per model and adapter, so the first real request is not the slow one."""
+        for engine in self.engines.values():
+            if engine.generation == "graph":
+                engine.decoder  # noqa: B018 -- buffers and graphs (GraphCaptureError when required and failed)
         for model_id in [*self.engines, *self.adapters]:
             engine = self.engines[self.adapters.get(model_id, model_id)]
             picture = Image.new("RGB", (engine.image_size, engine.image_size))
@@ -114,29 +136,62 @@ class ModelPool:
                 raise RuntimeError(f"warm-up of {model_id} failed: {outcome.error}")
 
     def start_schedulers(self, on_finish=None, on_step=None, max_wait_s: float | None = None,
-                         thread: ComputeThread | None = None) -> None:
+                         thread: ComputeThread | None = None, on_broken=None) -> None:
         """Serve requests one at a time through a step-level scheduler per base model (graph engines).
         `on_finish(job, generation)` is called as each row ends (metrics); a request that waits more
         than `max_wait_s` for a slot is answered 503. The first model's scheduler runs on `thread` (the
         compute thread its engine was loaded on, see segmentation/model/compute.py), the others on
-        threads of their own."""
+        threads of their own. `on_broken(reason)` is called when a scheduler gives up (a CUDA error)."""
         for model_id, engine in self.engines.items():
             if engine.generation != "graph":
                 raise ValueError(f"step-level batching needs the graph engine; {model_id} runs {engine.generation!r}")
         for index, (model_id, engine) in enumerate(self.engines.items()):
             self.schedulers[model_id] = StepScheduler(engine, on_finish=on_finish, on_step=on_step,
-                                                      max_wait_s=max_wait_s, thread=thread if index == 0 else None)
+                                                      max_wait_s=max_wait_s, thread=thread if index == 0 else None,
+                                                      on_broken=on_broken)
+
+    @property
+    def broken(self) -> str | None:
+        """Why a step scheduler gave up (the process must restart), or None."""
+        return next((s.broken for s in self.schedulers.values() if s.broken), None)
 
     def close(self) -> None:
         for scheduler in self.schedulers.values():
             scheduler.close()
 
-    async def predict_one(self, request: PredictRequest, timeout_s: float | None = None) -> PredictOutcome:
-        """One request through its model's scheduler; never raises for the request's own failure."""
+    def refusal(self, request: PredictRequest) -> PredictOutcome | None:
+        """Why the engine will not run a request (400), or None. The public tier checks the same things,
+        but the engine trusts no caller: whoever reaches its port gets only what a client may ask for."""
         base = self.adapters.get(request.model, request.model)
         if base not in self.engines:
             served = [*self.engines, *self.adapters]
             return PredictOutcome(error=f"unknown model {request.model!r}; served: {', '.join(served)}", status=400)
+        engine = self.engines[base]
+        if not isinstance(request.image, Image.Image) or max(request.image.size) > MAX_MODEL_SIDE \
+                or request.image.mode != "RGB":
+            return PredictOutcome(error=f"the picture must be RGB, at most {MAX_MODEL_SIDE} px a side "
+                                        f"({engine.image_size} px squares are read as they are)", status=400)
+        prompt = request.prompt
+        try:
+            # The public tier measured the prompt as typed; its normalised form adds up to two characters
+            # (" ; " for ";") per class.
+            parsed = parse_prompt(" ; ".join(prompt.classes), prompt.task,
+                                  max_chars=self.max_prompt_chars + 2 * self.max_classes, max_classes=self.max_classes)
+        except PromptError as exc:
+            return PredictOutcome(error=str(exc), status=400)
+        if parsed.classes != tuple(prompt.classes):
+            return PredictOutcome(error="classes must be trimmed, non-empty and free of ';'", status=400)
+        budget = request.max_new_tokens
+        if budget is not None and not 1 <= budget <= engine.max_new_tokens:
+            return PredictOutcome(error=f"max_new_tokens must be 1 to {engine.max_new_tokens}", status=400)
+        return None
+
+    async def predict_one(self, request: PredictRequest, timeout_s: float | None = None) -> PredictOutcome:
+        """One request through its model's scheduler; never raises for the request's own failure."""
+        refused = self.refusal(request)
+        if refused is not None:
+            return refused
+        base = self.adapters.get(request.model, request.model)
         engine, start = self.engines[base], time.perf_counter()
         try:
             future = self.schedulers[base].submit(
@@ -148,18 +203,20 @@ class ModelPool:
             return PredictOutcome(error=str(exc), status=504)
         except Overloaded as exc:
             return PredictOutcome(error=f"the model is overloaded: {exc}", status=503)
+        except EngineBroken:
+            return PredictOutcome(error=BROKEN, status=503)
         except ValueError as exc:
             return PredictOutcome(error=str(exc), status=400)
-        except Exception as exc:
+        except Exception:
             logger.exception("generation failed for one request")
-            return PredictOutcome(error=f"generation failed: {exc}", status=503)
+            return PredictOutcome(error=GENERATION_FAILED, status=503)
         generate_seconds = time.perf_counter() - start
         start = time.perf_counter()
         try:
             [prediction] = await asyncio.to_thread(self._masks, parse_generation(engine, request.prompt, generation))
-        except Exception as exc:
+        except Exception:
             logger.exception("mask decoding failed")
-            return PredictOutcome(error=f"mask decoding failed: {exc}", status=503)
+            return PredictOutcome(error=MASKS_FAILED, status=503)
         return PredictOutcome(prediction=prediction, timings={
             "generate": generate_seconds, "mask_decode": time.perf_counter() - start})
 
@@ -174,14 +231,11 @@ class ModelPool:
         start = time.perf_counter()
         groups: dict[str, list[int]] = {}
         for index, request in enumerate(requests):
-            base = self.adapters.get(request.model, request.model)
-            if base not in self.engines:
-                served = [*self.engines, *self.adapters]
-                outcomes[index] = PredictOutcome(
-                    error=f"unknown model {request.model!r}; served: {', '.join(served)}", status=400
-                )
+            refused = self.refusal(request)
+            if refused is not None:
+                outcomes[index] = refused
             else:
-                groups.setdefault(base, []).append(index)
+                groups.setdefault(self.adapters.get(request.model, request.model), []).append(index)
         for model, indices in groups.items():
             self._generate(self.engines[model], [requests[i] for i in indices], indices, parsed, outcomes)
         generate_seconds = time.perf_counter() - start
@@ -190,10 +244,10 @@ class ModelPool:
         done = sorted(parsed)
         try:
             predictions = attach_masks(self.decoder, [parsed[i] for i in done])
-        except Exception as exc:  # the decoder is shared: a failure here is the server's, not a request's
+        except Exception:  # the decoder is shared: a failure here is the server's, not a request's
             logger.exception("mask decoding failed for a batch of %d", len(done))
             for i in done:
-                outcomes[i] = PredictOutcome(error=f"mask decoding failed: {exc}", status=503)
+                outcomes[i] = PredictOutcome(error=MASKS_FAILED, status=503)
             return outcomes
         decode_seconds = time.perf_counter() - start
         for i, prediction in zip(done, predictions):
@@ -217,7 +271,7 @@ class ModelPool:
         except Exception as exc:
             if len(requests) == 1:
                 logger.exception("generation failed for one request")
-                outcomes[indices[0]] = PredictOutcome(error=f"generation failed: {exc}", status=503)
+                outcomes[indices[0]] = PredictOutcome(error=GENERATION_FAILED, status=503)
                 return
             logger.warning("generation failed for a batch of %d (%s); retrying in halves", len(requests), exc)
             half = len(requests) // 2

@@ -32,6 +32,11 @@ READINESS_PATH = "/readyz"
 DEBUG_MODULES_PATH = "/debug/modules"
 
 
+class NotReady(Exception):  # noqa: N818 -- a state, not a failure of the probe
+    """Raised by an engine's `is_ready` when it answers but will not serve this tier (the message says why:
+    a wrong token, another release's wire format); /readyz reports the message."""
+
+
 class EngineProbe(Protocol):
     async def is_ready(self, timeout: int | None = None) -> bool: ...
 
@@ -57,6 +62,8 @@ class Readiness:
             ok = await asyncio.wait_for(self.engine.is_ready(1), timeout=self.check_timeout_s)
         except TimeoutError:
             ok = None  # no answer yet: loading, or busy
+        except NotReady as exc:
+            return False, str(exc)
         except Exception:  # the engine's socket refused or dropped the connection
             return False, "the model engine is unavailable; it restarts on its own"
         now = time.monotonic()

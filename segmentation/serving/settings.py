@@ -47,6 +47,10 @@ ENV_DOCS: dict[str, tuple[str, str]] = {
                            "(default 1 on CPUs, 8 on GPUs)"),
     "SEG_GRAPH_PROMPT_TOKENS": ("128", "graph engine: prompt text tokens its cache holds beside the image "
                                       "(longer prompts run the `fast` loop)"),
+    "SEG_REQUIRE_GRAPHS": ("false", "graph engine: capture a CUDA graph for every bucket or stop the server at "
+                                    "start with the reason (also on CPUs, where capture fails); `false`: a bucket "
+                                    "whose capture failed is logged and steps eagerly "
+                                    "(`seg_engine_steps_total{path=\"fixed\"}`)"),
     "SEG_BATCH_INVARIANT": ("false", "batch-invariant kernels on GPUs (and one padded prompt length): a request's "
                                      "answer is the same bits in any batch; opt-in, cost unmeasured "
                                      "(docs/batch-invariance.md)"),
@@ -62,7 +66,9 @@ ENV_DOCS: dict[str, tuple[str, str]] = {
                               "even though they are private or loopback"),
     "SEG_FETCH_TIMEOUT_S": ("10", "connect and read timeout for image_url downloads, seconds"),
     "SEG_REQUEST_TIMEOUT_S": ("300", "longest a request may take before the server answers 504"),
-    "SEG_MAX_CONCURRENCY": ("64", "requests handled at once; more are answered 429 at once"),
+    "SEG_MAX_CONCURRENCY": ("64", "requests handled at once; more are answered 429 at once. BentoML gives each "
+                                  "public worker ceil(N / SEG_API_WORKERS) of them and connections do not spread "
+                                  "evenly over workers, so 429s can start below N"),
     "SEG_API_KEY": ("", "comma-separated API keys; when set, API routes need `Authorization: Bearer <key>`"),
     "SEG_API_KEY_FILE": ("", "file holding the API keys (a mounted secret), one per line or comma-separated"),
     "SEG_METRICS_PUBLIC": ("true", "serve /metrics without an API key"),
@@ -70,6 +76,12 @@ ENV_DOCS: dict[str, tuple[str, str]] = {
                            "service:SegmentationEngine`): comma-separated `http://host:port` URLs; a host name "
                            "stands for every address it resolves to (a headless Kubernetes Service). Empty: "
                            "the engine runs in this server"),
+    "SEG_ENGINE_TOKEN": ("", "shared secret between the public tier and the engine: the engine refuses every "
+                             "request without `Authorization: Bearer <token>` (401) except probes and metrics; "
+                             "the public tier sends it. Needed by an engine served alone on a non-loopback address"),
+    "SEG_ENGINE_TOKEN_FILE": ("", "file holding SEG_ENGINE_TOKEN (a mounted secret)"),
+    "SEG_ENGINE_INSECURE": ("false", "let an engine served alone listen on a non-loopback address without a token "
+                                     "(only where the network itself keeps strangers out)"),
     "SEG_ENGINE_MAX_IN_FLIGHT": ("", "requests one engine replica may hold open from one public worker before "
                                      "it answers 503 at once (default: 2 x SEG_MAX_BATCH_SIZE)"),
     "SEG_DEBUG_MODULES": ("false", "answer `GET /debug/modules` (this worker's imported modules; for tests)"),
@@ -120,6 +132,7 @@ class Settings:
     graph_buckets: tuple[int, ...] = (1, 2, 4, 8, 16)
     sync_every: int | None = None
     graph_prompt_tokens: int = 128
+    require_graphs: bool = False
     batch_invariant: bool = False
     share_images: bool = True
     dtype: str = "auto"
@@ -132,10 +145,12 @@ class Settings:
     fetch_timeout_s: float = 10.0
     request_timeout_s: float = 300.0
     max_concurrency: int = 64
-    api_keys: tuple[str, ...] = field(default_factory=tuple)
+    api_keys: tuple[str, ...] = field(default_factory=tuple, repr=False)
     metrics_public: bool = True
     engine_urls: tuple[str, ...] = field(default_factory=tuple)
     engine_max_in_flight: int = 32
+    engine_token: str | None = field(default=None, repr=False)
+    engine_insecure: bool = False
     api_workers: int = 1
     debug_modules: bool = False
 
@@ -187,6 +202,7 @@ class Settings:
             graph_buckets=graph_buckets,
             sync_every=int(_env("SEG_SYNC_EVERY")) if _env("SEG_SYNC_EVERY") else None,
             graph_prompt_tokens=int(_env("SEG_GRAPH_PROMPT_TOKENS")),
+            require_graphs=_flag("SEG_REQUIRE_GRAPHS"),
             batch_invariant=_flag("SEG_BATCH_INVARIANT"),
             share_images=_flag("SEG_SHARE_IMAGES"),
             dtype=dtype,
@@ -202,10 +218,17 @@ class Settings:
             api_keys=tuple(k for k in re.split(r"[,\s]+", read_secret("SEG_API_KEY", "SEG_API_KEY_FILE") or "") if k),
             metrics_public=_flag("SEG_METRICS_PUBLIC"),
             engine_urls=tuple(parse_engine_urls(_env("SEG_ENGINE_URL"))),
+            engine_token=read_secret("SEG_ENGINE_TOKEN", "SEG_ENGINE_TOKEN_FILE"),
+            engine_insecure=_flag("SEG_ENGINE_INSECURE"),
             engine_max_in_flight=int(_env("SEG_ENGINE_MAX_IN_FLIGHT") or 2 * int(_env("SEG_MAX_BATCH_SIZE"))),
             debug_modules=_flag("SEG_DEBUG_MODULES"),
             api_workers=int(_env("SEG_API_WORKERS") or default_api_workers()),
         )
+
+    def engine_max_body_bytes(self) -> int:
+        """The largest body the engine reads: a batch of items, each a model-input picture of at most
+        1024 px a side as base64 PPM (bento.py MAX_ITEM_SIDE), and 64 KiB for the rest."""
+        return self.max_batch_size * ((1024 * 1024 * 3 + 64) * 4 // 3 + 4 + 64 * 1024) + 64 * 1024
 
     def max_body_bytes(self, images: int = 1) -> int:
         """The largest request body for `images` images: each one's base64 (4/3 of its bytes, and room for

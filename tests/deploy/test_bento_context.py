@@ -61,8 +61,14 @@ def test_build_context_of_the_release_workflow(tmp_path, tiny_fixtures):
     pod = deployment["spec"]["template"]["spec"]
     assert int(args["BENTO_USER_UID"]) == pod["securityContext"]["runAsUser"] == pod["securityContext"]["fsGroup"]
     assert int(args["BENTO_USER_GID"]) == pod["securityContext"]["runAsGroup"]
-    hf_home = {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}["HF_HOME"]
-    assert args["HF_HOME"] == hf_home
+    env = {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}
+    assert args["HF_HOME"] == env["HF_HOME"]
+    # Read-only root: the pod's volumes must not hide the bento (BENTO_PATH, inside the image's own
+    # BENTOML_HOME), so the Deployment gives BentoML a home of its own on a volume.
+    mounts = [m["mountPath"] for m in pod["containers"][0]["volumeMounts"]]
+    assert not [m for m in mounts if (args["BENTO_PATH"] + "/").startswith(m.rstrip("/") + "/")]
+    image_home = re.search(r"^ENV BENTOML_HOME=(\S+)$", text, re.M)[1]
+    assert args["BENTO_PATH"].startswith(image_home) and env["BENTOML_HOME"] != image_home.rstrip("/")
     compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
     assert compose["services"]["hf-cache-owner"]["command"][1] == f"{args['BENTO_USER_UID']}:{args['BENTO_USER_GID']}"
     assert compose["services"]["segmentation"]["environment"]["HF_HOME"] == args["HF_HOME"]

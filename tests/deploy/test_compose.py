@@ -1,5 +1,6 @@
 """docker-compose.yml: valid against the Compose Specification schema (the copy check-jsonschema
-vendors) and wired as the service needs it on one GPU host."""
+vendors) and wired as the service needs it on one GPU host: a released image that must be named,
+tokens as secret files (the engine token shared by the scale-out tiers)."""
 
 from __future__ import annotations
 
@@ -51,7 +52,7 @@ def test_compose_schema_rejects_a_misspelled_key():
 def test_server_service():
     spec = compose()
     server = spec["services"]["segmentation"]
-    assert server["image"] == "${IMAGE:-DOCKERHUB_USER/paligemma-segmentation:latest}"
+    assert server["image"] == "${IMAGE:?set IMAGE to a released image, e.g. USER/paligemma-segmentation:1.2.3}"
     assert server["ports"] == ["${PORT:-3000}:3000"]
     assert server["restart"] == "unless-stopped"
     assert server["environment"]["SEG_DEVICE"] == "cuda"
@@ -90,7 +91,29 @@ def test_healthcheck_waits_for_readyz_with_a_short_timeout():
     assert seconds(check["start_period"]) >= 30 * 60, "loading a 10B model can take 10+ minutes"
 
 
-@pytest.mark.parametrize("path", ["secrets/hf_token", "segmentation.env"])
+def test_no_image_defaults_to_a_moving_tag():
+    """IMAGE must be set (`${IMAGE:?...}` stops compose with the message); other images name a version."""
+    for name, service in compose()["services"].items():
+        image = service["image"]
+        assert ":-" not in image and "latest" not in image, f"{name}: {image}"
+        assert image.startswith("${IMAGE:?") or re.fullmatch(r"[\w./-]+:\d[\w.-]*", image), f"{name}: {image}"
+
+
+def test_scale_out_tiers_share_the_engine_token_as_a_compose_secret():
+    spec = compose()
+    assert spec["secrets"]["engine_token"] == {"file": "./secrets/engine_token"}
+    for name in ("engine", "public"):
+        service = spec["services"][name]
+        assert "engine_token" in service["secrets"], name
+        assert service["environment"]["SEG_ENGINE_TOKEN_FILE"] == "/run/secrets/engine_token", name
+    for name, service in spec["services"].items():
+        assert "SEG_ENGINE_TOKEN" not in service.get("environment", {}), f"{name}: the token is a file"
+        assert "HF_TOKEN" not in service.get("environment", {}), f"{name}: the token is a file"
+    one_server = spec["services"]["segmentation"]
+    assert "engine_token" not in one_server["secrets"] and "SEG_ENGINE_TOKEN_FILE" not in one_server["environment"]
+
+
+@pytest.mark.parametrize("path", ["secrets/hf_token", "secrets/engine_token", "segmentation.env"])
 def test_local_secrets_are_git_ignored(path):
     result = subprocess.run(["git", "check-ignore", "-q", path], cwd=ROOT)
     assert result.returncode == 0, f"{path} must be git-ignored: it holds tokens"

@@ -1,10 +1,13 @@
-""".github/workflows: actionlint, the GitHub workflow schema and shellcheck find nothing, and the
-release workflow keeps its promises (pull requests build without secrets and push nothing; both
-platforms; latest/sha/semver tags)."""
+""".github/workflows: actionlint, the GitHub workflow schema and shellcheck find nothing; the supply
+chain holds (third-party actions pinned by commit, no secret and no write token for code from a pull
+request, the image pushed is the one that passed the start check); and the release workflow keeps its
+promises (pull requests build without secrets and push nothing; both platforms; latest/sha/semver tags;
+a release tag is the version the manifests pin)."""
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -120,16 +123,82 @@ def test_run_scripts_pass_shellcheck(path, tmp_path):
     assert not problems, "\n".join(problems)
 
 
+# owner/repo[/path]@<full commit SHA> # vX.Y.Z: a tag can be moved to other code, a commit cannot.
+PINNED = re.compile(r"^\s*(?:- )?uses: ([\w.-]+/[\w.-]+(?:/[\w./-]+)?)@([0-9a-f]{40}) # (v\d+\.\d+\.\d+)\s*$")
+
+
 @pytest.mark.parametrize("path", WORKFLOWS, ids=[p.name for p in WORKFLOWS])
-def test_actions_are_pinned_to_major_versions_and_permissions_are_read_only(path):
+def test_actions_are_pinned_by_commit_and_permissions_are_read_only(path):
     workflow = load(path)
-    for step in steps(workflow):
-        if "uses" in step:
-            assert re.fullmatch(r"[\w.-]+/[\w.-]+@v\d+", step["uses"]), f"pin {step['uses']} to a major version"
+    lines = [line for line in path.read_text().splitlines() if re.match(r"^\s*(?:- )?uses:", line)]
+    assert len(lines) == sum("uses" in step for step in steps(workflow))
+    for line in lines:
+        if line.split("uses:")[1].strip().startswith("./"):
+            continue  # an action of this repository: pinned by the checkout itself
+        assert PINNED.match(line), f"pin by full commit SHA with the tag in a comment: {line.strip()}"
     assert workflow["permissions"] == {"contents": "read"}
     for job in workflow["jobs"].values():
         assert "permissions" not in job or set(job["permissions"].values()) <= {"read", "none"}
         assert 0 < job["timeout-minutes"] <= 360
+
+
+def test_each_action_is_pinned_to_one_commit_everywhere():
+    pins = {}
+    for path in WORKFLOWS:
+        for line in path.read_text().splitlines():
+            if match := PINNED.match(line):
+                pins.setdefault(match[1], set()).add((match[2], match[3]))
+    assert pins, "no pinned action found"
+    assert {action: found for action, found in pins.items() if len(found) > 1} == {}
+
+
+NOT_PR = "github.event_name != 'pull_request'"
+
+
+def secret_leaks(workflow: dict) -> list[str]:
+    """Where a secret could reach code from a pull request: a `secrets.` reference outside a job or step
+    that is skipped on pull requests, a pull_request_target trigger (runs with secrets and a write
+    token), or a checkout that leaves its token in .git/config."""
+    found = []
+    if "pull_request_target" in workflow["on"]:
+        found.append("on: pull_request_target")
+    if "secrets." in json.dumps({k: v for k, v in workflow.items() if k != "jobs"}):
+        found.append("a secret in the workflow's env or defaults")
+    for name, job in workflow["jobs"].items():
+        if job.get("if", "").strip() == NOT_PR:
+            continue
+        if "secrets." in json.dumps({k: v for k, v in job.items() if k != "steps"}):
+            found.append(f"job {name}: a secret outside its steps")
+        for step in job.get("steps", []):
+            label = step.get("name") or step.get("uses") or step.get("run", "").splitlines()[0]
+            if "secrets." in json.dumps(step) and step.get("if", "").strip() != NOT_PR:
+                found.append(f"job {name}, step {label!r}: a secret on pull requests")
+            if step.get("uses", "").startswith("actions/checkout@") and (
+                    step.get("with", {}).get("persist-credentials") is not False):
+                found.append(f"job {name}, step {label!r}: persist-credentials must be false")
+    return found
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=[p.name for p in WORKFLOWS])
+def test_no_secret_reaches_code_from_a_pull_request(path):
+    assert secret_leaks(load(path)) == []
+
+
+def test_the_secret_check_finds_each_leak():
+    workflow = load(RELEASE)
+    assert any("secrets." in json.dumps(s) for s in steps(workflow)), "the release workflow uses secrets"
+    [job] = workflow["jobs"].values()
+    login = step_using(workflow, "docker/login-action")
+    for breach, expected in (
+            (lambda w: w["on"].update(pull_request_target={}), "pull_request_target"),
+            (lambda w: w["env"].update(T="${{ secrets.T }}"), "workflow's env"),
+            (lambda w: w["jobs"][next(iter(w["jobs"]))].update(env={"T": "${{ secrets.T }}"}), "outside its steps"),
+            (lambda w: step_using(w, "docker/login-action").pop("if"), "a secret on pull requests"),
+            (lambda w: step_using(w, "actions/checkout").pop("with"), "persist-credentials")):
+        broken = json.loads(json.dumps(workflow))
+        breach(broken)
+        assert any(expected in line for line in secret_leaks(broken)), expected
+    assert login["if"] == NOT_PR and job.get("if") is None
 
 
 def test_ci_runs_lint_and_tests_on_pushes_and_pull_requests():
@@ -159,12 +228,18 @@ def test_release_triggers_and_inputs():
 
 def test_release_pushes_only_outside_pull_requests():
     workflow = load(RELEASE)
-    not_pr = "github.event_name != 'pull_request'"
     login = step_using(workflow, "docker/login-action")
-    assert login["if"].strip() == not_pr
+    assert login["if"].strip() == NOT_PR
     assert login["with"] == {"username": "${{ vars.DOCKERHUB_USERNAME }}", "password": "${{ secrets.DOCKERHUB_TOKEN }}"}
     build = step_with_id(workflow, "build")["with"]
-    assert build["push"] == "${{ " + not_pr + " }}"
+    assert "push" not in build and "tags" not in build, "pushed by digest only: tags come after the check"
+    outputs = dict(item.split("=", 1) for item in build["outputs"].split(","))
+    assert outputs == {"type": "image", "name": "${{ env.IMAGE }}", "push-by-digest": "true",
+                       "name-canonical": "true", "push": "${{ " + NOT_PR + " }}"}
+    tagging = [s for s in steps(workflow) if "imagetools create" in s.get("run", "")]
+    assert [s["if"] for s in tagging] == [NOT_PR]
+    runs = "\n".join(s.get("run", "") for s in steps(workflow))
+    assert "docker push" not in runs and "--push" not in runs
     assert "${{ vars.DOCKERHUB_USERNAME" in workflow["env"]["IMAGE"]
     assert workflow["env"]["IMAGE"].endswith("/paligemma-segmentation")
 
@@ -175,7 +250,7 @@ def test_release_builds_both_platforms_with_a_layer_cache():
     assert set(build["platforms"].split(",")) == {"linux/amd64", "linux/arm64"}
     assert build["cache-from"].startswith("type=gha")
     assert build["cache-to"].startswith("type=gha")
-    assert build["tags"] == "${{ steps.meta.outputs.tags }}"
+    assert build["labels"] == "${{ steps.meta.outputs.labels }}"
     assert build["file"] == build["context"] + "/env/docker/Dockerfile"
     assert build["build-args"].splitlines() == ["SEG_MODEL_SOURCE=${{ env.SEG_MODEL_SOURCE }}"]
     position = step_index(workflow, lambda s: s.get("id") == "build")
@@ -186,23 +261,57 @@ def test_release_builds_both_platforms_with_a_layer_cache():
     assert bento < context < position
 
 
-def test_release_starts_the_amd64_image_and_segments_once_before_pushing():
+def test_release_tags_the_digest_that_passed_the_start_check():
+    """Built once; outside pull requests the pushed digest itself is pulled and started, and only then do
+    the tags go onto it (read back: each must name that digest). Pull requests check a loaded amd64 build
+    of the same context and push nothing."""
     workflow = load(RELEASE)
+    release = step_with_id(workflow, "build")
     builds = [s for s in steps(workflow) if s.get("uses", "").startswith("docker/build-push-action")]
-    [check_build] = [s for s in builds if s.get("id") != "build"]
-    release = step_with_id(workflow, "build")["with"]
+    [check_build] = [s for s in builds if s is not release]
+    assert check_build["if"] == "github.event_name == 'pull_request'"
     assert check_build["with"]["platforms"] == "linux/amd64"
     assert check_build["with"]["load"] is True and check_build["with"]["push"] is False
     for same in ("context", "file", "build-args", "cache-from"):
-        assert check_build["with"][same] == release[same], f"the start check builds another {same}"
-    tag = check_build["with"]["tags"]
+        assert check_build["with"][same] == release["with"][same], f"the start check builds another {same}"
+
     run = "docker run -d --name start-check -p 127.0.0.1:3000:3000"
     [start] = [s for s in steps(workflow) if run in s.get("run", "")]
-    assert tag in start["run"] and "scripts/image/smoke.py http://127.0.0.1:3000" in start["run"]
-    assert start["run"].rstrip().endswith('exit "$status"'), "a failed check fails the job"
-    order = [step_index(workflow, lambda s, x=x: s is x) for x in (check_build, start)]
-    assert order == sorted(order) and order[-1] < step_index(workflow, lambda s: s.get("id") == "build")
-    assert order[-1] < step_index(workflow, lambda s: s.get("uses", "").startswith("docker/login-action"))
+    assert "if" not in start, "every event checks its image"
+    assert start["env"]["TESTED"] == (
+        "${{ github.event_name == 'pull_request' && '" + check_build["with"]["tags"] + "' || "
+        "format('{0}@{1}', env.IMAGE, steps.build.outputs.digest) }}")
+    script = start["run"]
+    assert '"$TESTED"' in script.split(run)[1].split("status=0")[0], "docker run starts the tested reference"
+    assert "scripts/image/smoke.py http://127.0.0.1:3000" in script
+    assert script.rstrip().endswith('exit "$status"'), "a failed check fails the job"
+
+    [tag] = [s for s in steps(workflow) if "imagetools create" in s.get("run", "")]
+    assert tag["env"] == {"TAGS": "${{ steps.meta.outputs.tags }}", "DIGEST": "${{ steps.build.outputs.digest }}"}
+    assert 'docker buildx imagetools create "${args[@]}" "$IMAGE@$DIGEST"' in tag["run"]
+    assert "imagetools inspect \"$tag\" --format '{{.Manifest.Digest}}'" in tag["run"]
+    assert '[ "$pushed" != "$DIGEST" ]' in tag["run"]
+    order = [step_index(workflow, lambda s, x=x: s is x) for x in (check_build, release, start, tag)]
+    assert order == sorted(order)
+
+
+def test_release_tag_must_be_the_version_the_manifests_pin(tmp_path):
+    """On a tag v1.2.3 the workflow stops before building unless the commit pins 1.2.3 (pyproject.toml
+    and the overlays' images, scripts/release_version.py); its script is run here as the runner would."""
+    workflow = load(RELEASE)
+    [check] = [s for s in steps(workflow) if "scripts/release_version.py --check" in s.get("run", "")]
+    assert check["if"] == "startsWith(github.ref, 'refs/tags/v')"
+    assert check["env"] == {"TAG": "${{ github.ref_name }}"}
+    assert step_index(workflow, lambda s: s is check) < step_index(workflow, lambda s: s.get("name") == "Install")
+    (tmp_path / "python").symlink_to(sys.executable)
+    env = {**os.environ, "PATH": f"{tmp_path}:{os.environ['PATH']}"}
+    version = re.search(r'^version = "(.+)"$', (ROOT / "pyproject.toml").read_text(), re.M)[1]
+    for tag, code in ((f"v{version}", 0), ("v99.0.0", 1)):
+        result = subprocess.run(["bash", "-e", "-c", check["run"]], cwd=ROOT, env={**env, "TAG": tag},
+                                capture_output=True, text=True, timeout=60)
+        assert result.returncode == code, (tag, result.stderr)
+    meta = step_using(workflow, "docker/metadata-action")["with"]["tags"]
+    assert "type=semver,pattern={{version}}" in meta, "the tag the overlays pin is the one pushed"
 
 
 def test_release_labels_the_image_with_its_cuda_version():
@@ -224,7 +333,8 @@ def test_release_tags_latest_sha_and_semver():
 
 
 def test_release_builds_pull_requests_from_offline_fixtures():
-    """Forks' pull requests get no secrets: their builds must not need HF_TOKEN."""
+    """Forks' pull requests get no secrets (and no step of theirs may have one): their builds use the
+    tiny fixtures; the real models are imported only outside pull requests."""
     from segmentation.serving.settings import DEFAULT_MODEL
 
     workflow = load(RELEASE)
@@ -232,15 +342,15 @@ def test_release_builds_pull_requests_from_offline_fixtures():
     assert workflow["env"]["SEG_MODELS"].startswith(
         "${{ github.event_name == 'pull_request' && '" + DEFAULT_MODEL + "' || inputs.models || vars.SEG_MODELS || '")
     assert workflow["env"]["SEG_MODELS"].endswith(f"'{DEFAULT_MODEL}' }}}}")
-    [imports] = [s for s in steps(workflow) if "scripts/import_models.py" in s.get("run", "")]
-    script = imports["run"]
-    pr_branch = script[: script.index("exit 0")]
-    assert '[ "$EVENT" = pull_request ]' in pr_branch
-    assert "scripts/make_tiny_model.py --out .fixtures/tiny" in pr_branch
-    assert '--local .fixtures/tiny/paligemma --as "$FIXTURE_MODEL"' in pr_branch
-    assert "--vae-file .fixtures/tiny/vae-oid.npz" in pr_branch
-    assert "--hub" not in pr_branch and "HF_TOKEN" not in pr_branch
-    assert imports["env"]["HF_TOKEN"] == "${{ secrets.HF_TOKEN }}"
+    imports = [s for s in steps(workflow) if "scripts/import_models.py" in s.get("run", "")]
+    [fixtures] = [s for s in imports if s["if"] == "github.event_name == 'pull_request'"]
+    [models] = [s for s in imports if s["if"] == NOT_PR]
+    script = fixtures["run"]
+    assert "scripts/make_tiny_model.py --out .fixtures/tiny" in script
+    assert '--local .fixtures/tiny/paligemma --as "$FIXTURE_MODEL"' in script
+    assert "--vae-file .fixtures/tiny/vae-oid.npz" in script
+    assert "--hub" not in script and "HF_TOKEN" not in script and "env" not in fixtures
+    assert models["env"]["HF_TOKEN"] == "${{ secrets.HF_TOKEN }}" and "--hub" in models["run"]
 
 
 def test_release_calls_scripts_and_flags_that_exist():

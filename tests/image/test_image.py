@@ -9,6 +9,7 @@ LOCAL_IMAGE (default localhost/paligemma-segmentation:local-cpu).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -54,21 +55,28 @@ class Container:
         return dict(item.split("=", 1) for item in self.config["Env"])
 
 
-@pytest.fixture(scope="module")
-def container(tmp_path_factory):
+@contextlib.contextmanager
+def running(tmp_path_factory, label: str, arguments: list[str] | None = None, env: dict[str, str] | None = None):
+    """The image started with its own entrypoint (and its own command unless `arguments` replace it),
+    listening on 127.0.0.1 only; yielded once its /readyz answers 200."""
     inspected = json.loads(buildah("inspect", "--type", "image", IMAGE))
     config = inspected["OCIv1"]["config"]
-    name = buildah("from", "--pull=never", "--name", f"image-test-{os.getpid()}", IMAGE).strip()
+    name = buildah("from", "--pull=never", "--name", f"image-test-{label}-{os.getpid()}", IMAGE).strip()
     port = free_port()
     log = tmp_path_factory.mktemp("container") / "server.log"
-    # The image's own entrypoint and command; BentoML's serve reads its address from the environment,
-    # so the container listens on 127.0.0.1 only (chroot isolation shares the host's network).
-    command = [*(config.get("Entrypoint") or []), *(config.get("Cmd") or [])]
+    # BentoML's serve reads its address from the environment, so the container listens on 127.0.0.1 only
+    # (chroot isolation shares the host's network).
+    if arguments is None:
+        given = config.get("Cmd") or []
+    else:
+        given = [a.replace("{port}", str(port)) for a in arguments]
+    command = [*(config.get("Entrypoint") or []), *given]
+    settings = {"BENTOML_HOST": "127.0.0.1", "BENTOML_PORT": str(port), **(env or {})}
     started = time.monotonic()
     with log.open("wb") as out:
         process = subprocess.Popen(
             ["buildah", "--storage-driver", "vfs", "run", "--isolation", "chroot",
-             "--env", "BENTOML_HOST=127.0.0.1", "--env", f"BENTOML_PORT={port}", name, "--", *command],
+             *[f"--env={key}={value}" for key, value in settings.items()], name, "--", *command],
             stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -82,12 +90,30 @@ def container(tmp_path_factory):
                 pass
             time.sleep(0.5)
         ready = time.monotonic() - started
-        print(f"\n{IMAGE}: /readyz answered 200 {ready:.1f} s after `buildah run`")
+        print(f"\n{IMAGE} ({label}): /readyz answered 200 {ready:.1f} s after `buildah run`")
         root = Path(buildah("mount", name).strip())
         yield Container(name, url, process, config, root, ready, log)
     finally:
         kill_tree(process.pid)  # the server's workers too: BentoML starts them in groups of their own
         buildah("rm", name)
+
+
+@pytest.fixture(scope="module")
+def container(tmp_path_factory):
+    with running(tmp_path_factory, "server") as started:
+        yield started
+
+
+ENGINE_TOKEN = "image-test-engine-token"
+
+
+@pytest.fixture(scope="module")
+def engine_container(tmp_path_factory):
+    """The engine tier as deploy/kubernetes/overlays/scale-out and docker-compose.yml start it."""
+    arguments = ["start-http-server", "--service-name", "paligemma-engine", "--host", "127.0.0.1",
+                 "--port", "{port}"]
+    with running(tmp_path_factory, "engine", arguments, {"SEG_ENGINE_TOKEN": ENGINE_TOKEN}) as started:
+        yield started
 
 
 def test_image_is_labelled_with_its_bento_and_cuda_version(container):
@@ -146,3 +172,31 @@ def test_the_container_serves_the_models_baked_into_it(container):
         assert digests(inside) == digests(stored), f"{info.tag}: the image's files differ from the model store's"
     hub_cache = container.root / env["HF_HOME"].lstrip("/")
     assert not hub_cache.exists() or not any(hub_cache.rglob("*.safetensors")), "weights were downloaded"
+
+
+class Exploit:
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_the_engine_started_as_deployed_runs_no_pickle_and_needs_its_token(engine_container):
+    import pickle
+
+    from segmentation.serving.trust import WIRE_VERSION
+
+    marker = "/tmp/pickle-ran"
+    for headers in ({}, {"authorization": f"Bearer {ENGINE_TOKEN}"}):
+        response = httpx.post(engine_container.url + "/predict", content=pickle.dumps(Exploit(marker)), timeout=30,
+                              headers={"content-type": "application/vnd.bentoml+pickle", **headers})
+        assert response.status_code == (415 if headers else 401), response.text
+    time.sleep(1)
+    assert not (engine_container.root / marker.lstrip("/")).exists()
+    versioned = {"x-seg-wire-version": WIRE_VERSION}
+    assert httpx.post(engine_container.url + "/describe", json={}, headers=versioned, timeout=30).status_code == 401
+    described = httpx.post(engine_container.url + "/describe", json={}, timeout=30,
+                           headers={**versioned, "authorization": f"Bearer {ENGINE_TOKEN}"})
+    served = engine_container.env()["SEG_MODELS"].split(",")[0]
+    assert described.status_code == 200 and described.json()[0]["id"] == served

@@ -20,6 +20,10 @@ from segmentation.model.prompts import parse_prompt
 PROMPTS = [("cat", "segment"), ("dog ; cat", "detect"), ("the man on the left", "segment"),
            ("car ; bus ; person ; bird", "detect"), ("tree ; sky", "segment"), ("bird", "detect")]
 
+# A request whose answer alone is long (169 tokens with the tiny fixture, seed 0): it holds its slot for
+# that many steps unless it is dropped.
+LONG = (13, 2, 400)
+LONG_STEPS = 169
 
 
 @pytest.fixture(scope="module")
@@ -83,16 +87,20 @@ def test_rows_that_join_and_leave_mid_batch_answer_as_alone(engine, solo):
         scheduler.close()
 
 
+def test_the_long_request_is_long(solo):
+    assert len(solo(*LONG).token_ids) == LONG_STEPS
+
+
 def test_a_cancelled_request_frees_its_slot(engine, solo):
     scheduler = StepScheduler(engine)
     try:
-        gone = submit(scheduler, 10, 3, 400)  # long: it would hold its slot for hundreds of steps
+        gone = submit(scheduler, *LONG)  # it would hold its slot for LONG_STEPS steps
         wait_until(lambda: scheduler.running == 1)
         assert gone.cancel()  # the client went away
         wait_until(lambda: scheduler.running == 0)
         assert scheduler.stats.dropped == 1
         steps = scheduler.stats.steps
-        assert steps < 200
+        assert steps < LONG_STEPS - 20
         answer = submit(scheduler, 2, 2, 30).result(timeout=60)
         assert answer.token_ids == solo(2, 2, 30).token_ids
         with pytest.raises(concurrent.futures.CancelledError):
@@ -104,7 +112,7 @@ def test_a_cancelled_request_frees_its_slot(engine, solo):
 def test_a_request_past_its_deadline_is_dropped(engine):
     scheduler = StepScheduler(engine)
     try:
-        late = submit(scheduler, 11, 3, 400, timeout_s=0.05)
+        late = submit(scheduler, *LONG, timeout_s=0.05)  # LONG_STEPS steps take far longer than 0.05 s
         with pytest.raises(TimeoutError, match="ran out of time"):
             late.result(timeout=60)
         wait_until(lambda: scheduler.running == 0)

@@ -129,6 +129,7 @@ def test_sync_client_every_api(server, images):
         listed = client.models()
         [served] = listed["models"]
         assert served.pop("batched_equals_solo").startswith("batched ≡ solo on cpu")
+        assert served.pop("graphs")["captured"] is False  # a CPU: no CUDA graphs (tests/service/test_engine_paths.py)
         assert served == {"id": DEMO_MODEL, "image_size": 224, "default": True}
         batch = client.segment_batch(requests=[
             {"image_base64": b64(images[0]), "prompt": "cat"},

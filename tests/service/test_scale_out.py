@@ -1,5 +1,7 @@
-"""Scale out: the engine served alone (`bentoml serve service:SegmentationEngine`) and the public tier
-against it (`SEG_ENGINE_URL`), as two real servers on 127.0.0.1, beside the one-server default."""
+"""Scale out: the engine served alone, started as deploy/ starts it (the bento's `start-http-server
+--service-name paligemma-engine`) with a shared token, and the public tier against it (`SEG_ENGINE_URL`), as
+two real servers on 127.0.0.1, beside the one-server default; and what the engine accepts from anyone who
+reaches its port."""
 
 from __future__ import annotations
 
@@ -16,9 +18,12 @@ import numpy as np
 import psutil
 import pytest
 from PIL import Image
-from servers import free_port, kill_tree, start_server
+from servers import engine_as_deployed, free_port, kill_tree, spawn_server, start_server
 
 ADAPTERS = "acme/lora-a,acme/lora-b"
+TOKEN = "engine-token-for-tests"
+ENGINE_ENV = {"SEG_ADAPTERS": ADAPTERS, "SEG_ENGINE_TOKEN": TOKEN}
+AUTH = {"authorization": f"Bearer {TOKEN}"}
 HEAVY = ("torch", "transformers", "peft", "accelerate")
 
 
@@ -45,14 +50,14 @@ def split_home(tmp_path_factory, tiny_fixtures, lora_adapters) -> Path:
 
 @pytest.fixture(scope="module")
 def engine(split_home):
-    srv = start_server(split_home, {"SEG_ADAPTERS": ADAPTERS}, target="service:SegmentationEngine")
+    srv = start_server(split_home, ENGINE_ENV, command=engine_as_deployed)
     yield srv
     kill_tree(srv.process.pid)
 
 
 @pytest.fixture(scope="module")
 def public(split_home, engine):
-    srv = start_server(split_home, {"SEG_ADAPTERS": ADAPTERS, "SEG_ENGINE_URL": engine.url, "SEG_API_WORKERS": "1",
+    srv = start_server(split_home, {**ENGINE_ENV, "SEG_ENGINE_URL": engine.url, "SEG_API_WORKERS": "1",
                                     "SEG_DEBUG_MODULES": "true"})
     yield srv
     kill_tree(srv.process.pid)
@@ -125,14 +130,14 @@ def test_public_tier_never_loads_torch_or_transformers(public, engine, single):
     # The single server's public worker skips the model checks too; its engine worker loads torch.
     assert any(loads_libtorch(p) for p in process_tree(single))
     # The debug route is off unless asked for.
-    assert httpx.get(engine.url + "/debug/modules", timeout=10).status_code == 404
+    assert httpx.get(engine.url + "/debug/modules", headers=AUTH, timeout=10).status_code == 404
 
 
 def test_public_worker_starts_in_seconds(split_home, engine):
     """From `bentoml serve` to the public tier's first answer, and from its worker's process start."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    env = {"SEG_ADAPTERS": ADAPTERS, "SEG_ENGINE_URL": engine.url, "SEG_API_WORKERS": "1"}
+    env = {**ENGINE_ENV, "SEG_ENGINE_URL": engine.url, "SEG_API_WORKERS": "1"}
     launched = time.time()
     servers: list = []
     starter = threading.Thread(target=lambda: servers.append(start_server(split_home, env, port=port)))
@@ -188,8 +193,7 @@ async def fire(url: str, bodies: list[dict], concurrency: int) -> list[httpx.Res
 
 
 def test_a_full_engine_sheds_at_once_with_retry_after(split_home, engine):
-    srv = start_server(split_home, {"SEG_ENGINE_URL": engine.url, "SEG_ENGINE_MAX_IN_FLIGHT": "1",
-                                    "SEG_ADAPTERS": ADAPTERS})
+    srv = start_server(split_home, {**ENGINE_ENV, "SEG_ENGINE_URL": engine.url, "SEG_ENGINE_MAX_IN_FLIGHT": "1"})
     try:
         bodies = [{"image_base64": png_b64(100 + i), "prompt": "cat ; dog"} for i in range(12)]
         started = time.perf_counter()
@@ -204,8 +208,8 @@ def test_a_full_engine_sheds_at_once_with_retry_after(split_home, engine):
 
 
 def test_requests_spread_over_engine_replicas(split_home, engine):
-    second = start_server(split_home, {"SEG_ADAPTERS": ADAPTERS}, target="service:SegmentationEngine")
-    srv = start_server(split_home, {"SEG_ENGINE_URL": f"{engine.url},{second.url}", "SEG_ADAPTERS": ADAPTERS})
+    second = start_server(split_home, ENGINE_ENV, command=engine_as_deployed)
+    srv = start_server(split_home, {**ENGINE_ENV, "SEG_ENGINE_URL": f"{engine.url},{second.url}"})
     try:
         def predicts(url: str) -> float:
             text = httpx.get(url + "/metrics", timeout=10).text
@@ -226,8 +230,8 @@ def test_requests_spread_over_engine_replicas(split_home, engine):
 @pytest.mark.slow
 def test_a_killed_engine_is_answered_503_at_once_and_served_again_after_its_restart(split_home):
     port = free_port()
-    engine_env = {"SEG_ADAPTERS": ADAPTERS}
-    first = start_server(split_home, engine_env, target="service:SegmentationEngine", port=port)
+    engine_env = ENGINE_ENV
+    first = start_server(split_home, engine_env, command=engine_as_deployed, port=port)
     public = start_server(split_home, {**engine_env, "SEG_ENGINE_URL": first.url})
     engines = [first]
     try:
@@ -261,7 +265,7 @@ def test_a_killed_engine_is_answered_503_at_once_and_served_again_after_its_rest
                 assert r.headers["retry-after"] == "1"
                 break
         assert first_503 is not None and first_503 < 1.0, first_503
-        engines.append(start_server(split_home, engine_env, target="service:SegmentationEngine", port=port))
+        engines.append(start_server(split_home, engine_env, command=engine_as_deployed, port=port))
         restarted = time.perf_counter()
         recovered = None
         while time.perf_counter() - restarted < 60:
@@ -288,3 +292,134 @@ def test_a_killed_engine_is_answered_503_at_once_and_served_again_after_its_rest
         kill_tree(public.process.pid)
         for srv in engines:
             kill_tree(srv.process.pid)
+
+
+# --- what the engine accepts from anyone who reaches its port ---------------------------------------
+
+
+class Exploit:
+    """A pickle that runs a command when loaded: it must never be loaded."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+def engine_item(seed: int = 1, **changes) -> dict:
+    from segmentation.model.images import model_input
+    from segmentation.serving.bento import EngineItem
+
+    picture = model_input(Image.open(io.BytesIO(base64.b64decode(png_b64(seed)))), 224)
+    item = EngineItem(model="demo/paligemma2-tiny-random", image=picture, task="segment", classes=["cat"])
+    return {**item.model_dump(mode="json"), **changes}
+
+
+def engine_call(url: str, path: str, body, headers: dict | None = None) -> httpx.Response:
+    from segmentation.serving.trust import WIRE_VERSION
+
+    return httpx.post(url + path, json=body, timeout=120,
+                      headers={**AUTH, "x-seg-wire-version": WIRE_VERSION, **(headers or {})})
+
+
+def unix_socket_of_engine(single) -> str:
+    """The Unix socket the one server's engine worker listens on (BentoML's private directory)."""
+    [worker] = [p for p in process_tree(single) if "paligemma-engine" in p.cmdline()]
+    [path] = {c.laddr for c in worker.net_connections(kind="unix") if c.laddr and c.laddr.endswith(".sock")}
+    return path
+
+
+def test_no_pickle_runs_on_any_engine(engine, single, tmp_path):
+    import pickle
+
+    marker = tmp_path / "pwned"
+    body = pickle.dumps(Exploit(marker))
+    deployed = httpx.Client(base_url=engine.url, timeout=30)
+    socket_path = unix_socket_of_engine(single)
+    one_server = httpx.Client(transport=httpx.HTTPTransport(uds=socket_path), base_url="http://engine", timeout=30)
+    for client in (deployed, one_server):
+        for path in ("/predict", "/describe"):
+            for headers in ({}, AUTH):
+                response = client.post(path, content=body,
+                                       headers={"content-type": "application/vnd.bentoml+pickle", **headers})
+                assert response.status_code in (401, 415), (path, response.status_code, response.text)
+                assert response.status_code == 415 or not headers
+    time.sleep(1)
+    assert not marker.exists()
+    assert httpx.get(engine.url + "/readyz", timeout=10).status_code == 200  # and it still serves
+
+
+def test_the_engine_needs_its_token_but_not_for_probes_and_metrics(engine):
+    from segmentation.serving.trust import WIRE_VERSION
+
+    for headers in ({}, {"authorization": "Bearer not-the-token"}, {"authorization": TOKEN}):
+        response = httpx.post(engine.url + "/describe", json={}, timeout=30,
+                              headers={"x-seg-wire-version": WIRE_VERSION, **headers})
+        assert response.status_code == 401 and "SEG_ENGINE_TOKEN" in response.json()["error"]
+    assert engine_call(engine.url, "/describe", {}).status_code == 200
+    assert engine_call(engine.url, "/describe", {}, {"x-seg-wire-version": ""}).status_code == 409
+    for path in ("/livez", "/readyz", "/metrics"):
+        assert httpx.get(engine.url + path, timeout=10).status_code == 200, path
+    assert httpx.request("TRACE", engine.url + "/livez", timeout=10).status_code == 405
+
+
+def test_the_engine_checks_every_field_again(engine):
+    url = engine.url
+    refused_whole = [
+        {"items": [engine_item(max_new_tokens=10**9)]},
+        {"items": [engine_item(task="caption")]},
+        {"items": [engine_item(classes=[])]},
+        {"items": [engine_item(classes=["x"] * 300)]},
+        {"items": [engine_item(image="not base64 at all")]},
+        {"items": [engine_item(image=base64.b64encode(b"P6\n60000 60000\n255\n" + b"\0" * 64).decode())]},
+        {"items": [engine_item(image=png_b64(1))]},  # a PNG: only the PPM the public tier writes is read
+        {"items": [engine_item(unexpected="field")]},
+        {"items": "many"},
+    ]
+    for body in refused_whole:
+        response = engine_call(url, "/predict", body)
+        assert response.status_code == 400, (str(body)[:200], response.status_code, response.text[:300])
+    # Items that parse but break a limit are refused one by one; their neighbours are answered.
+    refused_alone = [
+        engine_item(classes=["<loc0001><seg012> cat"]),
+        engine_item(classes=["<image>"]),
+        engine_item(max_new_tokens=100_000),  # over the server's SEG_MAX_NEW_TOKENS (512)
+        engine_item(classes=[f"class {i}" for i in range(33)]),
+        engine_item(classes=["a" * 2000]),
+        engine_item(classes=[" cat "]),
+        engine_item(classes=["cat ; dog"]),
+        engine_item(model="no/such-model"),
+        engine_item(model="../../etc/passwd"),
+    ]
+    good = engine_item(seed=2)
+    response = engine_call(url, "/predict", {"items": [*refused_alone, good]})
+    assert response.status_code == 200, response.text[:300]
+    outcomes = response.json()
+    for item, outcome in zip(refused_alone, outcomes):
+        assert outcome["status"] == 400 and outcome["error"], (item["classes"], item.get("model"), outcome)
+        assert "Traceback" not in outcome["error"]
+    assert outcomes[-1]["status"] == 200 and outcomes[-1]["prediction"]["text"]
+
+
+def test_a_public_tier_with_a_wrong_token_is_not_ready_and_says_why(split_home, engine):
+    srv = spawn_server(split_home, {"SEG_ADAPTERS": ADAPTERS, "SEG_ENGINE_URL": engine.url,
+                                    "SEG_ENGINE_TOKEN": "not-the-token"})
+    try:
+        reason = None
+        deadline = time.monotonic() + 60
+        while reason is None and time.monotonic() < deadline:
+            try:
+                ready = httpx.get(srv.url + "/readyz", timeout=5)
+                if ready.status_code == 503 and "SEG_ENGINE_TOKEN" in ready.text:
+                    reason = ready.json()["reason"]
+            except httpx.HTTPError:
+                time.sleep(0.5)
+        assert reason, srv.logs()
+        response = httpx.post(srv.url + "/segment", json={"image_base64": png_b64(3), "prompt": "cat"}, timeout=60)
+        assert response.status_code == 503 and "SEG_ENGINE_TOKEN" in response.json()["error"]
+        assert "refused this public tier" in srv.logs()
+    finally:
+        kill_tree(srv.process.pid)

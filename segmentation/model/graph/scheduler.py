@@ -56,6 +56,27 @@ class Overloaded(RuntimeError):
     """A request waited longer than the scheduler's `max_wait_s` for a slot: shed, the client may retry."""
 
 
+class EngineBroken(RuntimeError):
+    """The scheduler's loop met a failure it cannot recover from (a CUDA error leaves the device unusable
+    for this process; or failure after failure): every request is refused until the process restarts."""
+
+
+# Loop failures in a row, with nothing answered in between, after which the scheduler gives up.
+BROKEN_AFTER_FAILURES = 3
+
+
+def is_device_failure(exc: BaseException) -> bool:
+    """A CUDA error (an illegal access, an assert in a kernel, ECC): the CUDA context of this process is
+    unusable afterwards, so no later step can succeed. Out-of-memory is not one: it leaves the context
+    usable and fails only the rows that needed the memory."""
+    if isinstance(exc, torch.OutOfMemoryError):
+        return False
+    accelerator_error = getattr(torch, "AcceleratorError", None)
+    if accelerator_error is not None and isinstance(exc, accelerator_error):
+        return True
+    return isinstance(exc, RuntimeError) and "CUDA error" in str(exc)
+
+
 @dataclass
 class Job:
     """One request in the scheduler: its input, its slot while it runs, and when things happened."""
@@ -94,7 +115,7 @@ class StepScheduler:
     """
 
     def __init__(self, engine, *, max_prefill: int | None = None, max_wait_s: float | None = None,
-                 on_finish=None, on_step=None, thread: ComputeThread | None = None):
+                 on_finish=None, on_step=None, thread: ComputeThread | None = None, on_broken=None):
         self.engine = engine
         self.max_wait_s = max_wait_s  # longest a request may wait for a slot before it is shed (Overloaded)
         self.decoder = engine.decoder
@@ -103,7 +124,10 @@ class StepScheduler:
         # Called as on_step(scheduler, rows) after each group of steps with the rows that stepped, and
         # with rows=0 when the running batch has emptied (metrics).
         self.on_step = on_step
+        self.on_broken = on_broken  # called with the reason once the loop gives up (EngineBroken)
         self.stats = SchedulerStats()
+        self.broken: str | None = None  # why the loop gave up (EngineBroken), once it has
+        self._failures_in_a_row = 0
         self.last_batch = 0  # rows the last group of steps computed (occupied or not)
         self._queue: deque[Job] = deque()
         self._slots: list[Job | None] = [None] * self.decoder.slots
@@ -131,6 +155,8 @@ class StepScheduler:
         if self.max_wait_s is not None:
             job.admit_by = job.submitted + self.max_wait_s
         with self._wake:
+            if self.broken is not None:
+                raise EngineBroken(self.broken)
             if self._closed:
                 raise RuntimeError("the scheduler is closed")
             self._queue.append(job)
@@ -174,14 +200,35 @@ class StepScheduler:
                     self._step_and_collect()
                 elif self.on_step is not None:
                     self.on_step(self, 0)
-            except Exception as exc:  # a failed step fails the rows in it, never the loop
+                self._failures_in_a_row = 0
+            except Exception as exc:  # a failed step fails the rows in it; the loop goes on if it can
                 logger.exception("step-level batch failed")
                 self._fail_running(exc)
-        self._fail_running(RuntimeError("the scheduler is closed"))
+                self._failures_in_a_row += 1
+                if is_device_failure(exc) or self._failures_in_a_row >= BROKEN_AFTER_FAILURES:
+                    self._give_up(exc)
+                    return
+        self._settle_all(RuntimeError("the scheduler is closed"))
+
+    def _give_up(self, exc: Exception) -> None:
+        """Refuse everything from now on: a process whose device failed must be restarted (the engine
+        then reports itself neither ready nor alive)."""
+        cause = "a device (CUDA) error" if is_device_failure(exc) else \
+            f"{self._failures_in_a_row} failures in a row"
+        with self._wake:
+            self.broken = f"the engine stopped after {cause}; it must be restarted"
+        logger.critical("step scheduler gave up: %s (%s: %s)", self.broken, type(exc).__name__, exc)
+        self._settle_all(EngineBroken(self.broken))
+        if self.on_broken is not None:
+            self.on_broken(self.broken)
+
+    def _settle_all(self, exc: Exception) -> None:
+        """Fail every running and waiting request with `exc`."""
+        self._fail_running(exc)
         with self._wake:
             waiting, self._queue = list(self._queue), deque()
         for job in waiting:
-            _fail(job.future, RuntimeError("the scheduler is closed"))
+            _fail(job.future, exc)
 
     def _drop_gone(self) -> None:
         """Free the slots of requests that were cancelled or ran out of time; skip such waiting ones."""
@@ -218,22 +265,41 @@ class StepScheduler:
         if not jobs:
             return
         try:
-            inputs = self.engine.prepare([job.image for job in jobs], [job.prompt for job in jobs])
-            jobs, inputs = self._beyond_the_cache(jobs, inputs)
-            if not jobs:
+            self._prefill(jobs, free)
+        except Exception as exc:
+            if is_device_failure(exc):
+                for job in jobs:
+                    _fail(job.future, exc)
+                raise
+            if len(jobs) == 1:  # this request fails alone; the running batch goes on
+                logger.exception("admitting a request failed")
+                _fail(jobs[0].future, exc)
+                self.stats.failed += 1
                 return
-            slots = free[: len(jobs)]
-            names = [job.adapter for job in jobs] if self.engine.adapters else None
-            context, _ = self.engine.graph_context(names)
-            with context(len(jobs)):
-                self.decoder.prefill(slots, inputs, [job.spec for job in jobs],
-                                     share_images=self.engine.share_images and names is None)
-        except Exception as exc:  # these requests fail; the running batch goes on
-            logger.exception("admitting %d requests failed", len(jobs))
+            # One request may be what failed the group (a prefill out of memory, a picture the processor
+            # refuses): each is admitted alone, so only the failing one fails.
+            logger.warning("admitting %d requests together failed (%s); admitting them one by one", len(jobs), exc)
             for job in jobs:
-                _fail(job.future, exc)
-            self.stats.failed += len(jobs)
+                free = [slot for slot, occupant in enumerate(self._slots) if occupant is None]
+                try:
+                    self._prefill([job], free)
+                except Exception:
+                    logger.exception("admitting a request failed")
+                    _fail(job.future, exc)
+                    self.stats.failed += 1
+
+    def _prefill(self, jobs: list[Job], free: list[int]) -> None:
+        """Prefill `jobs` together into the first free slots (long ones run the fast loop instead)."""
+        inputs = self.engine.prepare([job.image for job in jobs], [job.prompt for job in jobs])
+        jobs, inputs = self._beyond_the_cache(jobs, inputs)
+        if not jobs:
             return
+        slots = free[: len(jobs)]
+        names = [job.adapter for job in jobs] if self.engine.adapters else None
+        context, _ = self.engine.graph_context(names)
+        with context(len(jobs)):
+            self.decoder.prefill(slots, inputs, [job.spec for job in jobs],
+                                 share_images=self.engine.share_images and names is None)
         now = time.monotonic()
         prompt_length = inputs["input_ids"].shape[1]
         for job, slot in zip(jobs, slots):
@@ -294,14 +360,30 @@ class StepScheduler:
             self.on_step(self, len(occupied))
 
     def _deliver(self, jobs: list[Job]) -> None:
+        """Answer finished rows and free their slots. One row that cannot be answered (its text does not
+        decode, a metrics hook fails) fails alone: the others are answered all the same."""
         results = self.decoder.results([job.slot for job in jobs])
-        self._free([job.slot for job in jobs])
+        try:
+            self._free([job.slot for job in jobs])
+        finally:  # the results are read: answer them even if the device fails to reset the slots
+            self._answer_rows(jobs, results)
+
+    def _answer_rows(self, jobs: list[Job], results) -> None:
         for job, decoded in zip(jobs, results):
-            generation = self.engine._row(decoded.token_ids, decoded.token_logprobs)
+            try:
+                generation = self.engine._row(decoded.token_ids, decoded.token_logprobs)
+            except Exception as exc:
+                logger.exception("answering a finished row failed")
+                self.stats.failed += 1
+                _fail(job.future, exc)
+                continue
             self.stats.completed += 1
             self.stats.tokens += len(generation.token_ids) + 1  # and its end token
             if self.on_finish is not None:
-                self.on_finish(job, generation)
+                try:
+                    self.on_finish(job, generation)
+                except Exception:
+                    logger.exception("the on_finish hook failed")
             _answer(job.future, generation)
 
     def _compact(self) -> None:
@@ -319,17 +401,26 @@ class StepScheduler:
             self.decoder.reset(torch.tensor([source], device=self.decoder.device))
 
     def _free(self, slots: list[int]) -> None:
+        # The device first: if it fails, the rows stay where _fail_running finds them.
+        self.decoder.reset(torch.tensor(slots, device=self.decoder.device))
         for slot in slots:
             job = self._slots[slot]
             if job is not None:
                 job.slot = None
             self._slots[slot] = None
-        self.decoder.reset(torch.tensor(slots, device=self.decoder.device))
 
     def _fail_running(self, exc: Exception) -> None:
+        """Fail the running rows' requests, then free their slots (a device that failed may fail that
+        too: the requests are answered first, whatever happens to the buffers)."""
         jobs = [job for job in self._slots if job is not None]
-        if jobs:
-            self._free([job.slot for job in jobs])
         for job in jobs:
             self.stats.failed += 1
             _fail(job.future, exc)
+        self._slots = [None] * len(self._slots)
+        for job in jobs:
+            job.slot = None
+        if jobs:
+            try:
+                self.decoder.reset()
+            except Exception:
+                logger.exception("resetting the decoder's rows failed")

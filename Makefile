@@ -41,7 +41,8 @@ system-tools:
 test: system-tools install $(NODE_TOOLS)
 	$(PY) -m pytest
 
-# The soak (2000 requests at 64 concurrent) and engine-kill tests: a few minutes.
+# The soak (2000 requests at 64 concurrent), engine-kill, long schema fuzzing and 16 x 40 MP memory tests:
+# about 15 minutes.
 test-slow: install $(NODE_TOOLS)
 	$(PY) -m pytest -m slow -s
 

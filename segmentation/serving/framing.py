@@ -5,7 +5,7 @@ BentoML picks its deserializer from the Content-Type (`application/vnd.bentoml+p
 without a boundary, with broken parts, a file under a text field's name (`-F file=@x.png`) or text
 that is not UTF-8 raised inside that parsing and was answered 500. Here, before a byte reaches it:
 
-- `check_media_type` (pure; the engine tier uses it through `MediaTypeGuard`): only the listed media
+- `check_media_type` (pure; the engine tier uses it in `trust.EngineGate`): only the listed media
   types; pickle and everything else → 415 before the body is read; a body without a Content-Type
   → 415; a `charset` other than UTF-8 → 415.
 - `RequestFraming` (the public tier): methods per route (405 with `Allow`), then for the API routes
@@ -115,31 +115,12 @@ def check_media_type(content_type: bytes | str | None, *, accepted: frozenset[st
     return None
 
 
-def _has_body(headers: dict[bytes, bytes]) -> bool:
+def has_body(headers: dict[bytes, bytes]) -> bool:
+    """Whether the request announces a body (a non-zero Content-Length, or a chunked one)."""
     length = headers.get(b"content-length")
     if length is not None:
         return length.strip() != b"0"
     return b"transfer-encoding" in headers
-
-
-class MediaTypeGuard:
-    """ASGI middleware: 415 for a body of a media type not in `accepted` on `routes` (every route when
-    None), before any of it is read. For the engine tier: `MediaTypeGuard(app, routes=frozenset({
-    "/predict", "/describe"}))` keeps pickle (and everything but JSON) away from BentoML."""
-
-    def __init__(self, app, *, routes: frozenset[str] | None = None, accepted: frozenset[str] = JSON_ONLY) -> None:
-        self.app = app
-        self.routes = routes
-        self.accepted = accepted
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] == "http" and (self.routes is None or scope.get("path") in self.routes):
-            headers = dict(scope.get("headers", []))
-            refusal = check_media_type(headers.get(b"content-type"), accepted=self.accepted,
-                                       has_body=_has_body(headers))
-            if refusal is not None:
-                return await send_error(send, refusal.status, refusal.message, kind=INVALID_REQUEST)
-        return await self.app(scope, receive, send)
 
 
 # ---- what a route's form may hold ---------------------------------------------------------------------------
@@ -390,7 +371,7 @@ class RequestFraming:
             return await self.app(scope, receive, send)
         headers = dict(scope.get("headers", []))
         content_type = headers.get(b"content-type")
-        refusal = check_media_type(content_type, accepted=self.accepted, has_body=_has_body(headers))
+        refusal = check_media_type(content_type, accepted=self.accepted, has_body=has_body(headers))
         if refusal is not None:
             return await send_error(send, refusal.status, refusal.message, kind=INVALID_REQUEST)
         if content_type is None:

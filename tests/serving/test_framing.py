@@ -14,7 +14,6 @@ from segmentation.serving.framing import (
     MAX_TEXT_PART_BYTES,
     PUBLIC_MEDIA_TYPES,
     FramingError,
-    MediaTypeGuard,
     RequestFraming,
     RouteForm,
     check_media_type,
@@ -90,16 +89,6 @@ class Echo:
         self.scope = scope
         await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]})
         await send({"type": "http.response.body", "body": body})
-
-
-def test_media_type_guard_refuses_pickle_before_reading_a_byte():
-    guard = MediaTypeGuard(Echo(), routes=frozenset({"/predict"}))
-    status, _, payload, read = run(guard, scope(headers=[(b"content-type", b"application/vnd.bentoml+pickle"),
-                                                         (b"content-length", b"63")]), b"\x80\x04...")
-    assert status == 415 and not read
-    assert json.loads(payload)["kind"] == "invalid_request"
-    # Other routes (probes, metrics) pass.
-    assert run(guard, scope(path="/livez", headers=[(b"content-type", b"application/vnd.bentoml+pickle")]))[0] == 200
 
 
 def multipart(*parts: tuple[str, bytes | str, str | None, str | None], boundary: str = "XyZ") -> bytes:

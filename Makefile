@@ -8,7 +8,7 @@ FIXTURES ?= .fixtures/tiny
 PORT ?= 3000
 export BENTOML_HOME ?= $(CURDIR)/.bentoml
 
-.PHONY: install test test-slow bench lint fixtures import-demo demo serve build clean system-tools image-tools image image-test bench-engine bench-gpu bench-scheduler
+.PHONY: install test test-slow bench lint fixtures import-demo demo serve build clean system-tools image-tools image image-test bench-engine bench-gpu bench-scheduler gpu-check
 
 # The demo serves a random-weight model with the real architecture under this id.
 DEMO_MODEL := demo/paligemma2-tiny-random
@@ -41,7 +41,8 @@ system-tools:
 test: system-tools install $(NODE_TOOLS)
 	$(PY) -m pytest
 
-# The soak (2000 requests at 64 concurrent) and engine-kill tests: a few minutes.
+# The soak (2000 requests at 64 concurrent), engine-kill, long schema fuzzing and 16 x 40 MP memory tests:
+# about 15 minutes.
 test-slow: install $(NODE_TOOLS)
 	$(PY) -m pytest -m slow -s
 
@@ -98,6 +99,15 @@ bench-scheduler: install
 # loop at batch 1/8/16/32, the service at 1/16/64 clients, peak GPU memory.
 bench-gpu: install
 	$(PY) scripts/bench_gpu.py --out benchmarks-out/gpu.json
+
+# Prove the engine on a CUDA GPU in minutes (scripts/gpu_check.py; README "GPU check"). No `install`: the
+# GPU host is offline and brings its own torch; .gpu/run.sh (made by ../shared/gpu/prepare.sh) adds the rest.
+# Without a CUDA GPU it refuses at once. GPU_CHECK_ARGS=--quick for the short run, --skip/--only for phases.
+GPU_RUN ?= $(if $(wildcard .gpu/run.sh),bash .gpu/run.sh,)
+GPU_PYTHON ?= python3
+GPU_CHECK_ARGS ?=
+gpu-check:
+	$(GPU_RUN) $(GPU_PYTHON) scripts/gpu_check.py $(GPU_CHECK_ARGS)
 
 # Build the bento into $(BENTOML_HOME): the models named by SEG_MODELS (import them first), or the
 # demo fixtures when SEG_MODELS is unset. The last line printed is the bento tag.

@@ -30,19 +30,16 @@ from pathlib import Path
 import bentoml
 from PIL import Image
 
-from segmentation.model.bodies import response_body
 from segmentation.model.checkpoints import CheckpointError
 from segmentation.model.images import model_input
 from segmentation.model.predictions import Prediction, assemble
 from segmentation.model.render import render_overlay
-from segmentation.serving import api, webui
+from segmentation.serving import api, budget, errors, framing, inputs, openapi, webui
 from segmentation.serving.bento import (
-    BatchEntry,
     EngineItem,
     EngineOutcome,
     answer,
     engine_outcome,
-    error_response,
     predict_requests,
     refuse_bentoml_downloads,
     strict_api,
@@ -50,7 +47,12 @@ from segmentation.serving.bento import (
 from segmentation.serving.disconnect import CancelOnDisconnect
 from segmentation.serving.engines import RemoteEngines, local_engine_url, stream_event
 from segmentation.serving.guard import RequestGuard
-from segmentation.serving.lifecycle import restart_worker, stop_server
+from segmentation.serving.lifecycle import (
+    exit_nonzero_after_a_failed_start,
+    restart_worker,
+    stop_server,
+    stop_server_on_failure,
+)
 from segmentation.serving.metrics import (
     EngineLoad,
     EngineLoadMiddleware,
@@ -58,6 +60,7 @@ from segmentation.serving.metrics import (
     observe_outcome,
     observe_stage,
     set_engine_slots,
+    watch_engine_steps,
 )
 from segmentation.serving.openai_api import OpenAIErrors
 from segmentation.serving.openai_api import create_app as openai_app
@@ -76,6 +79,7 @@ ENGINE_NAME = "paligemma-engine"
 ADAPTER_BASES = preflight(SETTINGS) if checks_models(SETTINGS, ENGINE_NAME) else {}
 ENGINE_LOAD = EngineLoad()
 refuse_bentoml_downloads()
+exit_nonzero_after_a_failed_start()  # `bentoml serve` exits 1 when a worker stopped it (lifecycle.py)
 
 
 class SegmentationEngine:
@@ -83,6 +87,12 @@ class SegmentationEngine:
         problem = exposure_problem(listening_address(), token=SETTINGS.engine_token, insecure=SETTINGS.engine_insecure)
         if problem:
             stop_server(problem)  # before loading anything: a respawned worker would refuse again
+        # A start that fails would fail the same way again: stop the server once, with the reason (BentoML
+        # would otherwise start this worker again for ever).
+        with stop_server_on_failure("the model engine"):
+            self._start()
+
+    def _start(self) -> None:
         from segmentation.model.compute import compute_thread  # torch: the engine's process only
         from segmentation.model.graph.decoder import GraphSettings
         from segmentation.serving.pool import ModelPool
@@ -105,11 +115,12 @@ class SegmentationEngine:
             max_new_tokens=SETTINGS.max_new_tokens,
             objects_per_class=SETTINGS.objects_per_class,
             graph=GraphSettings(buckets=SETTINGS.graph_buckets, sync_every=SETTINGS.sync_every,
-                                prompt_tokens=SETTINGS.graph_prompt_tokens),
+                                prompt_tokens=SETTINGS.graph_prompt_tokens, require=SETTINGS.require_graphs),
             batch_invariant=SETTINGS.batch_invariant,
             max_prompt_chars=SETTINGS.max_prompt_chars,
             max_classes=SETTINGS.max_classes,
         )
+        watch_engine_steps(self.pool.engines.values())  # seg_engine_steps_total{path}: fallbacks show
         # One short generation per model (graph engines capture their CUDA graphs in it), so /readyz
         # turns green only when answers are fast.
         self.compute.run(self.pool.warm_up)
@@ -221,6 +232,11 @@ SegmentationEngine.add_asgi_middleware(EngineLoadMiddleware, load=ENGINE_LOAD,
 SegmentationEngine.add_asgi_middleware(CancelOnDisconnect, paths=frozenset({"/predict", "/predict_stream"}))
 
 
+# The public API's field types: every limit the server enforces, in its input models and /docs.json.
+F = inputs.RequestFields(SETTINGS)
+IMAGE_SOURCES = ("image", "image_url", "image_base64")
+
+
 class Segmentation:
     def __init__(self) -> None:
         self._models: list[dict] | None = None
@@ -237,6 +253,9 @@ class Segmentation:
         READINESS.attach(self.engine)
         self._mask_encoder = None  # loaded by the first /encode: most servers never need it
         self._mask_encoder_lock = asyncio.Lock()
+        # Full-size pixels this worker decodes, pastes and encodes at once, over all its requests (two
+        # images of the largest size): memory is bounded by pixels in flight, not by images sent.
+        self.pixels = budget.PixelBudget(2 * SETTINGS.max_pixels)
 
     async def served_models(self) -> list[dict]:
         if self._models is None:
@@ -253,18 +272,27 @@ class Segmentation:
         prompt: str | None,
         model: str | None,
         mask_format: str | None,
-        return_input_image: bool = False,
         labels_from_prompt: bool = False,
+        keep_bytes: bool = False,
     ):
-        """Check the request, run the engine, assemble the answer: (result, picture, model)."""
+        """Check the request, run the engine: (prediction, width, height, model picture, the image file's
+        bytes if `keep_bytes` else None, model id, mask format). The full-size picture lives only while it
+        is decoded and resized."""
         models = await self.served_models()
         model_id = api.check_model(model, [m["id"] for m in models])
         size = next(m["image_size"] for m in models if m["id"] == model_id)
         fmt = api.check_mask_format(mask_format)
         parsed = api.check_prompt(prompt, task, SETTINGS, labels_from_prompt=labels_from_prompt)
         start = time.perf_counter()
-        original = await api.read_image(SETTINGS, image, image_url, image_base64)
-        picture = await asyncio.to_thread(model_input, original, size)
+        data = await api.read_image_bytes(SETTINGS, image, image_url, image_base64)
+        pixels = api.image_pixels(data, SETTINGS.max_pixels)
+        async with self.pixels.hold(pixels):
+            original = await api.decode_image(SETTINGS, data)
+            width, height = original.size
+            picture = await asyncio.to_thread(model_input, original, size)
+            del original
+        if not keep_bytes:
+            del data  # not held while the engine runs
         observe_stage("decode_input", time.perf_counter() - start)
 
         outcome = await self.engine.predict(
@@ -272,30 +300,47 @@ class Segmentation:
                        labels_from_prompt=parsed.labels_from_prompt)
         )
         if outcome.error:
-            raise api.RequestError(outcome.error, outcome.status)
-        # Pasting masks onto the original image is CPU work: off the event loop.
-        result = await asyncio.to_thread(
-            assemble, Prediction.from_dict(outcome.prediction), original.width, original.height)
-        return result, original, (picture if return_input_image else None), model_id, fmt
+            raise self._engine_refusal(outcome.error, outcome.status)
+        return Prediction.from_dict(outcome.prediction), width, height, picture, data if keep_bytes else None, \
+            model_id, fmt
 
-    async def _json(self, task: str, **kwargs) -> dict:
-        result, _, picture, model_id, fmt = await self._run(task, **kwargs)
+    @staticmethod
+    def _engine_refusal(message: str, status: int) -> api.RequestError:
+        """The engine's refusal of a request for the client: its 4xx say what was wrong; its 5xx carry
+        internals (exception texts), which go to the log under the request id instead."""
+        if status < 500:
+            return api.RequestError(message, status)
+        errors.logger.warning("request %s: the model engine answered %d: %s", errors.current_request_id(),
+                              status, message)
+        if status == 504:
+            return api.RequestError("the model engine did not finish this request in time; retry later", 504)
+        return api.RequestError("the model engine could not answer this request (overloaded or failing); "
+                                "retry shortly", 503, retry_after=1)
+
+    async def _json(self, task: str, *, return_input_image: bool = False, **kwargs) -> dict:
+        prediction, width, height, picture, _, model_id, fmt = await self._run(task, **kwargs)
         start = time.perf_counter()
-        body = await asyncio.to_thread(response_body, result, model=model_id, mask_format=fmt, input_image=picture)
+        masks = any(o.mask64 is not None for o in prediction.objects)
+        # Pasting full-size masks is CPU work and memory: off the event loop, within the pixel budget (an
+        # answer without masks holds nothing full-size and does not queue for it).
+        async with self.pixels.hold(width * height) if masks else contextlib.nullcontext():
+            body = await asyncio.to_thread(api.answer_body, prediction, width, height, model=model_id,
+                                           mask_format=fmt, input_image=picture if return_input_image else None)
         observe_stage("encode", time.perf_counter() - start)
         return body
 
-    @strict_api(route="/segment")
+    @strict_api(route="/segment", one_of=IMAGE_SOURCES, noun="image")
     async def segment(
         self,
+        *,
         image: Path = None,  # noqa: RUF013 -- plain `Path = None`: see FIELD-NOTES (multipart and JSON on one route)
-        image_url: str | None = None,
-        image_base64: str | None = None,
-        prompt: str = "",
-        model: str | None = None,
-        mask_format: str = "rle",
-        return_input_image: bool = False,
-        labels_from_prompt: bool = False,
+        image_url: F.ImageUrl = None,
+        image_base64: F.ImageBase64 = None,
+        prompt: F.Prompt,
+        model: F.Model = None,
+        mask_format: F.MaskFormat = "rle",
+        return_input_image: F.Flag = False,
+        labels_from_prompt: F.Flag = False,
     ) -> dict:
         """Segment the objects a prompt names: labels, boxes, scores and masks (rle, png, polygon)."""
         return await answer(self._json(
@@ -304,16 +349,17 @@ class Segmentation:
             labels_from_prompt=labels_from_prompt,
         ))
 
-    @strict_api(route="/detect")
+    @strict_api(route="/detect", one_of=IMAGE_SOURCES, noun="image")
     async def detect(
         self,
+        *,
         image: Path = None,  # noqa: RUF013
-        image_url: str | None = None,
-        image_base64: str | None = None,
-        prompt: str = "",
-        model: str | None = None,
-        return_input_image: bool = False,
-        labels_from_prompt: bool = False,
+        image_url: F.ImageUrl = None,
+        image_base64: F.ImageBase64 = None,
+        prompt: F.Prompt,
+        model: F.Model = None,
+        return_input_image: F.Flag = False,
+        labels_from_prompt: F.Flag = False,
     ) -> dict:
         """Detect the objects a prompt names: labels, boxes and scores (no masks)."""
         return await answer(self._json(
@@ -322,14 +368,15 @@ class Segmentation:
             labels_from_prompt=labels_from_prompt,
         ))
 
-    @strict_api(route="/render")
+    @strict_api(route="/render", one_of=IMAGE_SOURCES, noun="image")
     async def render(
         self,
+        *,
         image: Path = None,  # noqa: RUF013
-        image_url: str | None = None,
-        image_base64: str | None = None,
-        prompt: str = "",
-        model: str | None = None,
+        image_url: F.ImageUrl = None,
+        image_base64: F.ImageBase64 = None,
+        prompt: F.Prompt,
+        model: F.Model = None,
     ) -> Image.Image:
         """The input picture with masks, boxes, labels and scores drawn on it (PNG)."""
         return await answer(self._overlay(
@@ -337,20 +384,23 @@ class Segmentation:
         ))
 
     async def _overlay(self, **kwargs) -> Image.Image:
-        result, original, _, _, _ = await self._run("segment", mask_format="none", **kwargs)
-        overlay = await asyncio.to_thread(render_overlay, original, result.objects)
+        prediction, width, height, _, data, _, _ = await self._run("segment", mask_format="none", keep_bytes=True,
+                                                                   **kwargs)
+        # The picture is decoded again (its bytes were kept, not its pixels, while the engine ran); the
+        # overlay holds it, a float copy and every mask: three times a decode's share of the budget.
+        async with self.pixels.hold(3 * width * height):
+            original = await api.decode_image(SETTINGS, data)
+            result = await asyncio.to_thread(assemble, prediction, width, height)
+            overlay = await asyncio.to_thread(render_overlay, original, result.objects)
         overlay.format = "PNG"  # answered as image/png
         return overlay
 
     @strict_api(route="/segment_batch")
-    async def segment_batch(self, requests: list[BatchEntry]) -> list[dict]:
-        """Several images in one request (by URL or base64), answered in order; each entry may fail alone."""
-        if not requests:
-            return error_response("requests is empty; send a list of entries")
-        if len(requests) > SETTINGS.max_batch_images:
-            return error_response(f"{len(requests)} entries sent; the limit is {SETTINGS.max_batch_images} per request")
+    async def segment_batch(self, requests: F.BatchEntries) -> list[dict]:
+        """Several images in one request (by URL or base64), answered in order; each entry may fail alone.
+        Entries are decoded as the worker's pixel budget allows, not all at once."""
 
-        async def one(entry: BatchEntry) -> dict:
+        async def one(entry) -> dict:
             try:
                 return await self._json(
                     entry.task, image=None, image_url=entry.image_url, image_base64=entry.image_base64,
@@ -362,17 +412,18 @@ class Segmentation:
 
         return list(await asyncio.gather(*(one(entry) for entry in requests)))
 
-    @strict_api(route="/encode")
+    @strict_api(route="/encode", one_of=("mask", "mask_base64", "rle", "polygons"),
+                requires={"polygons": ("width", "height")}, noun="mask")
     async def encode(
         self,
         mask: Path = None,  # noqa: RUF013 -- see /segment's image
-        mask_base64: str | None = None,
-        rle: dict | None = None,
-        polygons: list[list[float]] | None = None,
-        width: int | None = None,
-        height: int | None = None,
-        box: list[float] | None = None,
-        label: str = "",
+        mask_base64: F.MaskBase64 = None,
+        rle: F.Rle = None,
+        polygons: F.Polygons = None,
+        width: F.Side = None,
+        height: F.Side = None,
+        box: F.Box = None,
+        label: F.Label = "",
     ) -> dict:
         """A mask (image upload, base64, COCO RLE or polygons) and its label → PaliGemma's training text
         `<loc…>×4<seg…>×16 label`, made as big_vision made the model's targets; `box` (y1, x1, y2, x2 in
@@ -384,16 +435,21 @@ class Segmentation:
         try:
             return load_mask_encoder(SETTINGS)
         except CheckpointError as exc:
-            raise api.RequestError(f"this server cannot encode masks: {exc}", 501) from exc
+            errors.logger.error("request %s: the mask encoder cannot be loaded: %s", errors.current_request_id(), exc)
+            raise api.RequestError("this server cannot encode masks: its mask encoder checkpoint is missing or "
+                                   "unreadable (the server log says which)", 501) from exc
 
     async def _encode(self, upload, mask_base64, rle, polygons, width, height, box, label) -> dict:
-        mask = await asyncio.to_thread(api.read_mask, SETTINGS, upload, mask_base64, rle, polygons, width, height)
-        async with self._mask_encoder_lock:
-            if self._mask_encoder is None:
-                self._mask_encoder = await asyncio.to_thread(self._load_mask_encoder)
-        return await asyncio.to_thread(api.encode_body, self._mask_encoder, mask, label, box)
+        pixels, make_mask = await asyncio.to_thread(
+            api.mask_source, SETTINGS, upload, mask_base64, rle, polygons, width, height)
+        async with self.pixels.hold(pixels):
+            mask = await asyncio.to_thread(make_mask)
+            async with self._mask_encoder_lock:
+                if self._mask_encoder is None:
+                    self._mask_encoder = await asyncio.to_thread(self._load_mask_encoder)
+            return await asyncio.to_thread(api.encode_body, self._mask_encoder, mask, label, box)
 
-    @bentoml.api(route="/models")
+    @strict_api(route="/models")
     async def models(self) -> dict:
         """The served models with their input size; `default` marks the one used when none is named;
         LoRA adapters (named in `model` like any model) come last with their `base`."""
@@ -411,11 +467,14 @@ Segmentation = bentoml.asgi_app(webui.create_app(), path="/ui")(  # the page to 
         traffic={"timeout": SETTINGS.request_timeout_s, "max_concurrency": SETTINGS.max_concurrency},
     )(Segmentation)
 )
-# The OpenAI-compatible API (segmentation/serving/openai_api.py), its errors in OpenAI's shape.
+# The OpenAI-compatible API (segmentation/serving/openai_api.py).
 Segmentation = bentoml.asgi_app(openai_app(SETTINGS), path="/v1")(Segmentation)
-Segmentation.add_asgi_middleware(HealthProbes, readiness=READINESS, debug_modules=SETTINGS.debug_modules)
-Segmentation.add_asgi_middleware(CancelOnDisconnect, paths=frozenset(
-    {"/segment", "/detect", "/render", "/segment_batch", "/v1/chat/completions"}))
+# Outermost first. Every answer gets a request id, every error answer the one shape and a log line
+# (errors.py), on /v1 OpenAI's error shape (openai_api.py); keys and size caps before anything reads the
+# body (guard.py); /docs.json as enforced (openapi.py); methods, media types and form structure checked
+# before BentoML parses (framing.py).
+errors.quiet_client_errors()
+Segmentation.add_asgi_middleware(errors.ErrorAnswers, pattern_hints=inputs.pattern_hints(SETTINGS))
 Segmentation.add_asgi_middleware(OpenAIErrors)
 Segmentation.add_asgi_middleware(
     RequestGuard,
@@ -424,3 +483,17 @@ Segmentation.add_asgi_middleware(
     max_body_bytes={"/segment_batch": SETTINGS.max_body_bytes(SETTINGS.max_batch_images)},
     default_max_body_bytes=SETTINGS.max_body_bytes(),
 )
+_API_ROUTES = {api_method.route: api_method.input_spec for api_method in Segmentation.apis.values()}
+Segmentation.add_asgi_middleware(openapi.OpenAPIDocument, transform=lambda doc: openapi.complete_openapi(
+    doc, openapi.route_docs(_API_ROUTES), api_keys=bool(SETTINGS.api_keys), metrics_public=SETTINGS.metrics_public))
+Segmentation.add_asgi_middleware(
+    framing.RequestFraming,
+    routes={route: framing.RouteForm.from_schema(spec.model_json_schema(), frozenset(spec.multipart_fields))
+            for route, spec in _API_ROUTES.items()},
+    read_paths=frozenset({"/", "/livez", "/readyz", "/healthz", "/metrics", "/docs.json", "/schema.json",
+                          "/debug/modules"}),
+    read_prefixes=("/ui", "/static_content/", "/assets/"),
+)
+Segmentation.add_asgi_middleware(HealthProbes, readiness=READINESS, debug_modules=SETTINGS.debug_modules)
+Segmentation.add_asgi_middleware(CancelOnDisconnect, paths=frozenset(
+    {"/segment", "/detect", "/render", "/segment_batch", "/v1/chat/completions"}))

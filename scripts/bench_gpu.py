@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import shutil
 import statistics
 import subprocess
@@ -83,29 +84,59 @@ class GpuMemory:
 def raw_generation(directory: Path, device: str, batches: list[int], tokens: int, log) -> dict:
     """Each batch size with both generation loops (interleaved): prefill, step, tokens/s, peak memory."""
     import torch
-    from engine_timing import sample_batch, time_engine
 
+    engines = load_engines(directory, device, batches, tokens, log)
+    rows, _ = measure_engines(engines, batches, tokens, log)
+    floor = [floor_step(engines["graph"].decoder, batch, log) for batch in batches]
+    del engines
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    return {"load_s": ENGINE_SETUP["load_s"], "tokens_per_row": tokens, "graph": ENGINE_SETUP["graph"],
+            "rows": rows, "floor": floor}
+
+
+ENGINE_SETUP: dict = {}  # what load_engines measured last: load seconds, the graph engine's setup
+
+
+def load_engines(directory: Path, device: str, batches: list[int], tokens: int, log,
+                 buckets: tuple[int, ...] | None = None) -> dict:
+    """The model at DIR/paligemma once, driven by three engines: `graph` (buckets: `buckets`, default the
+    batch sizes; its buffers reserved and graphs captured here), `fast` and `hf-generate`. Records the load
+    time and the graph engine's setup (capture time and memory per bucket) in ENGINE_SETUP."""
     from segmentation.model.engine import PaliGemmaEngine
     from segmentation.model.graph.decoder import GraphSettings
 
     start = time.perf_counter()
     fast = PaliGemmaEngine.from_pretrained(directory / "paligemma", device=device)
-    load_s = time.perf_counter() - start
+    ENGINE_SETUP["load_s"] = round(time.perf_counter() - start, 2)
     # One model in memory: the other engines drive the same weights.
     before = PaliGemmaEngine(fast.model, fast.processor, generation="hf-generate")
     graph = PaliGemmaEngine(fast.model, fast.processor, generation="graph", max_new_tokens=tokens,
-                            graph=GraphSettings(buckets=tuple(sorted(batches))))
-    on_gpu = device.startswith("cuda")
+                            graph=GraphSettings(buckets=tuple(sorted(buckets or batches))))
     start = time.perf_counter()
     decoder = graph.decoder  # buffers reserved, graphs captured
-    graph_setup = {"setup_s": round(time.perf_counter() - start, 2), "capture_s": round(decoder.capture_seconds, 2),
-                   "graphs": len(decoder.graphs), "reserved_mib": round(decoder.reserved_bytes() / 2**20, 2),
-                   "cache_length": decoder.length, "buckets": list(decoder.buckets)}
-    log(f"[graph] {graph_setup}")
-    rows = []
+    ENGINE_SETUP["graph"] = {
+        "setup_s": round(time.perf_counter() - start, 2), "capture_s": round(decoder.capture_seconds, 2),
+        "graphs": len(decoder.graphs), "reserved_mib": round(decoder.reserved_bytes() / 2**20, 2),
+        "cache_length": decoder.length, "buckets": list(decoder.buckets),
+        "captured": sorted(decoder.graphs), "failures": {str(b): r for b, r in decoder.capture_failures.items()},
+        "per_bucket": {str(b): r for b, r in sorted(decoder.capture_report.items())},
+    }
+    log(f"[graph] {ENGINE_SETUP['graph']}")
+    return {"graph": graph, "fast": fast, "hf-generate": before}
+
+
+def measure_engines(engines: dict, batches: list[int], tokens: int, log) -> tuple[list[dict], dict]:
+    """Each batch size through each engine (forced budgets, the same inputs): one row per (engine, batch)
+    with prefill, step, tokens/s and peak memory; and the generations, by (engine, batch)."""
+    import torch
+    from engine_timing import sample_batch, time_engine
+
+    on_gpu = next(iter(engines.values())).device.type == "cuda"
+    rows, generations = [], {}
     for batch in batches:
         images, prompts = sample_batch(batch)
-        for name, engine in (("graph", graph), ("fast", fast), ("hf-generate", before)):
+        for name, engine in engines.items():
             engine.generate(images[:1], prompts[:1], max_new_tokens=[4])  # warm-up
             if on_gpu:
                 torch.cuda.reset_peak_memory_stats()
@@ -116,7 +147,9 @@ def raw_generation(directory: Path, device: str, batches: list[int], tokens: int
                 log(f"[raw {name} b={batch}] out of memory")
                 torch.cuda.empty_cache()
                 continue
+            generations[(name, batch)] = figures["generations"]
             row = {"engine": name, "batch": batch, "prefill_s": round(figures["prefill_s"], 4),
+                   "prefill_ms_per_image": round(figures["prefill_s"] * 1000 / batch, 2),
                    "step_ms": None if figures["step_ms"] is None else round(figures["step_ms"], 3),
                    "total_s": round(figures["total_s"], 3), "tokens": figures["tokens"],
                    "tokens_per_s": round(figures["tokens"] / figures["total_s"], 1),
@@ -124,12 +157,7 @@ def raw_generation(directory: Path, device: str, batches: list[int], tokens: int
             rows.append(row)
             log(f"[raw {name} b={batch}] prefill {row['prefill_s']}s step {row['step_ms']}ms "
                 f"{row['tokens_per_s']} tokens/s peak {row['peak_memory_gib']} GiB")
-    floor = [floor_step(decoder, batch, log) for batch in batches]
-    del fast, before, graph, decoder
-    if on_gpu:
-        torch.cuda.empty_cache()
-    return {"load_s": round(load_s, 2), "tokens_per_row": tokens, "graph": graph_setup, "rows": rows,
-            "floor": floor}
+    return rows, generations
 
 
 def floor_step(decoder, batch: int, log, repeats: int = 50) -> dict:
@@ -165,35 +193,61 @@ def floor_step(decoder, batch: int, log, repeats: int = 50) -> dict:
     return row
 
 
+def service_env(device: str, tokens: int, max_batch: int, clients: list[int]) -> dict[str, str]:
+    """The server settings both service runs share. SEG_MAX_CONCURRENCY is what one public worker must
+    hold on its own: BentoML gives each worker ceil(N / workers) of it (`_bentoml_impl/server/app.py`) and
+    connections do not spread evenly, so N = the clients times the workers keeps 429s out of the figures."""
+    from segmentation.serving.settings import default_api_workers
+
+    workers = int(os.environ.get("SEG_API_WORKERS") or default_api_workers())
+    return {"SEG_DEVICE": device, "SEG_MAX_NEW_TOKENS": str(tokens), "SEG_MAX_BATCH_SIZE": str(max_batch),
+            "SEG_MAX_CONCURRENCY": str(max(clients) * workers * 2), "SEG_MAX_LATENCY_MS": "120000",
+            "JAX_PLATFORMS": "cpu"}
+
+
 def service(directory: Path, device: str, clients: list[int], requests: int, tokens: int, max_batch: int,
-            log) -> dict:
-    """The served API on this model at each client count: req/s, latency, batches, GPU memory."""
+            log, configs: list[str] | None = None, warmup: int = 8, extra_env: dict | None = None) -> dict:
+    """The served API on this model at each client count: req/s, latency, batches, GPU memory.
+
+    `configs` picks among "fast, adaptive batches" and "graph, step-level batching" (default: both);
+    each level sends max(`requests`, clients) requests; `extra_env` adds server settings."""
     from benchmark import make_workload, run_level, served, summarize_level
 
-    common = {"SEG_DEVICE": device, "SEG_MAX_NEW_TOKENS": str(tokens), "SEG_MAX_BATCH_SIZE": str(max_batch),
-              "SEG_MAX_CONCURRENCY": str(max(clients) * 2), "SEG_MAX_LATENCY_MS": "120000",
-              "JAX_PLATFORMS": "cpu"}
+    common = {**service_env(device, tokens, max_batch, clients), **(extra_env or {})}
     buckets = ",".join(str(b) for b in (1, 2, 4, 8, 16, 32, 64) if b <= max_batch)
-    configs = {
+    every = {
         "fast, adaptive batches": {**common, "SEG_ENGINE": "fast", "SEG_SCHEDULER": "batches"},
         "graph, step-level batching": {**common, "SEG_ENGINE": "graph", "SEG_SCHEDULER": "steps",
                                        "SEG_GRAPH_BUCKETS": buckets},
     }
-    work = make_workload(requests, seed=0)
+    work = make_workload(max([requests, *clients]), seed=0)
     report = {}
-    for name, env in configs.items():
-        levels = []
+    for name in configs or list(every):
+        env, levels = every[name], []
         with GpuMemory() as memory, served(directory, "demo/paligemma2-bench-random", env) as (server, ready):
             log(f"[service {name}] ready in {ready:.1f}s at {server.url}")
-            run_level(server.url, work[:min(8, requests)], min(8, max(clients)), timeout=600)  # warm-up
+            models = httpx_models(server.url)
+            if warmup:
+                run_level(server.url, work[:min(warmup, len(work))], min(warmup, max(clients)), timeout=600)
             for count in clients:
-                level = summarize_level(count, [run_level(server.url, work, count, timeout=600)])
+                level = summarize_level(count, [run_level(server.url, work[:max(requests, count)], count,
+                                                          timeout=600)])
                 levels.append(level)
                 log(f"[service {name} c={count}] {level['requests_per_s']} req/s p50 {level['latency_s']['p50']}s "
-                    f"p90 {level['latency_s'].get('p90')}s errors {level['errors'] or 0}")
-        report[name] = {"ready_s": round(ready, 2), "env": env, "levels": levels,
+                    f"p90 {level['latency_s']['p90']}s first step {level['time_to_first_step_s_mean']}s "
+                    f"steps {level['steps_by_path']} errors {level['errors'] or 0}")
+        report[name] = {"ready_s": round(ready, 2), "env": env, "levels": levels, "models": models,
                         "gpu_memory_peak_mib": memory.peak_mib}
     return report
+
+
+def httpx_models(url: str) -> list[dict] | None:
+    """The server's /models (graphs captured, batched ≡ solo), or None if it does not answer."""
+    import httpx
+
+    with contextlib.suppress(httpx.HTTPError, ValueError, KeyError):
+        return httpx.post(url + "/models", json={}, timeout=60).json()["models"]
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -107,7 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--task", choices=("segment", "detect"), default="segment",
                         help="the prompts' task (detect: a box fits in 5 tokens, for short smoke runs)")
     parser.add_argument("--generation", default="fast", help="PaliGemmaEngine(generation=...)")
-    parser.add_argument("--cache-dir", type=Path, default=ROOT / ".fixtures" / "bench-gpu")
+    parser.add_argument("--cache-dir", type=Path, default=ROOT / ".fixtures" / "bench",
+                        help="where the fixture is written once (shared with bench_gpu.py and gpu_check.py)")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
 

@@ -73,6 +73,8 @@ PROMPTS = ("cat", "cat ; dog", "person", "car ; bus ; truck", "the man on the le
 DISTINCT_IMAGES = 24
 BATCH_METRIC = "bentoml_service_adaptive_batch_size"
 STEP_ROWS_METRIC = "seg_engine_step_rows"  # step-level batching: running rows per group of steps
+FIRST_STEP_METRIC = "seg_engine_time_to_first_step_seconds"
+STEPS_METRIC = "seg_engine_steps"  # seg_engine_steps_total{path}: decode steps by how they ran
 UNBATCHED = "scripts.benchmark_unbatched:Segmentation"
 TARGETS = {
     "batching_speedup": 2.2,  # adaptive / max_batch_size=1 throughput at the highest concurrency
@@ -122,7 +124,9 @@ def make_workload(count: int, seed: int) -> list[dict]:
 # ------------------------------------------------------------------------------------------ metrics
 
 def scrape(url: str) -> dict:
-    """The counters this benchmark reads from `/metrics`, summed over workers."""
+    """The counters this benchmark reads from `/metrics`, summed over workers. Batch-size buckets are kept
+    per metric (`(metric, le)`): the adaptive batcher's histogram and the step-level one have different
+    bucket bounds, and a cumulative histogram is only differenced within its own bounds."""
     from prometheus_client.parser import text_string_to_metric_families
 
     text = httpx.get(url + "/metrics", timeout=30).text
@@ -133,7 +137,7 @@ def scrape(url: str) -> dict:
             if (name.startswith(BATCH_METRIC) and labels.get("method_name") == "predict") or \
                     name.startswith(STEP_ROWS_METRIC):
                 if name.endswith("_bucket"):
-                    out["batch_buckets"][labels["le"]] += value
+                    out["batch_buckets"][(family.name, labels["le"])] += value
                 elif name.endswith("_sum"):
                     out["batch_sum"] += value
                 elif name.endswith("_count"):
@@ -142,9 +146,16 @@ def scrape(url: str) -> dict:
                 stage = out["stages"].setdefault(labels["stage"], {"sum": 0.0, "count": 0.0})
                 stage["sum" if name.endswith("_sum") else "count"] += value
             elif name in ("segmentation_generated_tokens_sum", "segmentation_generated_tokens_count",
-                          "segmentation_objects_per_request_sum", "segmentation_objects_per_request_count"):
+                          "segmentation_objects_per_request_sum", "segmentation_objects_per_request_count",
+                          f"{FIRST_STEP_METRIC}_sum", f"{FIRST_STEP_METRIC}_count"):
                 out[name] = out.get(name, 0.0) + value
+            elif name == f"{STEPS_METRIC}_total":
+                key = f"{STEPS_METRIC}:{labels.get('path')}"
+                out[key] = out.get(key, 0.0) + value
     return out
+
+
+_SUMMED = ("segmentation_", "seg_engine_")  # plain sums and counts in a scrape, differenced as they are
 
 
 def _ratio(a: float, b: float) -> float | None:
@@ -160,7 +171,7 @@ def metrics_delta(before: dict, after: dict) -> dict:
         "batch_count": after["batch_count"] - before["batch_count"],
         "stages": {stage: {k: v[k] - before["stages"].get(stage, {}).get(k, 0.0) for k in ("sum", "count")}
                    for stage, v in after["stages"].items()},
-        **{k: after[k] - before.get(k, 0.0) for k in after if k.startswith("segmentation_")},
+        **{k: after[k] - before.get(k, 0.0) for k in after if k.startswith(_SUMMED)},
     }
 
 
@@ -175,38 +186,53 @@ def add_deltas(deltas: list[dict]) -> dict:
             into["sum"] += value["sum"]
             into["count"] += value["count"]
         for key, value in delta.items():
-            if key.startswith("segmentation_"):
+            if key.startswith(_SUMMED):
                 total[key] = total.get(key, 0.0) + value
     return total
 
 
+def batch_histogram(buckets: dict) -> dict[str, int]:
+    """Batches per size range from cumulative `(metric, le)` bucket deltas: each metric is differenced
+    within its own bounds, metrics that saw no batch are left out, ranges of the same name are added."""
+    histogram: dict[str, int] = {}
+    for metric in sorted({m for m, _ in buckets}):
+        bounds = sorted((float(le), value) for (m, le), value in buckets.items() if m == metric)
+        if not bounds or bounds[-1][1] <= 0:
+            continue
+        previous, lower = 0.0, 0
+        for upper, value in bounds:
+            if upper == float("inf"):
+                label = f">{lower}"
+            else:
+                label = f"{lower + 1}-{int(upper)}" if upper > lower + 1 else str(int(upper))
+            histogram[label] = histogram.get(label, 0) + int(round(value - previous))
+            previous = value
+            lower = lower if upper == float("inf") else int(upper)
+    return histogram
+
+
 def summarize_metrics(delta: dict) -> dict:
-    """Batch-size histogram (per bucket, not cumulative), mean batch, mean seconds per stage."""
-    histogram, previous, lower = {}, 0.0, 0
-    for le in sorted(delta["batch_buckets"], key=float):
-        upper = float(le)
-        if upper == float("inf"):
-            label = f">{lower}"
-        else:
-            label = f"{lower + 1}-{int(upper)}" if upper > lower + 1 else str(int(upper))
-        histogram[label] = int(round(delta["batch_buckets"][le] - previous))
-        previous = delta["batch_buckets"][le]
-        lower = lower if upper == float("inf") else int(upper)
+    """Batch-size histogram (per bucket, not cumulative), mean batch, mean seconds per stage, mean time to
+    the first step and decode steps by path (step-level batching)."""
+    histogram = batch_histogram(delta["batch_buckets"])
     batches = delta["batch_count"]
     stages = {stage: round(v["sum"] / v["count"], 5) for stage, v in delta["stages"].items() if v["count"]}
 
-    def mean_of(name: str) -> float | None:
+    def mean_of(name: str, digits: int = 2) -> float | None:
         value = _ratio(delta.get(name + "_sum", 0.0), delta.get(name + "_count", 0.0))
-        return None if value is None else round(value, 2)
+        return None if value is None else round(value, digits)
 
     return {
         "batches": int(batches),
         "batch_size_mean": round(delta["batch_sum"] / batches, 2) if batches else None,
-        "batch_size_mode_bucket": max(histogram, key=histogram.get) if batches else None,
+        "batch_size_mode_bucket": max(histogram, key=histogram.get) if histogram else None,
         "batch_size_histogram": histogram,
         "stage_seconds_mean": stages,
         "generated_tokens_mean": mean_of("segmentation_generated_tokens"),
         "objects_mean": mean_of("segmentation_objects_per_request"),
+        "time_to_first_step_s_mean": mean_of(FIRST_STEP_METRIC, 4),
+        "steps_by_path": {key.split(":", 1)[1]: int(value) for key, value in sorted(delta.items())
+                          if key.startswith(STEPS_METRIC + ":") and value},
     }
 
 
@@ -363,6 +389,7 @@ def summarize_level(concurrency: int, runs: list[dict]) -> dict:
         "wall_s_rounds": [round(run["wall_s"], 3) for run in runs],
         "latency_s": {
             "p50": _round(percentile(ok, 0.50)),
+            "p90": _round(percentile(ok, 0.90)),
             "p95": _round(percentile(ok, 0.95)),
             "p99": _round(percentile(ok, 0.99)),
             "mean": _round(statistics.fmean(ok) if ok else None),

@@ -65,6 +65,7 @@ def time_engine(engine, images: list[Image.Image], prompts: list, tokens: int) -
         "total_s": total,
         "tokens": sum(len(g.token_ids) for g in generations),
         "forward_calls": len(starts),
+        "generations": generations,
     }
 
 

@@ -9,11 +9,39 @@ from pathlib import Path
 
 import pytest
 
-# Triton decides at its import whether kernels run in its CPU interpreter; torch.compile (tests of the
-# graph engine) imports it too, so the batch-invariance tests' setting must come before any test runs.
-os.environ.setdefault("TRITON_INTERPRET", "1")
-
 ROOT = Path(__file__).resolve().parents[1]
+
+# The suite's device. On a CUDA host the library's defaults would move it to the GPU and to bfloat16
+# (PaliGemmaEngine.from_pretrained and Segmenter.from_pretrained: device "cuda" when present, then
+# bfloat16; a served test server's SEG_DEVICE=auto; invariant.describe; JAX, which the mask decoder uses,
+# takes a GPU when its CUDA plugin is installed): float32 equality tests would then fail on bfloat16
+# arithmetic rather than on bugs, and the host-sync guard would watch a step that a graph replays. So the
+# suite hides the GPUs from itself and from every process it starts, unless asked: SEG_TEST_DEVICE=cuda
+# (the engines' own defaults then apply), or a session that selects only the `cuda` tests (`pytest -m cuda`:
+# tests/model/test_cuda.py, skipped without CUDA).
+TEST_DEVICE = os.environ.get("SEG_TEST_DEVICE", "cpu").strip().lower() or "cpu"
+if TEST_DEVICE not in ("cpu", "cuda"):
+    raise pytest.UsageError(f"SEG_TEST_DEVICE must be cpu or cuda, not {TEST_DEVICE!r}")
+
+
+def cuda_session(markexpr: str) -> bool:
+    """Whether the session asks for the GPU: SEG_TEST_DEVICE=cuda, or `-m cuda` (the cuda tests only)."""
+    return TEST_DEVICE == "cuda" or markexpr.strip() == "cuda"
+
+
+def pytest_configure(config):
+    # Before any test module imports torch, JAX or Triton (each reads these once).
+    if cuda_session(config.option.markexpr or ""):
+        # The CUDA tests need Triton's compiler, not its interpreter (the CPU invariance tests skip).
+        os.environ.setdefault("TRITON_INTERPRET", "0")
+    else:
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""  # torch, JAX and test servers see no GPU
+        os.environ["SEG_DEVICE"] = "cpu"  # test servers (bentoml serve) inherit the environment
+        os.environ.setdefault("JAX_PLATFORMS", "cpu")
+        # Triton decides at its import whether kernels run in its CPU interpreter; torch.compile (tests of
+        # the graph engine) imports it too, so the batch-invariance tests' setting comes before any test.
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+
 sys.path.insert(0, str(ROOT / "scripts"))
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "tests" / "service"))

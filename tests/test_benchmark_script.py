@@ -34,8 +34,9 @@ def test_benchmark_script_writes_a_complete_report(tiny_fixtures, tmp_path):
         assert level["requests"] == level["ok"] == 8
         assert level["errors"] == {}
         assert level["requests_per_s"] > 0 and level["images_per_s"] > 0
-        assert set(level["latency_s"]) == {"p50", "p95", "p99", "mean"}
-        assert level["latency_s"]["p50"] <= level["latency_s"]["p95"] <= level["latency_s"]["p99"]
+        assert set(level["latency_s"]) == {"p50", "p90", "p95", "p99", "mean"}
+        assert level["latency_s"]["p50"] <= level["latency_s"]["p90"] <= level["latency_s"]["p95"] \
+            <= level["latency_s"]["p99"]
         # The engine's batch histogram and stage times come from /metrics deltas over the level.
         assert sum(level["batch_size_histogram"].values()) == level["batches"] >= 1
         assert 1 <= level["batch_size_mean"] <= 4
@@ -72,6 +73,30 @@ def test_benchmark_script_writes_a_complete_report(tiny_fixtures, tmp_path):
     assert micro["recompiled_after_warmup"] is False
     assert micro["total_ms_per_object_batch1"] > 0
     assert report["targets"]["no_recompilation"]["met"] is True
+
+
+def test_batch_histograms_of_metrics_with_different_bounds_never_go_negative():
+    """The adaptive batcher's histogram has no 64 bound, the step-level one has: each is differenced within
+    its own bounds (both summed by `le` gave "33-64": -16 on the GPU host)."""
+    from benchmark import batch_histogram, summarize_metrics
+
+    adaptive = {"1.0": 16, "2.0": 16, "4.0": 17, "8.0": 17, "16.0": 18, "32.0": 18, "+Inf": 18}
+    steps = {"1.0": 0, "2.0": 0, "4.0": 0, "8.0": 0, "16.0": 0, "32.0": 0, "64.0": 0, "+Inf": 0}
+    buckets = {**{("bentoml_service_adaptive_batch_size", le): v for le, v in adaptive.items()},
+               **{("seg_engine_step_rows", le): v for le, v in steps.items()}}
+    histogram = batch_histogram(buckets)
+    assert histogram == {"1": 16, "2": 0, "3-4": 1, "5-8": 0, "9-16": 1, "17-32": 0, ">32": 0}
+    both = {**buckets, ("seg_engine_step_rows", "64.0"): 3, ("seg_engine_step_rows", "+Inf"): 3,
+            ("seg_engine_step_rows", "32.0"): 1}
+    histogram = batch_histogram(both)
+    assert min(histogram.values()) >= 0 and sum(histogram.values()) == 21
+    assert histogram["33-64"] == 2 and histogram["17-32"] == 1
+    summary = summarize_metrics({"batch_buckets": buckets, "batch_sum": 40.0, "batch_count": 18.0, "stages": {},
+                                 "seg_engine_time_to_first_step_seconds_sum": 1.5,
+                                 "seg_engine_time_to_first_step_seconds_count": 3.0, "seg_engine_steps:graph": 90.0,
+                                 "seg_engine_steps:fixed": 0.0})
+    assert summary["batches"] == sum(summary["batch_size_histogram"].values()) == 18
+    assert summary["time_to_first_step_s_mean"] == 0.5 and summary["steps_by_path"] == {"graph": 90}
 
 
 def test_benchmark_serves_another_commit_beside_this_one(tiny_fixtures, tmp_path):

@@ -24,9 +24,10 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from . import invariant
 from .fastgen import greedy_decode, grouped_attention_in
 from .grammar import ObjectGrammar, RowSpec, Vocabulary
-from .graph.decoder import GraphSettings, StaticDecoder
+from .graph.decoder import STEP_PATHS, GraphCaptureError, GraphSettings, StaticDecoder
 from .graph.device_grammar import trie_size
 from .images import model_input
 from .prompts import DEFAULT_MAX_NEW_TOKENS, DEFAULT_OBJECTS_PER_CLASS, Prompt, max_new_tokens_for
@@ -102,10 +103,12 @@ class PaliGemmaEngine:
         # length for every row: a row's arithmetic is then the same in every batch and bucket.
         self.batch_invariant = batch_invariant
         if batch_invariant and self.device.type == "cuda":
-            from . import invariant
-
             invariant.enable("cuda")  # before any graph capture: Triton compiles on first use
         self._decoder: StaticDecoder | None = None  # built (and its graphs captured) on first use
+        # Decode steps by path (graph/decoder.py STEP_PATHS), and who else is told of each (the served
+        # engine's /metrics): `listener(path, count)`, called on the thread that stepped, never syncing.
+        self.steps: dict[str, int] = dict.fromkeys(STEP_PATHS, 0)
+        self.step_listeners: list = []
 
     @classmethod
     def from_pretrained(
@@ -212,13 +215,15 @@ class PaliGemmaEngine:
 
     def invariance(self) -> str:
         """Where this engine's batched answers equal solo answers, in one sentence (README, /models)."""
-        from . import invariant
-
         return invariant.describe(self.device, self.model.dtype)
 
     @property
     def decoder(self) -> StaticDecoder:
-        """The graph engine's static buffers and step, built on first use (its CUDA graphs captured then)."""
+        """The graph engine's static buffers and step, built on first use (its CUDA graphs captured then,
+        and captured anew when the batch-invariant mode has changed since: a graph holds its mode's kernels).
+
+        Raises GraphCaptureError when graphs are required (`GraphSettings.require`) and a bucket failed.
+        """
         if self._decoder is None:
             settings = self.graph_settings
             image_tokens = int(self.processor.image_seq_length)
@@ -226,16 +231,56 @@ class PaliGemmaEngine:
             self._decoder = StaticDecoder(
                 model, self.vocab, pad_id=self.tokenizer.pad_token_id,
                 length=image_tokens + settings.prompt_tokens + self.max_new_tokens + 1,
-                buckets=settings.buckets, sync_every=settings.sync_every, use_graphs=settings.use_graphs,
-                compile=settings.compile,
+                buckets=settings.buckets, sync_every=settings.sync_every,
+                use_graphs=True if settings.require else settings.use_graphs, compile=settings.compile,
             )
+            self._decoder.on_steps = self._count_steps
             if self.batch_invariant:
                 self._decoder.fixed_span = True  # every step attends over the whole cache
             logger.info("graph engine: %d slots x %d cache positions, buckets %s, %.1f MiB of buffers reserved",
                         self._decoder.slots, self._decoder.length, self._decoder.buckets,
                         self._decoder.reserved_bytes() / 2**20)
-            self._decoder.capture(self.model.disable_adapter if self.adapters else contextlib.nullcontext)
+            self._capture()
+        elif self._decoder.graphs and self._decoder.graph_mode != invariant.enabled_kinds():
+            logger.info("batch-invariant mode changed: capturing the decode graphs again")
+            self._capture()
         return self._decoder
+
+    def _capture(self) -> None:
+        decoder = self._decoder
+        decoder.capture(self.model.disable_adapter if self.adapters else contextlib.nullcontext)
+        if self.graph_settings.require and decoder.capture_failures:
+            failed = "; ".join(f"bucket {b}: {r}" for b, r in sorted(decoder.capture_failures.items()))
+            raise GraphCaptureError(f"CUDA graphs are required (SEG_REQUIRE_GRAPHS) and their capture failed "
+                                    f"on {self.device} ({failed})")
+
+    def _count_steps(self, path: str, count: int) -> None:
+        if count <= 0:
+            return
+        self.steps[path] += count
+        for listener in self.step_listeners:
+            listener(path, count)
+
+    def graph_status(self) -> dict:
+        """Whether this engine's decode steps replay CUDA graphs, for which buckets, and why not (/models).
+
+        Never builds the decoder (that captures graphs): before the first generation `built` is False.
+        """
+        decoder = self._decoder
+        status = {"engine": self.generation, "built": decoder is not None, "captured": False,
+                  "buckets": [], "eager_buckets": [], "failures": {}}
+        if self.generation != "graph":
+            return {**status, "why": f"the {self.generation} engine has no decode graphs"}
+        if decoder is None:
+            return {**status, "eager_buckets": list(self.graph_settings.buckets)}
+        status.update(captured=bool(decoder.graphs), buckets=sorted(decoder.graphs),
+                      eager_buckets=list(decoder.eager_buckets),
+                      failures={str(b): r for b, r in sorted(decoder.capture_failures.items())})
+        if not decoder.use_graphs:
+            status["why"] = f"no CUDA graphs on {self.device.type}: every step runs eagerly"
+        elif decoder.capture_failures:
+            status["why"] = "capture failed for some buckets: those steps run eagerly"
+        return status
 
     def _fits_graph(self, rows: list[RowSpec], prompt_length: int) -> bool:
         decoder = self.decoder
@@ -301,28 +346,37 @@ class PaliGemmaEngine:
         return [self.adapters[a] if a else BASE_ROW for a in adapters]
 
     def _decode(self, inputs, grammar: ObjectGrammar, steps: int, forward_kwargs: dict) -> torch.Tensor:
-        """New token ids [B, <= steps] after the prompt, by the configured generation loop."""
+        """New token ids [B, <= steps] after the prompt: the fast loop (also for a batch the graph engine
+        cannot hold), or transformers' `generate` for `hf-generate`."""
         eos_id, pad_id = self.vocab.eos_id, self.tokenizer.pad_token_id
-        if self.generation == "fast":
-            model, extra, hooks = self.model, dict(forward_kwargs), contextlib.nullcontext()
-            adapter_names = extra.pop("adapter_names", None)
-            if adapter_names is not None:
-                # As PeftModel.generate does: PEFT's per-row adapter hooks around every call of the base
-                # model (the vision tower's too), one row of `adapter_names` per batch row, so no picture
-                # is shared between rows.
-                hooks = self.model._enable_peft_forward_hooks(adapter_names=adapter_names)
-                model = self.model.get_base_model()
-            with hooks, grouped_attention_in(model):
-                return greedy_decode(
-                    model, inputs, grammar, max_new_tokens=steps, eos_id=eos_id, pad_id=pad_id,
-                    share_images=self.share_images and adapter_names is None, forward_kwargs=extra,
-                )
+        if self.generation in ("fast", "graph"):
+            generated = self._fast_decode(inputs, grammar, steps, forward_kwargs)
+            self._count_steps("fast", generated.shape[1] - 1)  # the first token came from the prefill
+            return generated
         with torch.inference_mode():
             sequences = self.model.generate(
                 **inputs, **forward_kwargs, max_new_tokens=steps, do_sample=False, num_beams=1,
                 logits_processor=[grammar], eos_token_id=eos_id, pad_token_id=pad_id,
             )
-        return sequences[:, inputs["input_ids"].shape[1]:]
+        generated = sequences[:, inputs["input_ids"].shape[1]:]
+        self._count_steps("hf-generate", generated.shape[1] - 1)
+        return generated
+
+    def _fast_decode(self, inputs, grammar: ObjectGrammar, steps: int, forward_kwargs: dict) -> torch.Tensor:
+        model, extra, hooks = self.model, dict(forward_kwargs), contextlib.nullcontext()
+        adapter_names = extra.pop("adapter_names", None)
+        if adapter_names is not None:
+            # As PeftModel.generate does: PEFT's per-row adapter hooks around every call of the base
+            # model (the vision tower's too), one row of `adapter_names` per batch row, so no picture
+            # is shared between rows.
+            hooks = self.model._enable_peft_forward_hooks(adapter_names=adapter_names)
+            model = self.model.get_base_model()
+        with hooks, grouped_attention_in(model):
+            return greedy_decode(
+                model, inputs, grammar, max_new_tokens=steps, eos_id=self.vocab.eos_id,
+                pad_id=self.tokenizer.pad_token_id, share_images=self.share_images and adapter_names is None,
+                forward_kwargs=extra,
+            )
 
     def _row(self, ids: list[int], logprobs: list[float]) -> Generation:
         with self._tokenizer_lock:

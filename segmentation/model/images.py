@@ -45,13 +45,15 @@ def open_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Im
     except ImageError:
         raise
     except Image.DecompressionBombError as exc:  # past twice Pillow's own limit: refused while opening
-        raise ImageTooLarge(f"the image is too large ({exc}); the limit is {max_pixels} pixels") from exc
+        raise ImageTooLarge(f"the image has more than {max_pixels} pixels, the limit") from exc
     except UnidentifiedImageError as exc:  # its message holds the repr of a BytesIO: not for clients
         raise ImageError(
             f"the data is not a readable image; accepted formats: {', '.join(ACCEPTED_FORMATS)}"
         ) from exc
-    except (OSError, SyntaxError, ValueError) as exc:  # truncated or corrupt data
-        raise ImageError(f"the image could not be decoded: {exc}") from exc
+    except (OSError, SyntaxError, ValueError) as exc:  # truncated or corrupt data (Pillow's text: not for clients)
+        accepted = ", ".join(ACCEPTED_FORMATS)
+        raise ImageError(f"the image could not be decoded (truncated or corrupt data); accepted formats: {accepted}") \
+            from exc
     return to_rgb(ImageOps.exif_transpose(image))
 
 

@@ -20,6 +20,11 @@ runs the model):
   and queue sets them with `set_running_slots` / `set_queue_length`.
 - `seg_engine_time_to_first_step_seconds`, `seg_engine_steps_per_request` (histograms) and
   `seg_engine_tokens_per_second` (gauge): for the scheduler to report with the helpers below.
+- `seg_engine_steps_total{path}` (counter): every decode step, by how it ran: `graph` (a replayed CUDA
+  graph), `fixed` (the fixed-shape step run eagerly: CPUs, or a bucket whose capture failed), `peft` (rows
+  with a LoRA adapter, stepped through PEFT's hooks), `fast` (the fast loop: a prompt past the graph
+  engine's cache, or SEG_ENGINE=fast), `hf-generate`. A GPU server whose steps are not all `graph` is
+  running a fallback. Counted on the host per step call (`watch_engine_steps`), never syncing the device.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ import threading
 import time
 from typing import TYPE_CHECKING
 
-from prometheus_client import Gauge, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 if TYPE_CHECKING:  # the public service imports this module and must not import torch
     from .pool import PredictOutcome
@@ -89,6 +94,9 @@ ENGINE_STEP_ROWS = Histogram(
     "seg_engine_step_rows", "Rows in the running batch, once per group of decode steps (step-level batching)",
     buckets=(1, 2, 4, 8, 16, 32, 64),
 )
+ENGINE_STEPS = Counter(
+    "seg_engine_steps", "Decode steps by how they ran: graph, fixed, peft, fast, hf-generate", labelnames=["path"],
+)
 ENGINE_TOKENS_PER_SECOND = Gauge(
     "seg_engine_tokens_per_second", "Tokens generated per second over the engine's last batch or step window",
     multiprocess_mode="livesum",
@@ -142,6 +150,20 @@ def observe_steps_per_request(steps: int) -> None:
 
 def set_tokens_per_second(value: float) -> None:
     ENGINE_TOKENS_PER_SECOND.set(value)
+
+
+def watch_engine_steps(engines) -> None:
+    """Count every decode step of these engines (PaliGemmaEngine) in `seg_engine_steps_total{path}`; every
+    path is exported from the start (at 0), so a fallback shows as a rising line next to a flat one."""
+    from ..model.graph.decoder import STEP_PATHS
+
+    children = {path: ENGINE_STEPS.labels(path=path) for path in STEP_PATHS}
+
+    def count(path: str, steps: int) -> None:
+        children[path].inc(steps)
+
+    for engine in engines:
+        engine.step_listeners.append(count)
 
 
 class SchedulerMetrics:

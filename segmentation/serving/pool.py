@@ -62,6 +62,12 @@ class PredictOutcome:
     timings: dict[str, float] = field(default_factory=dict)
 
 
+def _adapter_graphs(engine: PaliGemmaEngine) -> dict:
+    status = engine.graph_status()
+    return {**status, "captured": False, "buckets": [], "eager_buckets": list(engine.graph_settings.buckets),
+            "why": "rows with a LoRA adapter step eagerly through PEFT's hooks (the graphs hold the base model)"}
+
+
 class ModelPool:
     """Engines by model id, and the adapters attached to them (adapter id -> its base's model id)."""
 
@@ -105,22 +111,26 @@ class ModelPool:
         return next(iter(self.engines))
 
     def describe(self) -> list[dict]:
-        """The served models (id, input size, default, where batched answers equal solo ones), then the
-        LoRA adapters with their base."""
+        """The served models (id, input size, default, where batched answers equal solo ones, whether
+        their decode steps replay CUDA graphs and for which buckets), then the LoRA adapters with their base
+        (their rows step eagerly through PEFT's hooks: no graphs)."""
         models = [
             {"id": model_id, "image_size": engine.image_size, "default": model_id == self.default_model,
-             "batched_equals_solo": engine.invariance()}
+             "batched_equals_solo": engine.invariance(), "graphs": engine.graph_status()}
             for model_id, engine in self.engines.items()
         ]
         adapters = [
             {"id": adapter_id, "image_size": self.engines[base].image_size, "default": False, "base": base,
-             "batched_equals_solo": self.engines[base].invariance()}
+             "batched_equals_solo": self.engines[base].invariance(), "graphs": _adapter_graphs(self.engines[base])}
             for adapter_id, base in self.adapters.items()
         ]
         return models + adapters
 
     def warm_up(self) -> None:
         """One short generation per model and adapter, so the first real request is not the slow one."""
+        for engine in self.engines.values():
+            if engine.generation == "graph":
+                engine.decoder  # noqa: B018 -- buffers and graphs (GraphCaptureError when required and failed)
         for model_id in [*self.engines, *self.adapters]:
             engine = self.engines[self.adapters.get(model_id, model_id)]
             picture = Image.new("RGB", (engine.image_size, engine.image_size))

@@ -47,9 +47,13 @@ ENV_DOCS: dict[str, tuple[str, str]] = {
                            "(default 1 on CPUs, 8 on GPUs)"),
     "SEG_GRAPH_PROMPT_TOKENS": ("128", "graph engine: prompt text tokens its cache holds beside the image "
                                       "(longer prompts run the `fast` loop)"),
+    "SEG_REQUIRE_GRAPHS": ("false", "graph engine: capture a CUDA graph for every bucket or stop the server at "
+                                    "start with the reason (also on CPUs, where capture fails); `false`: a bucket "
+                                    "whose capture failed is logged and steps eagerly "
+                                    "(`seg_engine_steps_total{path=\"fixed\"}`)"),
     "SEG_BATCH_INVARIANT": ("false", "batch-invariant kernels on GPUs (and one padded prompt length): a request's "
-                                     "answer is the same bits in any batch; opt-in, cost unmeasured "
-                                     "(docs/batch-invariance.md)"),
+                                     "answer is the same bits in any batch; opt-in (H200: decode step x1.0 at 16 "
+                                     "rows, x1.29 alone) (docs/batch-invariance.md)"),
     "SEG_SHARE_IMAGES": ("true", "run the vision tower once per distinct picture of a batch (`fast` engine)"),
     "SEG_DTYPE": ("auto", "model weights: `auto` (bfloat16 on GPUs, float32 on CPUs), `float32`, or "
                           "`bfloat16` (faster on CPUs with native bfloat16, but different answers)"),
@@ -62,7 +66,9 @@ ENV_DOCS: dict[str, tuple[str, str]] = {
                               "even though they are private or loopback"),
     "SEG_FETCH_TIMEOUT_S": ("10", "connect and read timeout for image_url downloads, seconds"),
     "SEG_REQUEST_TIMEOUT_S": ("300", "longest a request may take before the server answers 504"),
-    "SEG_MAX_CONCURRENCY": ("64", "requests handled at once; more are answered 429 at once"),
+    "SEG_MAX_CONCURRENCY": ("64", "requests handled at once; more are answered 429 at once. BentoML gives each "
+                                  "public worker ceil(N / SEG_API_WORKERS) of them and connections do not spread "
+                                  "evenly over workers, so 429s can start below N"),
     "SEG_API_KEY": ("", "comma-separated API keys; when set, API routes need `Authorization: Bearer <key>`"),
     "SEG_API_KEY_FILE": ("", "file holding the API keys (a mounted secret), one per line or comma-separated"),
     "SEG_METRICS_PUBLIC": ("true", "serve /metrics without an API key"),
@@ -126,6 +132,7 @@ class Settings:
     graph_buckets: tuple[int, ...] = (1, 2, 4, 8, 16)
     sync_every: int | None = None
     graph_prompt_tokens: int = 128
+    require_graphs: bool = False
     batch_invariant: bool = False
     share_images: bool = True
     dtype: str = "auto"
@@ -195,6 +202,7 @@ class Settings:
             graph_buckets=graph_buckets,
             sync_every=int(_env("SEG_SYNC_EVERY")) if _env("SEG_SYNC_EVERY") else None,
             graph_prompt_tokens=int(_env("SEG_GRAPH_PROMPT_TOKENS")),
+            require_graphs=_flag("SEG_REQUIRE_GRAPHS"),
             batch_invariant=_flag("SEG_BATCH_INVARIANT"),
             share_images=_flag("SEG_SHARE_IMAGES"),
             dtype=dtype,
@@ -223,8 +231,10 @@ class Settings:
         return self.max_batch_size * ((1024 * 1024 * 3 + 64) * 4 // 3 + 4 + 64 * 1024) + 64 * 1024
 
     def max_body_bytes(self, images: int = 1) -> int:
-        """The largest request body for `images` images: base64 inflates by 4/3; 64 KiB for the rest."""
-        return images * (self.max_image_bytes * 4 // 3 + 4) + 64 * 1024
+        """The largest request body for `images` images: each one's base64 (4/3 of its bytes, and room for
+        a data: URL prefix) with 64 KiB for its other fields (prompt, URL and model at their longest,
+        even escaped), and 64 KiB for the rest: a body the schema allows is never over the cap."""
+        return images * (4 * -(-self.max_image_bytes // 3) + 256 + 64 * 1024) + 64 * 1024
 
     @property
     def torch_device(self) -> str | None:

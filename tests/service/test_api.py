@@ -129,6 +129,7 @@ def test_sync_client_every_api(server, images):
         listed = client.models()
         [served] = listed["models"]
         assert served.pop("batched_equals_solo").startswith("batched ≡ solo on cpu")
+        assert served.pop("graphs")["captured"] is False  # a CPU: no CUDA graphs (tests/service/test_engine_paths.py)
         assert served == {"id": DEMO_MODEL, "image_size": 224, "default": True}
         batch = client.segment_batch(requests=[
             {"image_base64": b64(images[0]), "prompt": "cat"},
@@ -174,12 +175,13 @@ def test_openapi_lists_every_api(server):
         ({"json": {"prompt": "cat", "image_base64": "%%%"}}, 400, "not valid base64"),
         ({"files": {"image": ("x.png", b"\x89PNG\r\n\x1a\n garbage", "image/png")}, "data": {"prompt": "cat"}}, 400,
          "image"),
-        ({"json": {"prompt": "", "image_base64": "PLACEHOLDER"}}, 400, "prompt is empty"),
+        ({"json": {"prompt": "", "image_base64": "PLACEHOLDER"}}, 400, "prompt: must not be empty"),
+        ({"json": {"prompt": "segment ; ;", "image_base64": "PLACEHOLDER"}}, 400, "prompt: must name 1 to 32 classes"),
         ({"json": {"prompt": "cat", "image_base64": "PLACEHOLDER", "model": "google/other"}}, 400,
          f"served models: {DEMO_MODEL}"),
         ({"json": {"prompt": "cat", "image_base64": "PLACEHOLDER", "mask_format": "jpeg"}}, 400,
-         "accepted: rle, png, polygon, none"),
-        ({"json": {"prompt": "cat", "image_url": "file:///etc/passwd"}}, 400, "scheme 'file'"),
+         "mask_format: Input should be 'rle', 'png', 'polygon' or 'none'"),
+        ({"json": {"prompt": "cat", "image_url": "file:///etc/passwd"}}, 400, "image_url: must be an http:// or https://"),
         ({"json": {"prompt": "cat", "image_url": "http://127.0.0.1:1/x.png"}}, 400, "non-public address"),
     ],
 )

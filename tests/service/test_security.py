@@ -102,8 +102,9 @@ def test_too_many_pixels(guarded):
 
 @pytest.mark.parametrize(
     ("prompt", "message"),
-    [("x" * 100_000, "limit is 1000"), (";".join("c" for _ in range(300)), "300 classes; the limit is 8"),
-     ("cat\x00dog", "U+0000")],
+    [("x" * 100_000, "prompt: is too long; the limit is 1000 characters"),
+     (";".join("c" for _ in range(300)), "prompt: must name 1 to 8 classes"),
+     ("cat\x00dog", "without '<', '>' or control characters"), ("cat\u200bdog", "U+200B")],
 )
 def test_prompt_limits(guarded, prompt, message):
     response = httpx.post(guarded.url + "/segment", json=body(prompt=prompt), headers=AUTH, timeout=30)
@@ -131,7 +132,7 @@ def test_exif_rotated_upload_reports_upright_size(guarded):
 def test_too_many_batch_entries(guarded):
     entries = [{"image_base64": body()["image_base64"], "prompt": "cat"}] * 17
     response = httpx.post(guarded.url + "/segment_batch", json={"requests": entries}, headers=AUTH, timeout=30)
-    assert response.status_code == 400 and "limit is 16" in response.json()["error"]
+    assert response.status_code == 400 and "requests: has 17 items; the limit is 16" in response.json()["error"]
 
 
 # --- the OpenAI-compatible API (/v1) behind the same keys and caps ---------------------------------------

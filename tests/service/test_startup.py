@@ -47,3 +47,24 @@ def test_bad_model_files_stop_the_server_with_a_clear_message(tmp_path, tiny_fix
     output = result.stdout + result.stderr
     for fragment in expected:
         assert fragment in output, output[-3000:]
+
+
+def test_graphs_that_cannot_be_captured_stop_the_server_once_with_the_reason(tmp_path, tiny_fixtures):
+    """SEG_REQUIRE_GRAPHS=true on a CPU: the capture fails (torch has no CUDA graphs here), the engine's start
+    fails, and `bentoml serve` exits non-zero naming the reason, after one start: BentoML would respawn the
+    engine worker for ever (segmentation/serving/lifecycle.py)."""
+    home = tmp_path / "home"
+    import_fixtures(home, tiny_fixtures)
+    env = {**os.environ, "BENTOML_HOME": str(home), "SEG_MODELS": DEMO_MODEL, "SEG_REQUIRE_GRAPHS": "true",
+           "SEG_GRAPH_BUCKETS": "1,2"}
+    result = subprocess.run(
+        [sys.executable, "-m", "bentoml", "serve", "service:Segmentation", "--host", "127.0.0.1", "--port", "0"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=240,
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode != 0, output[-3000:]
+    assert "the server stopped: the model engine could not start: GraphCaptureError" in output, output[-3000:]
+    assert "CUDA graphs are required (SEG_REQUIRE_GRAPHS)" in output and "bucket 2: " in output
+    assert "GraphCaptureError" in output.split("model engine failed to start")[1]  # its traceback, logged
+    stops = [line for line in output.splitlines() if "FATAL: stopping the server" in line]
+    assert len(stops) == 1, stops  # one start, no respawn loop

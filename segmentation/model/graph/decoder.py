@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import torch
 from transformers.models.gemma2.modeling_gemma2 import apply_rotary_pos_emb
 
+from .. import invariant
 from ..fastgen import grouped_attention, grouped_attention_in, image_features, make_cache
 from ..grammar import RowSpec, Vocabulary
 from .device_grammar import (
@@ -55,6 +56,15 @@ DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 32)
 # On a GPU a check drains the queue of replays; 8 is a guess until measured (docs/benchmarks.md).
 DEFAULT_SYNC_EVERY = {"cpu": 1, "cuda": 8}
 
+# How a decode step ran (`seg_engine_steps_total{path}` on /metrics): a replayed CUDA graph, the fixed-shape
+# step run eagerly (no graph for the bucket: the CPU, a failed capture), rows stepped eagerly through PEFT's
+# per-row adapter hooks, the `fast` loop, transformers' `generate`.
+STEP_PATHS = ("graph", "fixed", "peft", "fast", "hf-generate")
+
+
+class GraphCaptureError(RuntimeError):
+    """CUDA graphs were required (`GraphSettings.require`, SEG_REQUIRE_GRAPHS) and a bucket's capture failed."""
+
 
 @dataclass(frozen=True)
 class GraphSettings:
@@ -65,6 +75,9 @@ class GraphSettings:
     prompt_tokens: int = 128  # text tokens of a prompt the cache holds beside the image tokens
     compile: bool = False  # torch.compile the step (CPU; on CUDA the graphs already remove the overhead)
     use_graphs: bool | None = None  # capture CUDA graphs (None: on CUDA)
+    # Every bucket captured or the engine refuses to start (GraphCaptureError): SEG_REQUIRE_GRAPHS. Implies
+    # use_graphs, on any device (on a CPU the capture fails, with torch's reason).
+    require: bool = False
 
 
 def bucket_for(batch: int, buckets: tuple[int, ...]) -> int:
@@ -128,8 +141,18 @@ class StaticDecoder:
         self.tables = GrammarTables(vocab, self.device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.capture_seconds = 0.0
+        self.capture_failures: dict[int, str] = {}  # bucket -> why its capture failed (it steps eagerly)
+        self.capture_report: dict[int, dict] = {}  # bucket -> seconds and graph-pool MiB of its capture
+        # The batch-invariant mode (invariant.enabled_kinds()) the graphs were captured under: they hold
+        # that mode's kernels, so they are never replayed under another (see run_step).
+        self.graph_mode: frozenset[str] = frozenset()
+        self._mode_warned = False
         self._graph_pool = None
         self.last_timing: dict = {}
+        # Decode steps run, by path (STEP_PATHS), counted on the host per run_step call (no device sync);
+        # `on_steps(path, count)` is told of each (the engine's metrics).
+        self.steps: dict[str, int] = dict.fromkeys(STEP_PATHS, 0)
+        self.on_steps = None
         # Cache positions a step attends over. Graphs and compiled steps need one shape: the whole
         # cache. An eager step (the CPU) may attend over the part a generation can reach (`fit_span`).
         self.span = length
@@ -244,12 +267,46 @@ class StaticDecoder:
 
     @torch.inference_mode()
     def run_step(self, batch: int, *, graphs: bool = True) -> None:
-        """Replay the bucket's graph when there is one (and `graphs`), else run the step."""
+        """Replay the bucket's graph when there is one (and `graphs`), else run the step eagerly: the
+        fixed-shape step (`fixed`), or with `graphs=False` rows stepped through PEFT's per-row adapter hooks
+        (`peft`: the graphs hold the base model). Counted by path, on the host."""
         graph = self.graphs.get(batch) if graphs else None
+        if graph is not None and self.graph_mode != invariant.enabled_kinds():
+            graph = self._mode_changed()
         if graph is not None:
             graph.replay()
+            path = "graph"
         else:
             self._step_fn(batch)
+            path = "fixed" if graphs else "peft"
+        self.steps[path] += 1
+        if self.on_steps is not None:
+            self.on_steps(path, 1)
+
+    def _mode_changed(self) -> None:
+        """The batch-invariant mode is not the one the graphs were captured under: step eagerly (the graphs
+        would compute with the other mode's kernels) until they are captured again (`capture`)."""
+        if not self._mode_warned:
+            logger.warning("batch-invariant mode changed since the CUDA graphs were captured (%s, now %s): "
+                           "steps run eagerly until the graphs are captured again",
+                           sorted(self.graph_mode) or "off", sorted(invariant.enabled_kinds()) or "off")
+            self._mode_warned = True
+        return None
+
+    @contextlib.contextmanager
+    def without_graphs(self):
+        """Every step inside runs the fixed-shape step eagerly (counted `fixed`): the reference a replay is
+        compared with."""
+        graphs, self.graphs = self.graphs, {}
+        try:
+            yield
+        finally:
+            self.graphs = graphs
+
+    @property
+    def eager_buckets(self) -> tuple[int, ...]:
+        """Buckets whose steps run eagerly: all of them without graphs, else those whose capture failed."""
+        return tuple(b for b in self.buckets if b not in self.graphs)
 
     # --- start-up: CUDA graphs ------------------------------------------------------------------
 
@@ -257,27 +314,69 @@ class StaticDecoder:
     def capture(self, context=contextlib.nullcontext) -> None:
         """Capture each bucket's step as a CUDA graph, largest first (its memory is then reserved for
         all of them: the graphs share one pool). `context()` wraps each capture (PEFT's
-        `disable_adapter`, so graphs compute the base model). No-op off CUDA."""
+        `disable_adapter`, so graphs compute the base model). No-op unless `use_graphs` (CUDA).
+
+        A bucket whose capture fails is logged once with its reason and keeps stepping eagerly (the same
+        fixed-shape step, so the same answers); `capture_failures` says which and why. Called again (the
+        batch-invariant mode changed), it captures every bucket anew; rows in the slots are reset.
+        """
         if not self.use_graphs:
             return
         started = time.perf_counter()
-        self._graph_pool = torch.cuda.graph_pool_handle()
+        self.graphs, self.capture_failures, self.capture_report = {}, {}, {}
+        self.graph_mode, self._mode_warned = invariant.enabled_kinds(), False
         for batch in sorted(self.buckets, reverse=True):
+            tick, before = time.perf_counter(), self._reserved()
+            try:
+                self.graphs[batch] = self._capture_one(batch, context)
+            except Exception as exc:  # this bucket steps eagerly; the others may still capture
+                reason = f"{type(exc).__name__}: {exc}".strip().splitlines()[0][:500]
+                self.capture_failures[batch] = reason
+                self._abandon_pool()
+                logger.error("CUDA graph capture failed for bucket %d: %s; its steps run eagerly", batch, reason)
+                continue
+            self.capture_report[batch] = {"seconds": round(time.perf_counter() - tick, 4),
+                                          "pool_mib": round((self._reserved() - before) / 2**20, 1)}
+        self._synchronize()
+        self.reset()
+        self.capture_seconds = time.perf_counter() - started
+        logger.info("captured %d decode graphs in %.1fs (buckets %s)%s", len(self.graphs), self.capture_seconds,
+                    sorted(self.graphs), f"; eager: {sorted(self.capture_failures)}" if self.capture_failures else "")
+
+    def _capture_one(self, batch: int, context):
+        previous = torch.cuda.current_stream(self.device)
+        try:
             with context():
-                stream = torch.cuda.Stream()
-                stream.wait_stream(torch.cuda.current_stream())
+                if self._graph_pool is None:
+                    self._graph_pool = torch.cuda.graph_pool_handle()
+                stream = torch.cuda.Stream(self.device)
+                stream.wait_stream(previous)
                 with torch.cuda.stream(stream):  # warm-up off the capture, as CUDA graphs require
                     for _ in range(2):
                         self._step(batch)
-                torch.cuda.current_stream().wait_stream(stream)
+                previous.wait_stream(stream)
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=self._graph_pool):
                     self._step(batch)
-            self.graphs[batch] = graph
-        torch.cuda.synchronize()
-        self.reset()
-        self.capture_seconds = time.perf_counter() - started
-        logger.info("captured %d decode graphs in %.1fs", len(self.graphs), self.capture_seconds)
+        finally:
+            # When ending a capture raises, `torch.cuda.graph` never leaves its capture stream: this thread
+            # would go on running everything there.
+            torch.cuda.set_stream(previous)
+        return graph
+
+    def _abandon_pool(self) -> None:
+        """After a failed capture: the graphs still to capture go to a fresh memory pool. When ending a
+        capture raises (the capture was invalidated), PyTorch leaves its pool marked as being recorded
+        to, and every later capture into it fails ("already recording to mempool_id", measured on an
+        H200, torch 2.11); that mark is ended if PyTorch lets us, and the pool is left to the graphs
+        captured into it before."""
+        if self._graph_pool is not None:
+            with contextlib.suppress(Exception):
+                torch._C._cuda_endAllocateToPool(self.device.index or 0, self._graph_pool)
+        self._graph_pool = None
+
+    def _reserved(self) -> int:
+        return torch.cuda.memory_reserved(self.device) if self.device.type == "cuda" else 0
 
     @torch.inference_mode()
     def move(self, source: int, target: int) -> None:

@@ -132,6 +132,12 @@ def is_enabled(device_type: str | torch.device = "cuda") -> bool:
     return _device_type(device_type) in _libraries
 
 
+def enabled_kinds() -> frozenset[str]:
+    """The device types the mode is on for now (cheap: the graph engine compares it before each replay,
+    since a CUDA graph holds the kernels of the mode it was captured under)."""
+    return frozenset(_libraries)
+
+
 @contextlib.contextmanager
 def batch_invariant(device_type: str = "cuda") -> Iterator[None]:
     """The mode on for `device_type` inside the block (process-wide while it lasts); left as found after."""
@@ -162,13 +168,15 @@ def describe(device: str | torch.device | None = None, dtype: torch.dtype | str 
                 "matmul, softmax, norm, mean and attention computes a row the same way in any batch of the "
                 "fixed-shape engine")
     if kind == "cpu":
-        return (f"batched ≡ solo on cpu as pinned by the tests (float32, PyTorch's CPU kernels, tiny fixture); "
-                f"batch-invariant kernels off; not proven in {name} for other shapes")
+        return (f"batched ≡ solo on cpu for tokens, labels, boxes and masks as pinned by the tests (float32, tiny "
+                f"fixture); log-probabilities and scores within 1e-5, not bit for bit (CPU matmuls sum a row "
+                f"differently alone and in a batch); not proven in {name} for other shapes")
     return (f"batched ≡ solo not guaranteed on cuda in {name}: GPU kernels choose tiles and reduction orders by "
-            f"batch shape (H200: 11/16 rows equal in bfloat16, 15/16 in float32); set {ENV}=1 for bit-for-bit rows")
+            f"batch shape (H200, graph engine, bfloat16: 7/16 rows equal alone, 0/16 bit for bit); set {ENV}=1 for "
+            f"bit-for-bit rows (16/16 there; step cost x1.0 at 16 rows, x1.29 alone)")
 
 
 __all__ = [
-    "COVERED_OPS", "ENV", "available", "batch_invariant", "describe", "disable", "enable", "env_enabled",
-    "is_enabled",
+    "COVERED_OPS", "ENV", "available", "batch_invariant", "describe", "disable", "enable", "enabled_kinds",
+    "env_enabled", "is_enabled",
 ]

@@ -62,8 +62,8 @@ from segmentation.serving.metrics import (
     set_engine_slots,
     watch_engine_steps,
 )
-from segmentation.serving.openai_api import OpenAIErrors
 from segmentation.serving.openai_api import create_app as openai_app
+from segmentation.serving.openai_format import OpenAIErrorShape
 from segmentation.serving.probes import HealthProbes, Readiness
 from segmentation.serving.settings import Settings, adapter_tag, model_tag, read_secret
 from segmentation.serving.store import VAE_FILE, checks_models, load_mask_encoder, preflight
@@ -283,6 +283,21 @@ class Segmentation:
         size = next(m["image_size"] for m in models if m["id"] == model_id)
         fmt = api.check_mask_format(mask_format)
         parsed = api.check_prompt(prompt, task, SETTINGS, labels_from_prompt=labels_from_prompt)
+        picture, width, height, data = await self.read_picture(size, image, image_url, image_base64,
+                                                               keep_bytes=keep_bytes)
+        outcome = await self.engine.predict(
+            EngineItem(model=model_id, image=picture, task=parsed.task, classes=list(parsed.classes),
+                       labels_from_prompt=parsed.labels_from_prompt)
+        )
+        if outcome.error:
+            raise api.engine_refusal(outcome.error, outcome.status)
+        return Prediction.from_dict(outcome.prediction), width, height, picture, data, model_id, fmt
+
+    async def read_picture(self, size: int, image: Path | None = None, image_url: str | None = None,
+                           image_base64: str | None = None, *, keep_bytes: bool = False):
+        """The request's image read and checked, and resized to the model's input `size` within the worker's
+        pixel budget: (model picture, width, height, the image file's bytes if `keep_bytes` else None). The
+        full-size picture lives only while it is decoded and resized. (The /v1 routes read images here too.)"""
         start = time.perf_counter()
         data = await api.read_image_bytes(SETTINGS, image, image_url, image_base64)
         pixels = api.image_pixels(data, SETTINGS.max_pixels)
@@ -291,43 +306,26 @@ class Segmentation:
             width, height = original.size
             picture = await asyncio.to_thread(model_input, original, size)
             del original
-        if not keep_bytes:
-            del data  # not held while the engine runs
         observe_stage("decode_input", time.perf_counter() - start)
+        return picture, width, height, data if keep_bytes else None
 
-        outcome = await self.engine.predict(
-            EngineItem(model=model_id, image=picture, task=parsed.task, classes=list(parsed.classes),
-                       labels_from_prompt=parsed.labels_from_prompt)
-        )
-        if outcome.error:
-            raise self._engine_refusal(outcome.error, outcome.status)
-        return Prediction.from_dict(outcome.prediction), width, height, picture, data if keep_bytes else None, \
-            model_id, fmt
-
-    @staticmethod
-    def _engine_refusal(message: str, status: int) -> api.RequestError:
-        """The engine's refusal of a request for the client: its 4xx say what was wrong; its 5xx carry
-        internals (exception texts), which go to the log under the request id instead."""
-        if status < 500:
-            return api.RequestError(message, status)
-        errors.logger.warning("request %s: the model engine answered %d: %s", errors.current_request_id(),
-                              status, message)
-        if status == 504:
-            return api.RequestError("the model engine did not finish this request in time; retry later", 504)
-        return api.RequestError("the model engine could not answer this request (overloaded or failing); "
-                                "retry shortly", 503, retry_after=1)
-
-    async def _json(self, task: str, *, return_input_image: bool = False, **kwargs) -> dict:
-        prediction, width, height, picture, _, model_id, fmt = await self._run(task, **kwargs)
+    async def answer_body(self, prediction: Prediction, width: int, height: int, *, model_id: str, fmt: str,
+                          input_image: Image.Image | None = None) -> dict:
+        """/segment's JSON answer for a prediction on a `width` x `height` image (also /v1's segmentation)."""
         start = time.perf_counter()
         masks = any(o.mask64 is not None for o in prediction.objects)
         # Pasting full-size masks is CPU work and memory: off the event loop, within the pixel budget (an
         # answer without masks holds nothing full-size and does not queue for it).
         async with self.pixels.hold(width * height) if masks else contextlib.nullcontext():
             body = await asyncio.to_thread(api.answer_body, prediction, width, height, model=model_id,
-                                           mask_format=fmt, input_image=picture if return_input_image else None)
+                                           mask_format=fmt, input_image=input_image)
         observe_stage("encode", time.perf_counter() - start)
         return body
+
+    async def _json(self, task: str, *, return_input_image: bool = False, **kwargs) -> dict:
+        prediction, width, height, picture, _, model_id, fmt = await self._run(task, **kwargs)
+        return await self.answer_body(prediction, width, height, model_id=model_id, fmt=fmt,
+                                      input_image=picture if return_input_image else None)
 
     @strict_api(route="/segment", one_of=IMAGE_SOURCES, noun="image")
     async def segment(
@@ -474,8 +472,8 @@ Segmentation = bentoml.asgi_app(openai_app(SETTINGS), path="/v1")(Segmentation)
 # body (guard.py); /docs.json as enforced (openapi.py); methods, media types and form structure checked
 # before BentoML parses (framing.py).
 errors.quiet_client_errors()
-Segmentation.add_asgi_middleware(errors.ErrorAnswers, pattern_hints=inputs.pattern_hints(SETTINGS))
-Segmentation.add_asgi_middleware(OpenAIErrors)
+Segmentation.add_asgi_middleware(errors.ErrorAnswers, pattern_hints=inputs.pattern_hints(SETTINGS),
+                                 own_shapes={"/v1/": OpenAIErrorShape})
 Segmentation.add_asgi_middleware(
     RequestGuard,
     api_keys=SETTINGS.api_keys,

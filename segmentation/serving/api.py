@@ -25,6 +25,7 @@ from ..model.predictions import Prediction, assemble
 from ..model.prompts import Prompt, PromptError, Task, parse_prompt
 from ..model.targets import TargetError, encode_object, segmentation_mask
 from ..model.tokens import parse_objects
+from . import errors
 from .fetch import FetchError, UrlPolicy, fetch_image
 from .settings import Settings
 
@@ -38,6 +39,19 @@ class RequestError(ValueError):
         super().__init__(message)
         self.status = status
         self.retry_after = retry_after
+
+
+def engine_refusal(message: str, status: int) -> RequestError:
+    """The engine's refusal of a request for the client: its 4xx say what was wrong; its 5xx carry
+    internals (exception texts), which go to the log under the request id instead."""
+    if status < 500:
+        return RequestError(message, status)
+    errors.logger.warning("request %s: the model engine answered %d: %s", errors.current_request_id(),
+                          status, message)
+    if status == 504:
+        return RequestError("the model engine did not finish this request in time; retry later", 504)
+    return RequestError("the model engine could not answer this request (overloaded or failing); "
+                        "retry shortly", 503, retry_after=1)
 
 
 def check_mask_format(value: str | None) -> str:

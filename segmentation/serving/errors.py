@@ -29,6 +29,7 @@ import json
 import logging
 import re
 import uuid
+from typing import Protocol
 
 logger = logging.getLogger("segmentation.requests")
 # The server's root logger passes WARNING and up; the INFO lines for client mistakes are wanted.
@@ -186,14 +187,29 @@ def normalize_error_body(body: bytes) -> bytes | None:
     return json.dumps({"error": fixed["error"], "detail": fixed["detail"]}).encode()
 
 
+class ErrorShape(Protocol):
+    """The error shape of an API with its own (see `ErrorAnswers`)."""
+
+    def message(self, body: bytes) -> str | None: ...
+
+    def body(self, message: str, status: int) -> bytes: ...
+
+
 class ErrorAnswers:
-    """ASGI middleware: request ids, the one error shape, Retry-After on refusals, a log line per error."""
+    """ASGI middleware: request ids, the one error shape, Retry-After on refusals, a log line per error.
+
+    `own_shapes`: path prefix -> the error shape of an API served there that has one of its own (OpenAI's,
+    on `/v1/`): `message(body)` reads a body in that shape (None for any other), `body(message, status)`
+    writes one. Bodies already in it pass as they are; the other error answers on those paths (an API
+    key's 401, a body cap's 413, an unknown route) carry the message the one shape would, in that shape."""
 
     def __init__(self, app, *, log: logging.Logger = logger, pattern_hints: dict[str, str] | None = None,
-                 probes: frozenset[str] = frozenset({"/readyz", "/livez", "/healthz"})) -> None:
+                 probes: frozenset[str] = frozenset({"/readyz", "/livez", "/healthz"}),
+                 own_shapes: dict[str, ErrorShape] | None = None) -> None:
         self.app = app
         self.log = log
         self.pattern_hints = pattern_hints or {}
+        self.own_shapes = own_shapes or {}
         # Probe answers (a 503 `{"status": "loading", "reason": ...}` while the engine loads) are states,
         # not errors: they keep their body and are not logged, polled as they are.
         self.probes = probes
@@ -245,13 +261,21 @@ class ErrorAnswers:
     async def _send_error(self, send, start: dict, body: bytes, scope, method: str, logged: bool = False):
         status = start["status"]
         headers = dict(start.get("headers", []))
-        fixed = normalize_error(status, body, headers.get(b"content-type", b""), self.pattern_hints)
+        path = scope.get("path", "")
+        shape = next((shape for prefix, shape in self.own_shapes.items() if path.startswith(prefix)), None)
+        own = shape.message(body) if shape is not None else None
+        fixed = {"error": own, "kind": kind_for(status)} if own is not None else \
+            normalize_error(status, body, headers.get(b"content-type", b""), self.pattern_hints)
         request_id = headers[_HEADER_KEY].decode()
         if not logged:
             level = logging.INFO if status < 500 else logging.ERROR if status == 500 else logging.WARNING
             self.log.log(level, "request %s: %s %s answered %d (%s): %s", request_id, method,
-                         scope.get("path", ""), status, fixed["kind"], fixed["error"])
-        payload = b"" if method == "HEAD" else json.dumps({**fixed, "request_id": request_id}).encode()
+                         path, status, fixed["kind"], fixed["error"])
+        if shape is None:
+            payload = json.dumps({**fixed, "request_id": request_id}).encode()
+        else:
+            payload = body if own is not None else shape.body(fixed["error"], status)
+        payload = b"" if method == "HEAD" else payload
         out = [(k, v) for k, v in start.get("headers", []) if k.lower() not in (b"content-length", b"content-type")]
         out += [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]
         await send({**start, "headers": out})

@@ -10,15 +10,16 @@ LiteLLM and other OpenAI-compatible clients speak.
   closes the engine's stream: the engine cancels the request and frees its slot.
 - `GET /v1/models`, `GET /v1/models/{id}`: the served models and LoRA adapters (`parent`: their base).
 
-Errors come in OpenAI's shape with the statuses the SDK maps to its exception classes; `OpenAIErrors`
-(an ASGI middleware on the public service) rewrites the errors other layers answer on `/v1` (API key,
-body size, unknown routes) to the same shape. The routes talk to the service instance BentoML runs
-(`bentoml.get_current_service()`): its `engine` (RemoteEngines) and `served_models()`.
+Errors come in OpenAI's shape with the statuses the SDK maps to its exception classes; the errors other
+layers answer on `/v1` (API key, body size, unknown routes) too: the public service's `errors.ErrorAnswers`
+writes them in `openai_format.OpenAIErrorShape`. The routes talk to the service instance BentoML runs
+(`bentoml.get_current_service()`): its `engine` (RemoteEngines), `served_models()`, and `read_picture()`
+and `answer_body()`, which read images and write answers for /segment too (the same checks, limits,
+pixel budget and bytes).
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import logging
@@ -32,19 +33,16 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
-from ..model.bodies import response_body
-from ..model.images import model_input
-from ..model.predictions import Prediction, assemble
+from ..model.predictions import Prediction
 from . import api
 from .bento import EngineItem
-from .metrics import observe_inter_token, observe_stage, observe_time_to_first_token
+from .metrics import observe_inter_token, observe_time_to_first_token
 from .openai_format import (
     ChatRequest,
     OpenAIError,
     chunk,
     completion,
     error_body,
-    error_message,
     logprobs_content,
     model_card,
     model_list,
@@ -55,7 +53,6 @@ from .openai_format import (
 from .settings import Settings
 
 logger = logging.getLogger(__name__)
-PREFIX = "/v1"
 
 
 def error_response(exc: OpenAIError) -> JSONResponse:
@@ -128,18 +125,21 @@ class OpenAIRoutes:
         try:
             try:
                 body = json.loads(await request.body())
-            except ValueError as exc:
-                raise OpenAIError(f"the request body is not valid JSON: {exc}") from exc
+            except json.JSONDecodeError as exc:
+                raise OpenAIError(f"the request body is not valid JSON (line {exc.lineno}, column {exc.colno})") \
+                    from exc
+            except ValueError as exc:  # not UTF-8
+                raise OpenAIError("the request body is not valid JSON (UTF-8 text)") from exc
             chat = parse_chat_request(body, max_tokens_cap=self.settings.max_new_tokens)
             model = await self._served(chat.model)
-            item, original, fmt = await self._engine_item(chat, model)
+            item, size, fmt = await self._engine_item(chat, model)
             if chat.stream:
-                return await self._stream(chat, item, original, fmt, started)
+                return await self._stream(chat, item, size, fmt, started)
             outcome = await self.backend.engine.predict(item)
             if outcome.error:
-                raise api.RequestError(outcome.error, outcome.status)
+                raise api.engine_refusal(outcome.error, outcome.status)
             prediction = Prediction.from_dict(outcome.prediction)
-            segmentation = await self._segmentation(prediction, original, item.model, fmt)
+            segmentation = await self._segmentation(prediction, size, item.model, fmt)
         except OpenAIError as exc:
             return error_response(exc)
         except api.RequestError as exc:
@@ -152,7 +152,8 @@ class OpenAIRoutes:
         ))
 
     async def _engine_item(self, chat: ChatRequest, model: dict):
-        """The request checked as /segment checks it, its image read: (engine item, original image, mask format)."""
+        """The request checked as /segment checks it, its image read: (engine item, the image's (width,
+        height), mask format)."""
         try:
             fmt = api.check_mask_format(chat.mask_format)
         except api.RequestError as exc:
@@ -161,27 +162,20 @@ class OpenAIRoutes:
             parsed = api.check_prompt(chat.prompt, chat.task, self.settings, labels_from_prompt=chat.labels_from_prompt)
         except api.RequestError as exc:
             raise from_request_error(exc, "messages[0].content") from exc
-        start = time.perf_counter()
         try:
-            original = await api.read_image(self.settings, None, chat.image_url, chat.image_base64)
+            picture, width, height, _ = await self.backend.read_picture(
+                model["image_size"], image_url=chat.image_url, image_base64=chat.image_base64)
         except api.RequestError as exc:
             raise from_request_error(exc, "messages[0].content") from exc
-        picture = await asyncio.to_thread(model_input, original, model["image_size"])
-        observe_stage("decode_input", time.perf_counter() - start)
         item = EngineItem(model=model["id"], image=picture, task=parsed.task, classes=list(parsed.classes),
                           labels_from_prompt=parsed.labels_from_prompt, cut_after=chat.max_tokens)
-        return item, original, fmt
+        return item, (width, height), fmt
 
-    @staticmethod
-    async def _segmentation(prediction: Prediction, original, model_id: str, fmt: str) -> dict:
+    async def _segmentation(self, prediction: Prediction, size: tuple[int, int], model_id: str, fmt: str) -> dict:
         """The parsed answer as /segment gives it: masks pasted on the original image, encoded as asked."""
-        result = await asyncio.to_thread(assemble, prediction, original.width, original.height)
-        start = time.perf_counter()
-        body = await asyncio.to_thread(response_body, result, model=model_id, mask_format=fmt)
-        observe_stage("encode", time.perf_counter() - start)
-        return body
+        return await self.backend.answer_body(prediction, *size, model_id=model_id, fmt=fmt)
 
-    async def _stream(self, chat: ChatRequest, item: EngineItem, original, fmt: str, started: float):
+    async def _stream(self, chat: ChatRequest, item: EngineItem, size: tuple[int, int], fmt: str, started: float):
         """The engine's stream, opened and read up to its first event before answering 200: a request the
         engine refuses or sheds is answered with its own status (and Retry-After), not inside a stream."""
         events = self.backend.engine.predict_stream(item)
@@ -192,13 +186,13 @@ class OpenAIRoutes:
             raise
         if "outcome" in first and first["outcome"].error:
             await events.aclose()
-            raise api.RequestError(first["outcome"].error, first["outcome"].status)
-        chunks = self._chunks(chat, item.model, first, events, original, fmt, started)
+            raise api.engine_refusal(first["outcome"].error, first["outcome"].status)
+        chunks = self._chunks(chat, item.model, first, events, size, fmt, started)
         return StreamingResponse(chunks, media_type="text/event-stream",
                                  headers={"cache-control": "no-cache", "x-accel-buffering": "no"})
 
-    async def _chunks(self, chat: ChatRequest, model_id: str, first: dict, events: AsyncIterator[dict], original,
-                      fmt: str, started: float) -> AsyncIterator[str]:
+    async def _chunks(self, chat: ChatRequest, model_id: str, first: dict, events: AsyncIterator[dict],
+                      size: tuple[int, int], fmt: str, started: float) -> AsyncIterator[str]:
         ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         stream = StreamState(chat, started)
 
@@ -217,12 +211,12 @@ class OpenAIRoutes:
                     event = await anext(events)
                 outcome = event["outcome"]
                 if outcome.error:
-                    raise api.RequestError(outcome.error, outcome.status)
+                    raise api.engine_refusal(outcome.error, outcome.status)
                 prediction = Prediction.from_dict(outcome.prediction)
                 rest = stream.rest(prediction)
                 if rest is not None:
                     yield piece({"content": rest[0]}, logprobs=rest[1])
-                segmentation = await self._segmentation(prediction, original, model_id, fmt)
+                segmentation = await self._segmentation(prediction, size, model_id, fmt)
                 yield piece({"segmentation": segmentation}, finish_reason=prediction.finish_reason)
                 if chat.include_usage:
                     yield sse(usage_chunk(ident=ident, created=created, model=model_id,
@@ -277,44 +271,6 @@ class StreamState:
         else:
             observe_inter_token(now - self.last, tokens)
         self.last = now
-
-
-class OpenAIErrors:
-    """ASGI middleware of the public service: on `/v1` paths, an error answered in another shape (the API
-    key check's 401, the body cap's 413, BentoML's own refusals, an unknown route's 404) is rewritten to
-    OpenAI's `{"error": {"message", "type", "param", "code"}}`, status and headers kept. Add it outside
-    (before) the layers whose errors it rewrites."""
-
-    def __init__(self, app, *, prefix: str = PREFIX) -> None:
-        self.app = app
-        self.prefix = prefix
-
-    async def __call__(self, scope, receive, send):
-        path = scope.get("path", "") if scope["type"] == "http" else ""
-        if not (path == self.prefix or path.startswith(self.prefix + "/")):
-            return await self.app(scope, receive, send)
-        held: dict = {}
-
-        async def rewriting(message):
-            if message["type"] == "http.response.start" and message["status"] >= 400:
-                held["start"], held["body"] = message, b""
-                return
-            if message["type"] == "http.response.body" and "start" in held:
-                held["body"] += message.get("body", b"")
-                if message.get("more_body"):
-                    return
-                start, body = held.pop("start"), held.pop("body")
-                text = error_message(body)
-                if text is not None:
-                    body = json.dumps(error_body(text, start["status"])).encode()
-                headers = [(k, v) for k, v in start.get("headers", []) if k not in (b"content-length", b"content-type")]
-                headers += [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-                await send({**start, "headers": headers})
-                await send({"type": "http.response.body", "body": body})
-                return
-            await send(message)
-
-        await self.app(scope, receive, rewriting)
 
 
 def create_app(settings: Settings, backend=None) -> Starlette:

@@ -91,22 +91,21 @@ def is_error_body(data) -> bool:
     return isinstance(data, dict) and isinstance(data.get("error"), dict) and "message" in data["error"]
 
 
-def error_message(body: bytes) -> str | None:
-    """The message of an error body in another shape (`{"error": str}`, `[{"error": str}]`, `{"detail":
-    ...}`, plain text); None for one that is OpenAI's already."""
-    try:
-        data = json.loads(body)
-    except ValueError:
-        return body.decode("utf-8", "replace").strip() or None
-    if is_error_body(data):
-        return None
-    if isinstance(data, dict) and isinstance(data.get("error"), str):
-        return data["error"]
-    if isinstance(data, list) and data and all(isinstance(d, dict) and "error" in d for d in data):
-        return "; ".join(str(d["error"]) for d in data)
-    if isinstance(data, dict) and "detail" in data:
-        return str(data["detail"])
-    return json.dumps(data)
+class OpenAIErrorShape:
+    """OpenAI's error shape for `errors.ErrorAnswers(own_shapes=...)`: the public service's errors on `/v1`."""
+
+    @staticmethod
+    def message(body: bytes) -> str | None:
+        """The message of a body in OpenAI's shape, else None."""
+        try:
+            data = json.loads(body)
+        except ValueError:
+            return None
+        return str(data["error"]["message"]) if is_error_body(data) else None
+
+    @staticmethod
+    def body(message: str, status: int) -> bytes:
+        return json.dumps(error_body(message, status)).encode()
 
 
 # ---- the request ---------------------------------------------------------------------------------------

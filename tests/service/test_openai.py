@@ -91,6 +91,7 @@ def test_a_completion_equals_segment_s_answer(client, server):
     want = segment(server.url, image_base64=image, prompt="cat ; dog")
     [choice] = answer.choices
     assert answer.object == "chat.completion" and answer.model == DEMO_MODEL and answer.id.startswith("chatcmpl-")
+    assert answer._request_id  # the X-Request-ID header every answer carries
     assert choice.message.role == "assistant" and choice.message.content == want["text"]
     assert same_answer(choice.message.segmentation, want) and choice.message.segmentation["objects"]
     assert choice.finish_reason in ("stop", "length")
@@ -188,6 +189,7 @@ def test_each_bad_input_raises_the_sdk_s_own_exception(client, name, kwargs, err
         client.chat.completions.create(stream=stream, **request)
     body = caught.value.body
     assert set(body) == {"message", "type", "param", "code"} and body["param"] == param and body["message"]
+    assert caught.value.request_id  # the server logged the error under it
     if name == "too many pixels":
         assert caught.value.status_code == 413 and body["code"] == "request_too_large"
 

@@ -154,3 +154,33 @@ def test_bentoml_client_error_records_are_dropped_and_server_errors_tagged():
     except KeyError:
         target.error("Exception on %s [%s]", "/segment", "POST", exc_info=True)
     assert len(seen) == 1 and isinstance(seen[0].exc_info[1], KeyError)
+
+
+def test_an_api_with_its_own_error_shape_keeps_it(caplog):
+    """ErrorAnswers(own_shapes=...): the OpenAI-compatible API's error bodies pass as they are (with the id and
+    the log line), other layers' errors on its paths are written in its shape, and elsewhere the one shape."""
+    from segmentation.serving.openai_format import OpenAIErrorShape, error_body
+
+    openai_shaped = json.dumps(error_body("The model 'x' does not exist", 404, param="model")).encode()
+
+    def answered(path: str, body: bytes):
+        sent = []
+
+        async def receive():
+            return {"type": "http.request", "body": b""}
+
+        async def send(message):
+            sent.append(message)
+
+        app = ErrorAnswers(Answer(404, body), own_shapes={"/v1/": OpenAIErrorShape})
+        asyncio.run(app({"type": "http", "path": path, "method": "GET", "headers": []}, receive, send))
+        return dict(sent[0]["headers"]), b"".join(m.get("body", b"") for m in sent[1:])
+
+    with caplog.at_level(logging.INFO, logger="segmentation.requests"):
+        headers, body = answered("/v1/models/x", openai_shaped)
+    assert body == openai_shaped and headers[b"x-request-id"] and headers[b"content-length"] == str(len(body)).encode()
+    assert "The model 'x' does not exist" in caplog.records[-1].getMessage()
+    _, body = answered("/v1/models/x", b'{"error": "plain"}')  # another layer's error on /v1: OpenAI's shape
+    assert json.loads(body) == error_body("plain", 404)
+    _, body = answered("/segment", openai_shaped)
+    assert set(json.loads(body)) == {"error", "detail", "kind", "request_id"}

@@ -9,10 +9,10 @@ import pytest
 
 from segmentation.serving.openai_format import (
     OpenAIError,
+    OpenAIErrorShape,
     chunk,
     completion,
     error_body,
-    error_message,
     logprobs_content,
     model_list,
     parse_chat_request,
@@ -147,9 +147,9 @@ def test_error_bodies(status, kind, code):
                                                               "code": code}}
 
 
-def test_other_error_shapes_are_read():
-    assert error_message(b'{"error": "missing key"}') == "missing key"
-    assert error_message(b'[{"error": "a"}, {"error": "b"}]') == "a; b"
-    assert error_message(b'{"detail": "Not Found"}') == "Not Found"
-    assert error_message(b"Method Not Allowed") == "Method Not Allowed"
-    assert error_message(json.dumps(error_body("fine", 400)).encode()) is None
+def test_the_error_shape_for_the_service_s_error_answers():
+    body = OpenAIErrorShape.body("missing or wrong API key", 401)
+    assert json.loads(body) == error_body("missing or wrong API key", 401)
+    assert OpenAIErrorShape.message(body) == "missing or wrong API key"
+    for other in (b'{"error": "plain"}', b'[{"error": "a"}]', b"Not Found", b'{"error": {"type": "x"}}'):
+        assert OpenAIErrorShape.message(other) is None

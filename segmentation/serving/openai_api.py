@@ -115,8 +115,8 @@ class OpenAIRoutes:
         for model in served:
             if model["id"] == model_id:
                 return model
-        raise OpenAIError(f"The model {model_id!r} does not exist; served: {', '.join(m['id'] for m in served)}",
-                          404, param="model", code="model_not_found")
+        raise OpenAIError(f"The model {api.quoted(model_id)} does not exist; served: "
+                          f"{', '.join(m['id'] for m in served)}", 404, param="model", code="model_not_found")
 
     # ---- chat completions ------------------------------------------------------------------------------
 

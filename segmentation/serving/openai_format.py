@@ -211,7 +211,7 @@ def _read_messages(messages) -> tuple[str, str | None, str | None]:
                 raise OpenAIError("image_url.url must be a data: URL or an http/https URL", param=where)
             images.append(url)
         else:
-            raise OpenAIError(f"content parts may be text or image_url, not {kind!r}", param=where)
+            raise OpenAIError(f"content parts may be text or image_url, not {json.dumps(kind)}", param=where)
     if len(images) != 1:
         what = "no image was sent" if not images else f"{len(images)} images were sent"
         raise OpenAIError(f"{what}; {IMAGE_HELP}", param="messages[0].content")

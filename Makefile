@@ -94,8 +94,10 @@ bench-scheduler: install
 	$(PY) scripts/benchmark.py --start --size medium --compare-schedulers --baseline-ref $(SCHEDULER_BASELINE) --concurrency 1,4,16 --requests 32 \
 		--warmup 8 --rounds 2 --max-new-tokens 100 --out benchmarks-out/scheduler.json --plot benchmarks-out/scheduler.png
 
-# One GPU (under 8 minutes, no network): the 3b-448 fixture, raw generation with and without the fast
-# loop at batch 1/8/16/32, the service at 1/16/64 clients, peak GPU memory.
+# One GPU (under 8 minutes, no network; scripts/bench_gpu.py): the 3b-448 fixture; raw generation at batch
+# 1/8/16/32 with the graph, fast and hf-generate engines beside the floor (the bare static step, captured
+# and replayed), with peak GPU memory; the service at 1/16/64 clients in two phases, the fast engine in
+# adaptive batches and the graph engine with step-level batching, with the GPU memory in use.
 bench-gpu: install
 	$(PY) scripts/bench_gpu.py --out benchmarks-out/gpu.json
 

@@ -68,16 +68,21 @@ def readme_blocks() -> dict[str, str]:
     return blocks
 
 
+def package_copy(source: Path) -> Path:
+    """What the package builds from, copied (so a build leaves nothing in the working tree)."""
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, source / name)
+    shutil.copytree(ROOT / "segmentation", source / "segmentation", ignore=shutil.ignore_patterns("__pycache__"))
+    return source
+
+
 @pytest.fixture(scope="module")
 def client_venv(tmp_path_factory) -> Path:
     """A fresh virtual environment on Python 3.12 with `pip install ".[client]"` of a copy of the
     package (so the build leaves nothing in the working tree)."""
     work = tmp_path_factory.mktemp("client-venv")
-    source = work / "source"
-    source.mkdir()
-    for name in ("pyproject.toml", "README.md"):
-        shutil.copy(ROOT / name, source / name)
-    shutil.copytree(ROOT / "segmentation", source / "segmentation", ignore=shutil.ignore_patterns("__pycache__"))
+    source = package_copy(work / "source")
     venv = work / "venv"
     env = {**os.environ, "PYENV_VERSION": OTHER_PYTHON}
     subprocess.run(["python3.12", "-m", "venv", str(venv)], env=env, check=True)
@@ -109,11 +114,7 @@ def test_editable_install_imports_from_any_folder(client_venv, server, tmp_path)
     environment borrows the client extra's packages from `client_venv` (through a .pth file naming a folder
     of links to them, less the copy of `segmentation` installed there), so only the project itself is
     installed here."""
-    source = tmp_path / "source"
-    source.mkdir()
-    for name in ("pyproject.toml", "README.md"):
-        shutil.copy(ROOT / name, source / name)
-    shutil.copytree(ROOT / "segmentation", source / "segmentation", ignore=shutil.ignore_patterns("__pycache__"))
+    source = package_copy(tmp_path / "source")
     venv = tmp_path / "venv"
     env = {**os.environ, "PYENV_VERSION": OTHER_PYTHON}
     subprocess.run(["python3.12", "-m", "venv", "--without-pip", str(venv)], env=env, check=True)

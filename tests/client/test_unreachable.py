@@ -4,18 +4,16 @@ with a server they run as before, and a client that has reached its server retri
 from __future__ import annotations
 
 import asyncio
-import json
 import socket
 import subprocess
 import sys
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
+from test_client import FlakyServer
 
 from segmentation.client import (
     AsyncRemoteSegmenter,
@@ -94,40 +92,16 @@ def test_first_call_to_a_real_server_answers(server, photos):
     assert (result.width, result.height) == (64, 48)
 
 
-class StubServer:
-    """Answers every POST with `{"text": "stub"}` (what `encoding()` returns as it is) until closed."""
-
-    def __init__(self):
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):  # noqa: N802
-                self.rfile.read(int(self.headers["Content-Length"]))
-                payload = json.dumps({"text": "stub"}).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(payload)))
-                self.end_headers()
-                self.wfile.write(payload)
-
-            def log_message(self, *args):
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
-def test_a_client_that_reached_its_server_retries_lost_connections():
-    stub = StubServer()
-    with RemoteSegmenter(stub.url, retries=2, backoff_s=0.01) as remote:
-        assert remote.encoding(np.ones((4, 4), bool), "box") == {"text": "stub"}
-        stub.close()  # the server goes away (a restart): connections are refused from now on
+def test_a_client_that_reached_its_server_retries_lost_connections(server, photos):
+    relay = FlakyServer(server.url, 503, failures=0)  # passes every request on to the real server
+    with RemoteSegmenter(relay.url, retries=2, backoff_s=0.01) as remote:
+        [result] = remote.segment(photos / "p0.png", "cat")
+        assert (result.width, result.height) == (64, 48)
+        relay.close()  # the server goes away (a restart): connections are refused from now on
         with pytest.raises(ServerUnavailable) as err:
-            remote.encoding(np.ones((4, 4), bool), "box")
+            remote.segment(photos / "p0.png", "cat")
     assert not isinstance(err.value, ServerUnreachable) and "connection failed" in err.value.message
+    assert relay.calls == 1
 
 
 def label(photos: Path, out: Path, url: str) -> subprocess.CompletedProcess:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 import warnings
 
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -45,7 +46,10 @@ def open_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Im
     except ImageError:
         raise
     except Image.DecompressionBombError as exc:  # past twice Pillow's own limit: refused while opening
-        raise ImageTooLarge(f"the image has more than {max_pixels} pixels, the limit") from exc
+        # Pillow's message holds the header's pixel count ("Image size (N pixels) exceeds ..."): say it in ours.
+        found = re.search(r"\((\d+) pixels\)", str(exc))
+        size = f"is {found.group(1)} pixels" if found else f"has more than {max_pixels} pixels"
+        raise ImageTooLarge(f"the image {size}; the limit is {max_pixels}") from exc
     except UnidentifiedImageError as exc:  # its message holds the repr of a BytesIO: not for clients
         raise ImageError(
             f"the data is not a readable image; accepted formats: {', '.join(ACCEPTED_FORMATS)}"

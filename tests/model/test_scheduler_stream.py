@@ -15,10 +15,11 @@ from segmentation.model.graph.decoder import GraphSettings
 from segmentation.model.graph.scheduler import StepScheduler
 from segmentation.model.prompts import parse_prompt
 
-# A request whose answer is long with the tiny fixture (169 tokens: tests/model/test_scheduler.py).
+# A request whose answer is long with the tiny fixture (169 tokens: tests/model/test_scheduler.py's LONG).
 LONG_IMAGE = (93, 70, 13)
-LONG_PROMPT = parse_prompt("car ; bus ; person ; bird", "detect")
+LONG_PROMPT = parse_prompt("the man on the left", "segment")
 LONG_BUDGET = 400
+LONG_TOKENS = 169
 
 
 @pytest.fixture(scope="module")
@@ -40,6 +41,7 @@ def scheduler(engine):
 def alone(engine):
     """The long request's whole answer, generated alone (no scheduler)."""
     [generation] = engine.generate([random_image(*LONG_IMAGE)], [LONG_PROMPT], max_new_tokens=[LONG_BUDGET])
+    assert len(generation.token_ids) == LONG_TOKENS  # long enough for the cuts and groups below to mean something
     return generation
 
 
@@ -64,7 +66,7 @@ def test_a_cut_row_leaves_after_its_cut_with_the_answer_s_beginning(engine, sche
     generation = scheduler.submit(random_image(*LONG_IMAGE), LONG_PROMPT, max_new_tokens=LONG_BUDGET,
                                   cut_after=10).result(timeout=60)
     [job] = scheduler.finished_jobs[before:]
-    assert job.steps < 10 + 3  # it left at its cut (the group of 3 steps it was in), not after 169 steps
+    assert job.steps < 10 + 3  # it left at its cut (the group of 3 steps it was in), not after LONG_TOKENS steps
     assert generation.token_ids == alone.token_ids[:len(generation.token_ids)]
     assert len(generation.token_ids) > 10  # the token after the cut is known: the answer went on
     cut = engine.conclude(generation, budget=LONG_BUDGET, cut_after=10)

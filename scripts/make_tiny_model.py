@@ -89,8 +89,12 @@ def build_tokenizer(word_vocab_size: int = 400):
     return tokenizer
 
 
-def build_paligemma(tokenizer, size: str = "tiny", seed: int = 0, device: str = "cpu"):
-    """A PaliGemma of `size` with random weights, built on `device` (a GPU draws the 3B sizes in seconds)."""
+def build_paligemma(tokenizer, size: str = "tiny", seed: int = 0, device: str = "cpu", dtype=None):
+    """A PaliGemma of `size` with random weights, built on `device` (a GPU draws the 3B sizes in seconds).
+
+    `dtype` (a torch dtype): the weights are drawn in it directly instead of in float32, so a 3B model
+    never holds its float32 copy (14 GB) in memory; the random values then differ from a float32 draw.
+    """
     import torch
     from transformers import PaliGemmaConfig, PaliGemmaForConditionalGeneration
 
@@ -108,8 +112,14 @@ def build_paligemma(tokenizer, size: str = "tiny", seed: int = 0, device: str = 
         hidden_size=spec["text"]["hidden_size"], tie_word_embeddings=False,
     )
     torch.manual_seed(seed)
-    with torch.device(device):
-        model = PaliGemmaForConditionalGeneration(config)
+    default_dtype = torch.get_default_dtype()
+    try:
+        if dtype is not None:
+            torch.set_default_dtype(dtype)
+        with torch.device(device):
+            model = PaliGemmaForConditionalGeneration(config)
+    finally:
+        torch.set_default_dtype(default_dtype)
     # The default init (std 0.02) makes a random model emit one constant token; a wider init makes its
     # output depend on the image and the prompt, which the tests need.
     with torch.no_grad():
@@ -138,12 +148,13 @@ def build_processor(tokenizer, image_size: int):
 
 
 def write_fixtures(out: Path, size: str = "tiny", seed: int = 0, vae: str = "trained", device: str = "cpu",
-                   dtype: str = "float32") -> Path:
+                   dtype: str = "float32", draw_in_dtype: bool = False) -> Path:
     """Write OUT/paligemma (save_pretrained model + processor) and OUT/vae-oid.npz; return OUT.
 
     `vae="trained"`: the VQ-VAE trained on synthetic shapes (scripts/train_vae_fixture.py, cached per
     machine, seed 0 whatever `seed` is, so every fixture shares one training); `"random"`: random weights.
-    `device`: where the weights are drawn; `dtype`: how they are saved (bfloat16 halves a 3B fixture).
+    `device`: where the weights are drawn; `dtype`: how they are saved (bfloat16 halves a 3B fixture);
+    `draw_in_dtype`: drawn in `dtype` too (half the memory of drawing in float32: the 3B sizes on a CPU).
     """
     import torch
 
@@ -152,7 +163,8 @@ def write_fixtures(out: Path, size: str = "tiny", seed: int = 0, vae: str = "tra
 
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer()
-    model = build_paligemma(tokenizer, size=size, seed=seed, device=device).to(getattr(torch, dtype))
+    model = build_paligemma(tokenizer, size=size, seed=seed, device=device,
+                            dtype=getattr(torch, dtype) if draw_in_dtype else None).to(getattr(torch, dtype))
     processor = build_processor(tokenizer, SIZES[size]["image_size"])
     model.save_pretrained(out / "paligemma")
     processor.save_pretrained(out / "paligemma")
@@ -190,6 +202,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True, help="output directory")
     parser.add_argument("--size", choices=sorted(SIZES), default="tiny")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="weights drawn and saved in this dtype (bfloat16: half the memory and disk, "
+                             "e.g. 7 GB instead of 14 GB for the 3B sizes)")
     parser.add_argument("--vae", choices=("trained", "random"), default="trained",
                         help="the mask VAE: trained on synthetic shapes (cached; default) or random weights")
     args = parser.parse_args(argv)
@@ -205,7 +220,8 @@ def main(argv: list[str] | None = None) -> int:
             trained_vae_npz(0, log=bar)
         finally:
             bar.close()
-    write_fixtures(args.out, size=args.size, seed=args.seed, vae=args.vae)
+    write_fixtures(args.out, size=args.size, seed=args.seed, vae=args.vae, dtype=args.dtype,
+                   draw_in_dtype=args.dtype != "float32")
     print(f"wrote {args.out}/paligemma and {args.out}/vae-oid.npz ({args.size}) "
           f"in {time.perf_counter() - start:.1f}s")
     return 0

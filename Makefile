@@ -11,7 +11,7 @@ FIXTURES ?= .fixtures/tiny
 PORT ?= 3000
 export BENTOML_HOME ?= $(CURDIR)/.bentoml
 
-.PHONY: install install-dev test test-slow bench lint fixtures import-demo demo serve build clean system-tools image-tools image image-test bench-engine bench-gpu bench-scheduler gpu-check
+.PHONY: install install-dev test test-slow bench lint fixtures import-demo demo serve build clean system-tools image-tools image image-test bench-engine bench-gpu bench-cpu bench-scheduler gpu-check
 
 # The demo serves a random-weight model with the real architecture under this id.
 DEMO_MODEL := demo/paligemma2-tiny-random
@@ -118,6 +118,14 @@ bench-scheduler: install-dev
 # adaptive batches and the graph engine with step-level batching, with the GPU memory in use.
 bench-gpu: install
 	$(PY) scripts/bench_gpu.py --out benchmarks-out/gpu.json
+
+# Real size on the CPU (scripts/bench_cpu.py; docs/benchmarks.md "Real size on the CPU"): the 3b-224
+# fixture written once in bfloat16 (105 s and 7.6 GB of memory the first time, cached in .fixtures/bench),
+# float32 against bfloat16 prefill and decode steps, one request profiled by stage, the service at 1 client.
+# Needs about 17 GB of memory; one round took about 25 minutes on 2 shared cores.
+bench-cpu: install-dev
+	$(PY) scripts/bench_cpu.py --rounds 1 --batches 1,4 --clients 1 --requests 2 --service-dtypes float32 \
+		--out benchmarks-out/cpu-3b-224.json
 
 # Prove the engine on a CUDA GPU in minutes (scripts/gpu_check.py; README "GPU check"). No `install`: the
 # GPU host is offline and brings its own torch; .gpu/run.sh (made by ../shared/gpu/prepare.sh) adds the rest.

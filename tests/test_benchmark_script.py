@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -172,3 +174,36 @@ def test_original_service_sees_our_fixture_as_a_hub_cache_entry(tiny_fixtures, t
     config = json.loads(next((tmp_path / "models" / "huggingface").glob("*/snapshots/*/tokenizer_config.json"))
                         .read_text())
     assert config["extra_special_tokens"] == {"image_token": "<image>"}
+
+
+@pytest.mark.slow  # five processes, a server among them: about 2 minutes on 2 cores
+def test_bench_cpu_runs_tiny_and_caches_its_fixture(tmp_path):
+    """scripts/bench_cpu.py end to end at the tiny size (the real run is make bench-cpu): both dtypes' raw
+    figures, the profiled request's stages, the service at 1 client; the fixture written once with how long
+    its first write took, then reused."""
+    out, cache = tmp_path / "cpu.json", tmp_path / "cache"
+    command = [sys.executable, str(ROOT / "scripts" / "bench_cpu.py"), "--size", "tiny", "--tokens", "24",
+               "--batches", "1,2", "--rounds", "1", "--clients", "1", "--requests", "1", "--service-dtypes", "float32",
+               "--profile-dtype", "float32", "--cache-dir", str(cache), "--out", str(out)]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    report = json.loads(out.read_text())
+    first = report["fixture"]
+    assert first["first_write_s"] == first["seconds_now"] > 0 and first["peak_rss_gib"] > 0
+    for dtype in ("float32", "bfloat16"):
+        raw = report["raw"][dtype]
+        assert [s["batch"] for s in raw["steps"]] == [1, 2] and all(s["ms"] > 0 for s in raw["steps"])
+        assert raw["prefill_per_row"] == (dtype == "bfloat16")  # bfloat16 on the CPU: rows isolated
+        assert raw["loadavg"] and raw["cpu"]["native_bfloat16"] in (True, False)
+    profile = report["profile"]
+    assert profile["dtype"] == "float32" and 0 <= profile["outside_model_share"] < 1
+    assert abs(sum(profile["shares"].values()) - 1) < 1e-3
+    [level] = report["service"]["float32"]["levels"]
+    assert level["ok"] == 1 and level["cores_used"] > 0
+    [models] = report["service"]["float32"]["models"]
+    assert models["dtype"] == "float32" and "cpu" in models
+    command[command.index("--service-dtypes") + 1] = ""
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    again = json.loads(out.read_text())["fixture"]
+    assert again["seconds_now"] == 0 and again["first_write_s"] == first["first_write_s"]  # cached

@@ -25,6 +25,7 @@ import torch
 from PIL import Image
 
 from . import invariant
+from .cpu import cpu_info, describe_cpu
 from .fastgen import greedy_decode, grouped_attention_in
 from .grammar import ObjectGrammar, RowSpec, Vocabulary
 from .graph.decoder import STEP_PATHS, GraphCaptureError, GraphSettings, StaticDecoder
@@ -64,6 +65,22 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def auto_dtype(device: str, generation: str, info: dict | None = None) -> tuple[torch.dtype, str]:
+    """What `dtype="auto"` loads, and why in words: bfloat16 on a GPU; on a CPU bfloat16 only where it is
+    native (AMX or AVX-512 BF16: cpu.py) and the graph engine can keep batched ≡ solo in it (it isolates
+    rows, see `PaliGemmaEngine.isolate_rows`), else float32."""
+    if not device.startswith("cpu"):
+        return torch.bfloat16, "auto: bfloat16 on a GPU"
+    info = info or cpu_info()
+    if not info["native_bfloat16"]:
+        return torch.float32, (f"auto: float32, this CPU has no native bfloat16 ({info['capability']}; "
+                               f"bfloat16 would run PyTorch's reference kernels, slower than float32)")
+    if generation != "graph":
+        return torch.float32, (f"auto: float32, the {generation} engine cannot keep batched ≡ solo in bfloat16 "
+                               f"(the graph engine can)")
+    return torch.bfloat16, f"auto: bfloat16, native on this CPU ({info['via']})"
+
+
 class PaliGemmaEngine:
     """A loaded PaliGemma model and processor that turn images and prompts into object text."""
 
@@ -99,6 +116,12 @@ class PaliGemmaEngine:
         self.vocab = Vocabulary(self.tokenizer, width).to(self.device)
         self.adapters: dict[str, str] = {}  # adapter id -> PEFT adapter name (see attach_adapters)
         self.graph_settings = graph or GraphSettings()
+        # Why the weights have their dtype (from_pretrained says; /models shows it).
+        self.dtype_reason = f"{str(self.model.dtype).removeprefix('torch.')} as given"
+        # On the CPU: how the graph engine keeps rows apart ("any batch": each row prefilled alone; "fixed
+        # batch": that and every step computing all slots), or None; and the start-up check that chose it.
+        self.row_isolation: str | None = None
+        self.row_check: dict | None = None
         # Batch-invariant arithmetic (invariant/, on CUDA) and, for the graph engine, one padded prompt
         # length for every row: a row's arithmetic is then the same in every batch and bucket.
         self.batch_invariant = batch_invariant
@@ -121,8 +144,10 @@ class PaliGemmaEngine:
     ) -> PaliGemmaEngine:
         """Load from a local directory written by `save_pretrained` (never from the hub).
 
-        bfloat16 on a GPU, float32 on the CPU unless `dtype` (a torch dtype, or `"auto"`, `"float32"`,
-        `"bfloat16"`) says otherwise. `kwargs` go to the constructor.
+        `dtype`: a torch dtype, `"float32"`, `"bfloat16"` or `"auto"`/None (`auto_dtype`: bfloat16 on a GPU,
+        and on a CPU with native bfloat16 for the graph engine, float32 otherwise). On a CPU whose start-up
+        check finds that rows cannot be kept apart in bfloat16 (`isolate_rows`), `auto` falls back to
+        float32. `kwargs` go to the constructor.
         """
         from transformers import PaliGemmaForConditionalGeneration, PaliGemmaProcessor
 
@@ -132,14 +157,34 @@ class PaliGemmaEngine:
         device = device or default_device()
         if isinstance(dtype, str):
             dtype = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
-        dtype = dtype or (torch.bfloat16 if device.startswith("cuda") else torch.float32)
+        auto = dtype is None
+        if device.startswith("cpu"):
+            logger.info(describe_cpu())
+        if auto:
+            dtype, reason = auto_dtype(device, kwargs.get("generation", "fast"))
+        else:
+            reason = f"{str(dtype).removeprefix('torch.')}, as asked"
         start = time.perf_counter()
         processor = PaliGemmaProcessor.from_pretrained(model_dir, local_files_only=True)
         model = PaliGemmaForConditionalGeneration.from_pretrained(
             model_dir, dtype=dtype, local_files_only=True
         ).to(device)
         logger.info("loaded %s on %s (%s) in %.1fs", model_dir, device, dtype, time.perf_counter() - start)
-        return cls(model, processor, **kwargs)
+        engine = cls(model, processor, **kwargs)
+        engine.dtype_reason = reason
+        if engine.isolate_rows:
+            # Built now: the start-up check of this CPU's arithmetic (row_isolation) is then logged and in
+            # /models from the start, and `auto` can still fall back.
+            engine.decoder  # noqa: B018
+            if auto and engine.row_isolation is None:
+                logger.warning("bfloat16 cannot keep batched ≡ solo on this CPU (start-up check %s): float32",
+                               engine.row_check)
+                engine.model.to(torch.float32)
+                engine._decoder = None
+                engine.dtype_reason = ("auto: float32, this CPU's bfloat16 kernels compute a row differently "
+                                       "alone and in a batch (start-up check)")
+        logger.info("dtype %s", engine.dtype_reason)
+        return engine
 
     def attach_adapters(self, adapters: dict[str, str | Path]) -> None:
         """Load LoRA adapters (adapter id -> directory) unmerged beside the base model, once.
@@ -213,9 +258,44 @@ class PaliGemmaEngine:
         """Image tokens plus the prompt tokens the graph engine's cache holds (GraphSettings.prompt_tokens)."""
         return int(self.processor.image_seq_length) + self.graph_settings.prompt_tokens
 
+    @property
+    def isolate_rows(self) -> bool:
+        """Whether the graph engine keeps rows apart on this CPU (`row_isolation`): in bfloat16, where a
+        rounding that differs in the last bit of one activation changes later tokens (measured on the
+        medium fixture: 7 of 8 rows equal alone without it, 8 of 8 bit for bit with it), and in float32
+        when batch-invariant answers are asked for (`batch_invariant`: the same bits in any batch)."""
+        return (self.device.type == "cpu" and self.generation == "graph"
+                and (self.batch_invariant or self.model.dtype == torch.bfloat16))
+
     def invariance(self) -> str:
         """Where this engine's batched answers equal solo answers, in one sentence (README, /models)."""
-        return invariant.describe(self.device, self.model.dtype)
+        dtype = str(self.model.dtype).removeprefix("torch.")
+        if self.device.type != "cpu" or not (self.isolate_rows or self.model.dtype != torch.float32):
+            return invariant.describe(self.device, self.model.dtype)
+        if self.isolate_rows and self._decoder is None:
+            return f"batched ≡ solo on cpu in {dtype}: rows are isolated once the engine has started (check pending)"
+        if self.row_isolation == "any batch":
+            return (f"batched ≡ solo bit for bit on cpu in {dtype}: each request is prefilled alone, and this CPU's "
+                    f"kernels compute a decode-step row the same at any batch size (checked at start)")
+        if self.row_isolation == "fixed batch":
+            return (f"batched ≡ solo bit for bit on cpu in {dtype}: each request is prefilled alone and every "
+                    f"decode step computes all {self._decoder.slots} slots over the whole cache, and this CPU's "
+                    f"kernels compute a row the same in any slot (checked at start)")
+        why = ("only the graph engine isolates rows" if self.generation != "graph" else
+               "this CPU's kernels compute a row differently alone and in a batch (start-up check)")
+        return f"batched ≡ solo not guaranteed on cpu in {dtype}: {why}"
+
+    def describe(self) -> dict:
+        """What /models shows of this engine: device, dtype and why, where batched ≡ solo holds, its decode
+        graphs, and on a CPU the processor (native bfloat16 or not)."""
+        described = {"device": str(self.device), "dtype": str(self.model.dtype).removeprefix("torch."),
+                     "dtype_reason": self.dtype_reason, "batched_equals_solo": self.invariance(),
+                     "graphs": self.graph_status()}
+        if self.device.type == "cpu":
+            info = cpu_info()
+            described["cpu"] = {key: info[key] for key in ("model", "capability", "native_bfloat16", "via")}
+            described["cpu"]["row_isolation"] = self.row_isolation
+        return described
 
     @property
     def decoder(self) -> StaticDecoder:
@@ -235,8 +315,10 @@ class PaliGemmaEngine:
                 use_graphs=True if settings.require else settings.use_graphs, compile=settings.compile,
             )
             self._decoder.on_steps = self._count_steps
-            if self.batch_invariant:
+            if self.batch_invariant and self.device.type != "cpu":
                 self._decoder.fixed_span = True  # every step attends over the whole cache
+            if self.isolate_rows:
+                self._isolate_rows()
             logger.info("graph engine: %d slots x %d cache positions, buckets %s, %.1f MiB of buffers reserved",
                         self._decoder.slots, self._decoder.length, self._decoder.buckets,
                         self._decoder.reserved_bytes() / 2**20)
@@ -245,6 +327,22 @@ class PaliGemmaEngine:
             logger.info("batch-invariant mode changed: capturing the decode graphs again")
             self._capture()
         return self._decoder
+
+    def _isolate_rows(self) -> None:
+        """Check this CPU's arithmetic (`StaticDecoder.row_arithmetic`) and isolate rows the cheapest way
+        that it shows to hold: each row prefilled alone, and, unless the kernels compute a row the same
+        at any batch size, every step computing all slots."""
+        decoder = self._decoder
+        start = time.perf_counter()
+        self.row_check = decoder.row_arithmetic()
+        if self.row_check["any_batch"]:
+            self.row_isolation = "any batch"
+        elif self.row_check["fixed_batch"]:
+            self.row_isolation = "fixed batch"
+        if self.row_isolation is not None:
+            decoder.isolate_rows(fixed_batch=self.row_isolation == "fixed batch")
+        logger.info("row isolation on cpu in %s: %s (check %s in %.1fs)", self.model.dtype, self.row_isolation,
+                    self.row_check, time.perf_counter() - start)
 
     def _capture(self) -> None:
         decoder = self._decoder
@@ -291,8 +389,12 @@ class PaliGemmaEngine:
     def _graph_decode(self, inputs, rows: list[RowSpec], forward_kwargs: dict):
         names = forward_kwargs.get("adapter_names")
         context, graphs = self.graph_context(names)
+
+        def row_context(row: int):  # one row prefilled alone (row isolation): its own adapter
+            return self.graph_context(None if names is None else names[row:row + 1])[0](1)
+
         return self.decoder.decode(inputs, rows, share_images=self.share_images and names is None, context=context,
-                                   graphs=graphs)
+                                   graphs=graphs, row_context=row_context)
 
     def graph_context(self, adapter_names: list[str] | None):
         """How the graph engine runs rows with these PEFT adapter names (None: no adapters attached):
@@ -318,8 +420,9 @@ class PaliGemmaEngine:
         pictures = [model_input(image, self.image_size) for image in images]
         texts = ["<image>" + p.text for p in prompts]
         padding = {"padding": "longest"}
-        if self.batch_invariant and self.generation == "graph":
+        if self.batch_invariant and self.generation == "graph" and self.device.type != "cpu":
             # Every prompt padded to the length the graph engine's cache holds (longer ones run as they are).
+            # (On the CPU each row is prefilled alone instead: `isolate_rows`.)
             padding = {"padding": "max_length", "max_length": self.fixed_prompt_length}
         with self._tokenizer_lock:
             inputs = self.processor(images=pictures, text=texts, return_tensors="pt", **padding)

@@ -111,12 +111,13 @@ class ModelPool:
         return next(iter(self.engines))
 
     def describe(self) -> list[dict]:
-        """The served models (id, input size, default, where batched answers equal solo ones, whether
-        their decode steps replay CUDA graphs and for which buckets), then the LoRA adapters with their base
-        (their rows step eagerly through PEFT's hooks: no graphs)."""
+        """The served models (id, input size, default, then `PaliGemmaEngine.describe()`: device, dtype and
+        why, where batched answers equal solo ones, whether their decode steps replay CUDA graphs and for
+        which buckets, and on a CPU its facts: native bfloat16 or not and row isolation), then the LoRA
+        adapters with their base (their rows step eagerly through PEFT's hooks: no graphs)."""
         models = [
             {"id": model_id, "image_size": engine.image_size, "default": model_id == self.default_model,
-             "batched_equals_solo": engine.invariance(), "graphs": engine.graph_status()}
+             **engine.describe()}
             for model_id, engine in self.engines.items()
         ]
         adapters = [

@@ -55,8 +55,10 @@ ENV_DOCS: dict[str, tuple[str, str]] = {
                                      "answer is the same bits in any batch; opt-in (H200: decode step x1.0 at 16 "
                                      "rows, x1.29 alone) (docs/batch-invariance.md)"),
     "SEG_SHARE_IMAGES": ("true", "run the vision tower once per distinct picture of a batch (`fast` engine)"),
-    "SEG_DTYPE": ("auto", "model weights: `auto` (bfloat16 on GPUs, float32 on CPUs), `float32`, or "
-                          "`bfloat16` (faster on CPUs with native bfloat16, but different answers)"),
+    "SEG_DTYPE": ("auto", "model weights: `auto` (bfloat16 on GPUs; on CPUs bfloat16 only with native bfloat16, AMX "
+                          "or AVX-512 BF16, where the graph engine keeps batched ≡ solo; float32 elsewhere), "
+                          "`float32`, or `bfloat16` (different answers from float32; slower on CPUs without native "
+                          "bfloat16) (/models says which and why)"),
     "SEG_MAX_IMAGE_BYTES": (str(20 * 1024 * 1024), "largest accepted image upload or download, bytes"),
     "SEG_MAX_PIXELS": ("40000000", "largest accepted image, pixels (decompression-bomb guard)"),
     "SEG_MAX_PROMPT_CHARS": ("1000", "longest accepted prompt"),

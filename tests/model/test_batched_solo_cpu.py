@@ -32,10 +32,15 @@ def test_a_cpu_matmul_row_is_not_the_same_bits_alone_and_in_a_batch():
         pytest.skip("this CPU's kernels compute a row the same alone and batched: scores may be exact here")
 
 
-@pytest.mark.parametrize("generation", ["fast", "graph"])
-def test_batched_tokens_equal_solo_and_scores_agree_within_the_stated_tolerance(tiny_fixtures, generation):
-    engine = PaliGemmaEngine.from_pretrained(tiny_fixtures / "paligemma", generation=generation,
+@pytest.mark.parametrize(("generation", "dtype"), [("fast", "float32"), ("graph", "float32"), ("graph", "bfloat16")])
+def test_batched_tokens_equal_solo_and_scores_agree_within_the_stated_tolerance(tiny_fixtures, generation, dtype):
+    """float32 (the CPU's `auto` without native bfloat16): the same tokens, scores within the tolerance.
+    bfloat16 (SEG_DTYPE=bfloat16, or `auto` on a CPU with native bfloat16): the graph engine isolates rows
+    (tests/model/test_row_isolation_cpu.py), so log-probabilities and scores are the same bits too."""
+    engine = PaliGemmaEngine.from_pretrained(tiny_fixtures / "paligemma", generation=generation, dtype=dtype,
                                              graph=GraphSettings(buckets=(1, 2, 4)))
+    exact = dtype == "bfloat16"
+    assert engine.isolate_rows == exact
     images = [random_image(80 + i, 70, i) for i in range(4)]
     prompts = [parse_prompt(text) for text in ("cat", "dog ; cat", "the man on the left", "bird")]
     together = parse_generations(engine, images, prompts)
@@ -49,4 +54,6 @@ def test_batched_tokens_equal_solo_and_scores_agree_within_the_stated_tolerance(
                                                                            solo.generation.token_logprobs)])
         worst_score = max([worst_score] + [abs(a - b) for a, b in zip(batched.scores, solo.scores)])
     assert sum(len(p.objects) for p in together) >= 3  # scores were compared
+    if exact:
+        assert worst_logprob == worst_score == 0.0, (worst_logprob, worst_score)
     assert worst_logprob <= LOGPROB_TOLERANCE and worst_score <= SCORE_TOLERANCE, (worst_logprob, worst_score)

@@ -197,3 +197,37 @@ def test_rows_move_down_into_freed_slots(engine, solo):
         assert (4, 4) in seen and any(rows in (2, 3) for rows, _ in seen[seen.index((4, 4)):])
     finally:
         scheduler.close()
+
+
+@pytest.mark.parametrize("fixed_batch", [False, True], ids=["this CPU's arrangement", "fixed batch"])
+def test_isolated_bfloat16_rows_that_join_and_leave_are_the_same_bits_as_alone(tiny_fixtures, fixed_batch, monkeypatch):
+    """SEG_DTYPE=bfloat16 on the CPU (rows isolated: tests/model/test_row_isolation_cpu.py): running batches
+    of 1 to 8 rows, rows joining mid-way and leaving early, answer bit for bit as each request alone, with
+    either arrangement (`fixed batch` forced: what a CPU whose kernels depend on the batch size runs)."""
+    if fixed_batch:
+        from segmentation.model.graph.decoder import StaticDecoder
+
+        real = StaticDecoder.row_arithmetic
+        monkeypatch.setattr(StaticDecoder, "row_arithmetic",
+                            lambda self, seed=0: {**real(self, seed), "any_batch": False, "fixed_batch": True})
+    engine = PaliGemmaEngine.from_pretrained(tiny_fixtures / "paligemma", generation="graph", dtype="bfloat16",
+                                             graph=GraphSettings(buckets=(1, 2, 4, 8), sync_every=2),
+                                             max_new_tokens=48)
+    assert engine.row_isolation == "fixed batch" if fixed_batch else engine.row_isolation is not None
+    budgets = [40, 12, 30, 8, 24, 36, 16, 28, 20, 44]
+    requests = [(random_image(80 + i, 70, i), parse_prompt(*PROMPTS[i % len(PROMPTS)])) for i in range(len(budgets))]
+    alone = [engine.generate([image], [prompt], max_new_tokens=[budget])[0]
+             for (image, prompt), budget in zip(requests, budgets)]
+    scheduler = StepScheduler(engine)
+    try:
+        futures = [scheduler.submit(image, prompt, max_new_tokens=budget) for (image, prompt), budget
+                   in zip(requests[:2], budgets)]
+        wait_until(lambda: scheduler.stats.steps >= 2)
+        for (image, prompt), budget in zip(requests[2:], budgets[2:]):
+            futures.append(scheduler.submit(image, prompt, max_new_tokens=budget))
+        for future, want in zip(futures, alone):
+            got = future.result(timeout=120)
+            assert got.token_ids == want.token_ids and got.token_logprobs == want.token_logprobs
+        assert scheduler.slots == 8 and scheduler.stats.admitted > scheduler.slots  # some joined after others left
+    finally:
+        scheduler.close()

@@ -130,7 +130,11 @@ def test_sync_client_every_api(server, images):
         [served] = listed["models"]
         assert served.pop("batched_equals_solo").startswith("batched ≡ solo on cpu")
         assert served.pop("graphs")["captured"] is False  # a CPU: no CUDA graphs (tests/service/test_engine_paths.py)
-        assert served == {"id": DEMO_MODEL, "image_size": 224, "default": True}
+        cpu = served.pop("cpu")  # this CPU's facts (segmentation/model/cpu.py): whatever the machine, all said
+        assert set(cpu) == {"model", "capability", "native_bfloat16", "via", "row_isolation"}
+        assert served.pop("dtype_reason").startswith("auto: ")
+        assert served == {"id": DEMO_MODEL, "image_size": 224, "default": True, "device": "cpu",
+                          "dtype": "bfloat16" if cpu["native_bfloat16"] else "float32"}
         batch = client.segment_batch(requests=[
             {"image_base64": b64(images[0]), "prompt": "cat"},
             {"image_base64": "not base64!", "prompt": "cat"},

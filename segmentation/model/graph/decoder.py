@@ -96,6 +96,16 @@ class Decoded:
     token_logprobs: list[float]
 
 
+def one_row(inputs: dict[str, torch.Tensor], row: int) -> dict[str, torch.Tensor]:
+    """Row `row` of the processor's left-padded batch as the processor makes it alone: its padding cut
+    off, its own picture."""
+    length = int(inputs["attention_mask"][row].sum())
+    alone = {name: inputs[name][row:row + 1, inputs[name].shape[1] - length:]
+             for name in ("input_ids", "attention_mask", "token_type_ids")}
+    alone["pixel_values"] = inputs["pixel_values"][row:row + 1]
+    return alone
+
+
 def _view(obj, rows: slice):
     return type(obj)(**{name: value[rows] for name, value in vars(obj).items()})
 
@@ -157,6 +167,12 @@ class StaticDecoder:
         # cache. An eager step (the CPU) may attend over the part a generation can reach (`fit_span`).
         self.span = length
         self.fixed_span = self.use_graphs or compile
+        # Row isolation on the CPU (engine.py decides, `isolate_rows`): every prompt prefilled alone at
+        # its own length (`per_row_prefill`: its shapes then never depend on who is admitted with it), and
+        # with `fixed_batch` every step computing all `slots` rows over the whole cache (its shapes then
+        # never depend on who shares the running batch either).
+        self.per_row_prefill = False
+        self.fixed_batch = False
         with torch.inference_mode():
             self._allocate(text)
         self._step_fn = torch.compile(self._step, fullgraph=True, dynamic=False) if compile else self._step
@@ -254,10 +270,85 @@ class StaticDecoder:
         self.write_index[rows].copy_((self.write_index[rows] + 1).clamp(max=self.span - 1))
 
     def batch_for(self, rows: int) -> int:
-        """The batch a step for the first `rows` slots runs: the smallest bucket that holds them where the
-        shape must be one of a few (CUDA graphs, torch.compile); exactly `rows` for an eager step, where
-        every idle row would be computed for nothing (on a CPU that costs as much as a real row)."""
+        """The batch a step for the first `rows` slots runs: every slot with `fixed_batch`; the smallest
+        bucket that holds them where the shape must be one of a few (CUDA graphs, torch.compile); exactly
+        `rows` for an eager step, where every idle row would be computed for nothing (on a CPU that costs
+        as much as a real row)."""
+        if self.fixed_batch:
+            return self.slots
         return bucket_for(rows, self.buckets) if self.fixed_span else min(rows, self.slots)
+
+    def isolate_rows(self, *, fixed_batch: bool) -> None:
+        """Prefill every row alone from now on, and with `fixed_batch` step all slots over the whole cache
+        (see `row_arithmetic` for when each is needed)."""
+        self.per_row_prefill = True
+        self.fixed_batch = fixed_batch
+        if fixed_batch:
+            self.fixed_span, self.span = True, self.length
+
+    @torch.inference_mode()
+    def row_arithmetic(self, seed: int = 0) -> dict[str, bool | None]:
+        """Whether this machine's kernels compute a decode-step row the same bits whoever shares the step.
+
+        One random row (its token, position and cached keys and values) is stepped alone and among
+        random other rows, and its float32 logits compared bit for bit:
+
+        - `any_batch`: alone (a 1-row step, slot 0, the cache span it needs) against steps of 1, 2, 3,
+          4, 8, 16… up to `slots` rows, the row in the highest one, over a longer span. Holds where a
+          kernel sums each output the same way whatever the number of rows (measured: PyTorch's
+          bfloat16 kernels on an AVX2 CPU); then prefilling each row alone is enough.
+        - `fixed_batch` (tested only where `any_batch` fails, else None): all-slots steps over the whole
+          cache, the row in slot 0 against the highest slot. Holds where a kernel's summation depends on
+          the call's shape but not on a row's place in it (measured: MKL's float32 sgemm here); then
+          steps of a fixed row count isolate rows.
+
+        Kernels do not branch on values, so a random row tests the arithmetic itself. Leaves every slot
+        reset (the cache holds noise, which idle rows may read: finite values).
+        """
+        text = self.text_config
+        generator = torch.Generator().manual_seed(seed)
+
+        def noise(*shape):
+            return torch.randn(*shape, generator=generator).to(self.dtype).to(self.device)
+
+        def randint(high, count):
+            return torch.randint(0, high, (count,), generator=generator).to(self.device)
+
+        caches = (*self.keys, *self.values)
+        probe_caches = [noise(*cache.shape[1:]) for cache in caches]
+        write = self.length // 2
+        probe = {"token": int(randint(text.vocab_size, 1)), "position": write + 1, "write_index": write, "start": 0}
+
+        def logits(slot: int, batch: int, span: int) -> torch.Tensor:
+            for cache, mine in zip(caches, probe_caches):
+                cache[slot] = mine
+            for name, value in probe.items():
+                getattr(self, name)[slot] = value
+            self.span = span
+            return self._forward(batch)[slot].clone()
+
+        span = self.span
+        try:
+            for cache in caches:  # the other rows: random caches, tokens and positions
+                cache.copy_(noise(*cache.shape))
+            self.token.copy_(randint(text.vocab_size, self.slots))
+            self.write_index.copy_(randint(write, self.slots))
+            self.position.copy_(self.write_index + 1)
+            self.start.zero_()
+            fitted = min(self.length, -(-(write + 1) // 64) * 64)
+            alone = logits(0, 1, fitted)
+            sizes = sorted({b for b in (1, 2, 3, self.slots - 1, self.slots, *(2**i for i in range(10)))
+                            if 1 <= b <= self.slots})
+            longer = min(self.length, fitted + 64)
+            any_batch = all(torch.equal(alone, logits(b - 1, b, longer)) for b in sizes)
+            fixed_batch = None
+            if not any_batch:
+                first = logits(0, self.slots, self.length)
+                fixed_batch = torch.equal(first, logits(self.slots - 1, self.slots, self.length))
+        finally:
+            self.span = span
+            self.reset()
+        return {"any_batch": any_batch, "fixed_batch": fixed_batch}
 
     def fit_span(self, positions: int) -> None:
         """Let eager steps attend over the first `positions` cache positions only (rounded up to 64; the
@@ -443,9 +534,11 @@ class StaticDecoder:
 
     @torch.inference_mode()
     def decode(self, inputs: dict[str, torch.Tensor], specs: list[RowSpec], *, share_images: bool = True,
-               forward_kwargs: dict | None = None, context=None, graphs: bool = True) -> list[Decoded]:
+               forward_kwargs: dict | None = None, context=None, graphs: bool = True,
+               row_context=None) -> list[Decoded]:
         """Greedy generation of a whole batch (as `fastgen.greedy_decode`, the same tokens): prefill into
-        slots 0..n-1, then steps of `batch_for(n)` rows (a bucket, or n for eager steps) until every row is finished
+        slots 0..n-1 (each row alone with `per_row_prefill`, inside `row_context(i)`), then steps of
+        `batch_for(n)` rows (a bucket, n for eager steps, or every slot) until every row is finished
         (checked every `sync_every` steps) or the longest budget is spent.
 
         `context(rows)` wraps the prefill (n rows) and the steps (bucket rows): PEFT's per-row adapter
@@ -459,9 +552,17 @@ class StaticDecoder:
         self.fit_span(inputs["input_ids"].shape[1] + steps)
         context = context or (lambda rows: contextlib.nullcontext())
         started = time.perf_counter()
-        with context(count):
-            self.prefill(list(range(count)), inputs, specs, share_images=share_images,
-                         forward_kwargs=forward_kwargs)
+        if self.per_row_prefill and count > 1:
+            # `row_context(i)`: row i's own adapter hooks (PEFT's per-row hooks need one name per row).
+            row_context = row_context or (lambda row: context(1))
+            for row in range(count):
+                with row_context(row):
+                    self.prefill([row], one_row(inputs, row), [specs[row]], share_images=False,
+                                 forward_kwargs=forward_kwargs)
+        else:
+            with context(count):
+                self.prefill(list(range(count)), inputs, specs, share_images=share_images,
+                             forward_kwargs=forward_kwargs)
         self._synchronize()
         prefilled = time.perf_counter()
         with context(batch):

@@ -283,6 +283,21 @@ class StepScheduler:
         jobs = [job for job in jobs if not job.future.cancelled()]
         if not jobs:
             return
+        if self.decoder.per_row_prefill and len(jobs) > 1:
+            # Row isolation (the CPU): every request is prefilled alone, so its prompt's shapes never
+            # depend on who is admitted with it; each fails alone too.
+            for index, job in enumerate(jobs):
+                try:
+                    self._prefill([job], [slot for slot, occupant in enumerate(self._slots) if occupant is None])
+                except Exception as exc:
+                    if is_device_failure(exc):
+                        for waiting in jobs[index:]:
+                            _fail(waiting.future, exc)
+                        raise
+                    logger.exception("admitting a request failed")
+                    _fail(job.future, exc)
+                    self.stats.failed += 1
+            return
         try:
             self._prefill(jobs, free)
         except Exception as exc:

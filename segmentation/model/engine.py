@@ -29,6 +29,7 @@ from .fastgen import greedy_decode, grouped_attention_in
 from .grammar import ObjectGrammar, RowSpec, Vocabulary
 from .graph.decoder import STEP_PATHS, GraphCaptureError, GraphSettings, StaticDecoder
 from .graph.device_grammar import trie_size
+from .graph.prefill import choose_attention
 from .images import model_input
 from .prompts import DEFAULT_MAX_NEW_TOKENS, DEFAULT_OBJECTS_PER_CLASS, Prompt, max_new_tokens_for
 
@@ -220,13 +221,15 @@ class PaliGemmaEngine:
                 length=image_tokens + settings.prompt_tokens + self.max_new_tokens + 1,
                 buckets=settings.buckets, sync_every=settings.sync_every,
                 use_graphs=True if settings.require else settings.use_graphs, compile=settings.compile,
+                prefill=choose_attention(settings.prefill_attention, self.device),
             )
             self._decoder.on_steps = self._count_steps
             if self.batch_invariant:
                 self._decoder.fixed_span = True  # every step attends over the whole cache
-            logger.info("graph engine: %d slots x %d cache positions, buckets %s, %.1f MiB of buffers reserved",
-                        self._decoder.slots, self._decoder.length, self._decoder.buckets,
-                        self._decoder.reserved_bytes() / 2**20)
+            logger.info("graph engine: %d slots x %d cache positions, buckets %s, %.1f MiB of buffers reserved; "
+                        "prefill attention %s (%s)", self._decoder.slots, self._decoder.length, self._decoder.buckets,
+                        self._decoder.reserved_bytes() / 2**20, self._decoder.prefiller.kernel,
+                        self._decoder.prefiller.choice.why)
             self._capture()
         elif self._decoder.graphs and self._decoder.graph_mode != invariant.enabled_kinds():
             logger.info("batch-invariant mode changed: capturing the decode graphs again")
@@ -260,6 +263,7 @@ class PaliGemmaEngine:
             return {**status, "why": f"the {self.generation} engine has no decode graphs"}
         if decoder is None:
             return {**status, "eager_buckets": list(self.graph_settings.buckets)}
+        status["prefill"] = decoder.prefiller.describe()
         status.update(captured=bool(decoder.graphs), buckets=sorted(decoder.graphs),
                       eager_buckets=list(decoder.eager_buckets),
                       failures={str(b): r for b, r in sorted(decoder.capture_failures.items())})
@@ -278,8 +282,8 @@ class PaliGemmaEngine:
     def _graph_decode(self, inputs, rows: list[RowSpec], forward_kwargs: dict):
         names = forward_kwargs.get("adapter_names")
         context, graphs = self.graph_context(names)
-        return self.decoder.decode(inputs, rows, share_images=self.share_images and names is None, context=context,
-                                   graphs=graphs)
+        return self.decoder.decode(inputs, rows, share_images=self.share_images and names is None, adapters=names,
+                                   context=context, graphs=graphs)
 
     def graph_context(self, adapter_names: list[str] | None):
         """How the graph engine runs rows with these PEFT adapter names (None: no adapters attached):

@@ -18,7 +18,8 @@ all are finished. On the CPU the same step runs eagerly (or under `torch.compile
 
 The model code is transformers' own modules (norms, projections, MLP, rotary embedding); only the
 attention over the static cache is ours (`fastgen.grouped_attention`, Gemma 2's eager arithmetic).
-Prefill runs transformers' forward as the `fast` loop does and copies the keys into the static cache.
+The prefill is ours too (prefill.py: flex_attention or the eager kernel, keys written straight into the
+static cache).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import torch
 from transformers.models.gemma2.modeling_gemma2 import apply_rotary_pos_emb
 
 from .. import invariant
-from ..fastgen import grouped_attention, grouped_attention_in, image_features, make_cache
+from ..fastgen import grouped_attention, image_features
 from ..grammar import RowSpec, Vocabulary
 from .device_grammar import (
     DEFAULT_EDGES_PER_ROW,
@@ -46,6 +47,7 @@ from .device_grammar import (
     copy_rows,
     initial_state,
 )
+from .prefill import AttentionChoice, Prefill
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +80,7 @@ class GraphSettings:
     # Every bucket captured or the engine refuses to start (GraphCaptureError): SEG_REQUIRE_GRAPHS. Implies
     # use_graphs, on any device (on a CPU the capture fails, with torch's reason).
     require: bool = False
+    prefill_attention: str = "auto"  # the prefill's kernel: auto, flex, eager (prefill.py; SEG_PREFILL_ATTENTION)
 
 
 def bucket_for(batch: int, buckets: tuple[int, ...]) -> int:
@@ -104,8 +107,9 @@ class StaticDecoder:
     """Static buffers, the fixed-shape step, prefill into slots, and (on CUDA) one graph per bucket.
 
     `model` is a `PaliGemmaForConditionalGeneration` (the base model when LoRA adapters are attached:
-    their rows run the step eagerly through PEFT's per-row hooks). `slots`: the largest bucket;
-    `length`: cache positions per row (prompt + budget + 1 must fit).
+    their rows run the step eagerly through PEFT's per-row hooks).
+    `slots`: the largest bucket; `length`: cache positions per row (prompt + budget + 1 must fit);
+    `prefill`: the prefill's attention kernel (prefill.py `choose_attention`; None: the eager kernel).
     """
 
     def __init__(
@@ -120,6 +124,7 @@ class StaticDecoder:
         edges_per_row: int = DEFAULT_EDGES_PER_ROW,
         use_graphs: bool | None = None,
         compile: bool = False,
+        prefill: AttentionChoice | None = None,
     ):
         self.model = model
         self.buckets = tuple(sorted(buckets))
@@ -159,6 +164,7 @@ class StaticDecoder:
         self.fixed_span = self.use_graphs or compile
         with torch.inference_mode():
             self._allocate(text)
+        self.prefiller = Prefill(self, prefill or AttentionChoice("eager", "default"))
         self._step_fn = torch.compile(self._step, fullgraph=True, dynamic=False) if compile else self._step
 
     def _allocate(self, text) -> None:
@@ -184,6 +190,15 @@ class StaticDecoder:
         tensors = [*self.keys, *self.values, self.out_tokens, self.out_logprobs]
         return sum(t.numel() * t.element_size() for t in tensors)
 
+    def linear(self, module: torch.nn.Module, x: torch.Tensor, slot: torch.Tensor | None) -> torch.Tensor:
+        """`module(x)` for rows x [b, n, in] (`slot`: their LoRA adapters, for stacked adapters to come)."""
+        return module(x)
+
+    def mlp(self, mlp: torch.nn.Module, x: torch.Tensor, slot: torch.Tensor | None) -> torch.Tensor:
+        """Gemma 2's MLP (`down(act(gate(x)) * up(x))`) with each projection through `linear`."""
+        linear = self.linear
+        return linear(mlp.down_proj, mlp.act_fn(linear(mlp.gate_proj, x, slot)) * linear(mlp.up_proj, x, slot), slot)
+
     # --- the step -------------------------------------------------------------------------------
 
     def _forward(self, batch: int) -> torch.Tensor:
@@ -201,13 +216,15 @@ class StaticDecoder:
             recent = keys_at > (at[:, None] - self.window)
             sliding_mask = torch.where(valid & recent, 0.0, lowest).to(self.dtype)[:, None, None, :]
         write = at.view(batch, 1, 1, 1)
+        slot = None
+        linear = self.linear
         for index, layer in enumerate(lm.layers[: self.text_config.num_hidden_layers]):
             attention = layer.self_attn
             residual = hidden
             x = layer.input_layernorm(hidden)
-            query = attention.q_proj(x).view(batch, 1, -1, attention.head_dim).transpose(1, 2)
-            key = attention.k_proj(x).view(batch, 1, -1, attention.head_dim).transpose(1, 2)
-            value = attention.v_proj(x).view(batch, 1, -1, attention.head_dim).transpose(1, 2)
+            query = linear(attention.q_proj, x, slot).view(batch, 1, -1, attention.head_dim).transpose(1, 2)
+            key = linear(attention.k_proj, x, slot).view(batch, 1, -1, attention.head_dim).transpose(1, 2)
+            value = linear(attention.v_proj, x, slot).view(batch, 1, -1, attention.head_dim).transpose(1, 2)
             query, key = apply_rotary_pos_emb(query, key, cos, sin)
             keys, values = self.keys[index][:batch, :, :span], self.values[index][:batch, :, :span]
             keys.scatter_(2, write.expand(-1, key.shape[1], 1, key.shape[3]), key)
@@ -216,10 +233,12 @@ class StaticDecoder:
                 attention, query, keys, values, sliding_mask if self.sliding[index] else full_mask,
                 scaling=attention.scaling, softcap=attention.attn_logit_softcapping,
             )
-            hidden = residual + layer.post_attention_layernorm(attention.o_proj(out.reshape(batch, 1, -1)))
+            out = linear(attention.o_proj, out.reshape(batch, 1, -1), slot)
+            hidden = residual + layer.post_attention_layernorm(out)
             residual = hidden
-            hidden = residual + layer.post_feedforward_layernorm(layer.mlp(layer.pre_feedforward_layernorm(hidden)))
-        logits = self.model.lm_head(lm.norm(hidden)[:, -1])
+            out = self.mlp(layer.mlp, layer.pre_feedforward_layernorm(hidden), slot)
+            hidden = residual + layer.post_feedforward_layernorm(out)
+        logits = linear(self.model.lm_head, lm.norm(hidden), slot)[:, -1]
         if self.final_softcap is not None:
             logits = torch.tanh(logits / self.final_softcap) * self.final_softcap
         return logits.float()
@@ -401,30 +420,25 @@ class StaticDecoder:
 
     @torch.inference_mode()
     def prefill(self, slots: list[int], inputs: dict[str, torch.Tensor], specs: list[RowSpec], *,
-                share_images: bool = True, forward_kwargs: dict | None = None) -> None:
-        """Run the prompts through transformers' forward, put their keys in `slots`, pick each row's first
-        token. `inputs`: the processor's left-padded `input_ids`, `attention_mask`, `token_type_ids`
-        [n, P] and `pixel_values` [n, 3, S, S]; `specs[i]` is row i's grammar and budget."""
-        input_ids, attention_mask = inputs["input_ids"], inputs["attention_mask"]
+                share_images: bool = True, adapters: list[str] | None = None) -> None:
+        """Run the prompts through the language model (prefill.py), put their keys in `slots`, pick each row's
+        first token. `inputs`: the processor's left-padded `input_ids`, `attention_mask`, `token_type_ids`
+        [n, P] and `pixel_values` [n, 3, S, S]; `specs[i]` is row i's grammar and budget; `adapters[i]` its
+        PEFT adapter name (`__base__` for the base; None: no adapters attached)."""
+        input_ids = inputs["input_ids"]
         count, prompt_length = input_ids.shape
         longest = max(spec.budget for spec in specs) + 1
         if prompt_length + longest > self.length:
             raise ValueError(f"{prompt_length} prompt + {longest} new tokens exceed the cache ({self.length})")
-        # generate's positions: count of attended tokens so far (padding gets 1), plus PaliGemma's 1.
-        positions = (attention_mask.long().cumsum(-1) - 1).masked_fill_(attention_mask == 0, 1) + 1
-        cache = make_cache(self.model.config, prompt_length)
-        features = image_features(self.model, inputs["pixel_values"], share=share_images)
-        with grouped_attention_in(self.model):
-            logits = self.model(
-                input_ids=input_ids, attention_mask=attention_mask, token_type_ids=inputs["token_type_ids"],
-                position_ids=positions, mm_encoder_outputs={"image": features}, cache=cache, use_cache=True,
-                logits_to_keep=1, **(forward_kwargs or {}),
-            ).logits[:, -1].float()
         index = torch.tensor(slots, device=self.device)
-        for layer, keys, values in zip(cache.layers, self.keys, self.values):
-            kept = layer.keys.shape[2]  # a sliding layer past its window keeps only the last keys
-            keys[index, :, prompt_length - kept:prompt_length] = layer.keys
-            values[index, :, prompt_length - kept:prompt_length] = layer.values
+        features = image_features(self.model, inputs["pixel_values"], share=share_images).pooler_output
+        logits = self.prefiller.forward(index, inputs, features, None)
+        self._first_tokens(index, logits, specs, inputs["attention_mask"])
+
+    def _first_tokens(self, index: torch.Tensor, logits: torch.Tensor, specs: list[RowSpec],
+                      attention_mask: torch.Tensor) -> None:
+        """Each prefilled row's grammar, first token (from `logits` [n, V]), position and cache span."""
+        count, prompt_length = attention_mask.shape
         rows = compile_rows(specs, edges_per_row=self.edges_per_row, device=self.device)
         state = initial_state(count, self.device)
         finished = torch.zeros(count, dtype=torch.bool, device=self.device)
@@ -437,13 +451,14 @@ class StaticDecoder:
         self.out_tokens[index] = out_tokens
         self.out_logprobs[index] = out_logprobs
         self.token[index] = tokens
-        self.position[index] = positions[:, -1] + 1
+        attended = attention_mask.sum(-1)
+        self.position[index] = attended + 1  # generate's position of the next token (PaliGemma counts from 1)
         self.write_index[index] = prompt_length
-        self.start[index] = prompt_length - attention_mask.sum(-1)
+        self.start[index] = prompt_length - attended
 
     @torch.inference_mode()
     def decode(self, inputs: dict[str, torch.Tensor], specs: list[RowSpec], *, share_images: bool = True,
-               forward_kwargs: dict | None = None, context=None, graphs: bool = True) -> list[Decoded]:
+               adapters: list[str] | None = None, context=None, graphs: bool = True) -> list[Decoded]:
         """Greedy generation of a whole batch (as `fastgen.greedy_decode`, the same tokens): prefill into
         slots 0..n-1, then steps of `batch_for(n)` rows (a bucket, or n for eager steps) until every row is finished
         (checked every `sync_every` steps) or the longest budget is spent.
@@ -460,8 +475,7 @@ class StaticDecoder:
         context = context or (lambda rows: contextlib.nullcontext())
         started = time.perf_counter()
         with context(count):
-            self.prefill(list(range(count)), inputs, specs, share_images=share_images,
-                         forward_kwargs=forward_kwargs)
+            self.prefill(list(range(count)), inputs, specs, share_images=share_images, adapters=adapters)
         self._synchronize()
         prefilled = time.perf_counter()
         with context(batch):

@@ -19,7 +19,8 @@ all are finished. On the CPU the same step runs eagerly (or under `torch.compile
 The model code is transformers' own modules (norms, projections, MLP, rotary embedding); only the
 attention over the static cache is ours (`fastgen.grouped_attention`, Gemma 2's eager arithmetic).
 The prefill is ours too (prefill.py: flex_attention or the eager kernel, keys written straight into the
-static cache).
+static cache). LoRA adapters run inside the step from stacked static weights (lora.py), one slot index per
+row, so rows of several adapters and of the base share one step (and one CUDA graph).
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ from .device_grammar import (
     copy_rows,
     initial_state,
 )
+from .lora import DEFAULT_MAX_ADAPTERS, DEFAULT_MAX_RANK, LAYER_LINEARS, LoraSlots, is_lora_layer
 from .prefill import AttentionChoice, Prefill
 
 logger = logging.getLogger(__name__)
@@ -81,6 +83,8 @@ class GraphSettings:
     # use_graphs, on any device (on a CPU the capture fails, with torch's reason).
     require: bool = False
     prefill_attention: str = "auto"  # the prefill's kernel: auto, flex, eager (prefill.py; SEG_PREFILL_ATTENTION)
+    max_adapters: int = DEFAULT_MAX_ADAPTERS  # LoRA slots in the step (lora.py; SEG_MAX_ADAPTERS)
+    max_lora_rank: int = DEFAULT_MAX_RANK  # their rank (SEG_MAX_LORA_RANK)
 
 
 def bucket_for(batch: int, buckets: tuple[int, ...]) -> int:
@@ -106,8 +110,8 @@ def _view(obj, rows: slice):
 class StaticDecoder:
     """Static buffers, the fixed-shape step, prefill into slots, and (on CUDA) one graph per bucket.
 
-    `model` is a `PaliGemmaForConditionalGeneration` (the base model when LoRA adapters are attached:
-    their rows run the step eagerly through PEFT's per-row hooks).
+    `model` is a `PaliGemmaForConditionalGeneration` (the base model when LoRA adapters are attached: its
+    wrapped layers are called through their `base_layer`, the adapters come from `attach_lora`'s stacks).
     `slots`: the largest bucket; `length`: cache positions per row (prompt + budget + 1 must fit);
     `prefill`: the prefill's attention kernel (prefill.py `choose_attention`; None: the eager kernel).
     """
@@ -162,6 +166,12 @@ class StaticDecoder:
         # cache. An eager step (the CPU) may attend over the part a generation can reach (`fit_span`).
         self.span = length
         self.fixed_span = self.use_graphs or compile
+        # LoRA: stacked adapters (attach_lora) and whether a call goes through PEFT's hooks instead (rows of
+        # adapters the stacks cannot hold: the wrapped layers are then called as they are).
+        self.lora: LoraSlots | None = None
+        self.vision_hooks = None  # names -> context manager around the vision tower (PEFT's per-row hooks)
+        self.through_peft = False
+        self._stacks: dict[int, object] = {}
         with torch.inference_mode():
             self._allocate(text)
         self.prefiller = Prefill(self, prefill or AttentionChoice("eager", "default"))
@@ -183,16 +193,53 @@ class StaticDecoder:
         self.rows: RowConstants = compile_rows(idle, edges_per_row=self.edges_per_row, device=device)
         self.state: RowState = initial_state(slots, device)
         self.state.state.fill_(DONE)
+        self.adapter_slot = torch.zeros(slots, dtype=torch.long, device=device)  # LoRA slot per row (0: base)
         self.positions_in_cache = torch.arange(self.length, device=device)
 
     def reserved_bytes(self) -> int:
-        """Bytes of the static buffers (the KV cache dominates)."""
+        """Bytes of the static buffers (the KV cache dominates) and of the stacked LoRA weights."""
         tensors = [*self.keys, *self.values, self.out_tokens, self.out_logprobs]
-        return sum(t.numel() * t.element_size() for t in tensors)
+        return sum(t.numel() * t.element_size() for t in tensors) + (self.lora.reserved_bytes() if self.lora else 0)
+
+    # --- LoRA adapters --------------------------------------------------------------------------
+
+    def attach_lora(self, adapters: list[str], *, max_adapters: int = DEFAULT_MAX_ADAPTERS,
+                    max_rank: int = DEFAULT_MAX_RANK, vision_hooks=None) -> LoraSlots:
+        """Stack the PEFT adapters `adapters` (names, in slot order) of this decoder's wrapped model into static
+        tensors (lora.py); `vision_hooks(names)` wraps the vision tower of a prefill with adapter rows."""
+        lm = self.model.model.language_model
+        modules = {f"model.language_model.layers.{i}.{part}.{name}": getattr(getattr(layer, part), name)
+                   for i, layer in enumerate(lm.layers) for part, names in (("self_attn", LAYER_LINEARS[:4]),
+                                                                            ("mlp", LAYER_LINEARS[4:]))
+                   for name in names}
+        modules["lm_head"] = self.model.lm_head
+        embedding = frozenset(getattr(lm.embed_tokens, "lora_embedding_A", {}).keys())
+        with torch.inference_mode():
+            self.lora = LoraSlots(modules, adapters, max_adapters=max_adapters, max_rank=max_rank,
+                                  embedding_adapters=embedding)
+        self._stacks = {id(modules[name]): stack for name, stack in self.lora.stacks.items()}
+        self.vision_hooks = vision_hooks
+        return self.lora
 
     def linear(self, module: torch.nn.Module, x: torch.Tensor, slot: torch.Tensor | None) -> torch.Tensor:
-        """`module(x)` for rows x [b, n, in] (`slot`: their LoRA adapters, for stacked adapters to come)."""
-        return module(x)
+        """`module(x)` for rows x [b, n, in] whose LoRA slots are `slot` [b]: a PEFT-wrapped layer is called as
+        its base layer plus its stacked update (lora.py), unless the call goes through PEFT's hooks."""
+        if self.through_peft or not is_lora_layer(module):
+            return module(x)
+        out = module.base_layer(x)
+        stack = self._stacks.get(id(module))
+        if stack is None or slot is None:
+            return out
+        return out + stack.delta(x, self.lora.onehot[slot], stack.scale[slot])
+
+    @contextlib.contextmanager
+    def peft_calls(self, on: bool = True):
+        """Inside, with `on`, wrapped layers are called as they are (PEFT's hooks around them pick adapters)."""
+        previous, self.through_peft = self.through_peft, on or self.through_peft
+        try:
+            yield
+        finally:
+            self.through_peft = previous
 
     def mlp(self, mlp: torch.nn.Module, x: torch.Tensor, slot: torch.Tensor | None) -> torch.Tensor:
         """Gemma 2's MLP (`down(act(gate(x)) * up(x))`) with each projection through `linear`."""
@@ -216,7 +263,7 @@ class StaticDecoder:
             recent = keys_at > (at[:, None] - self.window)
             sliding_mask = torch.where(valid & recent, 0.0, lowest).to(self.dtype)[:, None, None, :]
         write = at.view(batch, 1, 1, 1)
-        slot = None
+        slot = self.adapter_slot[:batch] if self.lora is not None else None
         linear = self.linear
         for index, layer in enumerate(lm.layers[: self.text_config.num_hidden_layers]):
             attention = layer.self_attn
@@ -295,9 +342,13 @@ class StaticDecoder:
         if graph is not None:
             graph.replay()
             path = "graph"
-        else:
+        elif graphs:
             self._step_fn(batch)
-            path = "fixed" if graphs else "peft"
+            path = "fixed"
+        else:
+            with self.peft_calls():  # the wrapped layers as they are: PEFT's hooks pick each row's adapter
+                self._step(batch)
+            path = "peft"
         self.steps[path] += 1
         if self.on_steps is not None:
             self.on_steps(path, 1)
@@ -332,8 +383,9 @@ class StaticDecoder:
     @torch.inference_mode()
     def capture(self, context=contextlib.nullcontext) -> None:
         """Capture each bucket's step as a CUDA graph, largest first (its memory is then reserved for
-        all of them: the graphs share one pool). `context()` wraps each capture (PEFT's
-        `disable_adapter`, so graphs compute the base model). No-op unless `use_graphs` (CUDA).
+        all of them: the graphs share one pool). `context()` wraps each capture. The graphs hold the stacked
+        LoRA update too (it reads the rows' slots): base and adapter rows replay them. No-op unless
+        `use_graphs` (CUDA).
 
         A bucket whose capture fails is logged once with its reason and keeps stepping eagerly (the same
         fixed-shape step, so the same answers); `capture_failures` says which and why. Called again (the
@@ -402,7 +454,7 @@ class StaticDecoder:
         """Move a row from slot `source` to slot `target`: its keys and values, position, grammar state
         and outputs (the scheduler closes holes, so that steps run fewer rows)."""
         slotted = [*self.keys, *self.values, self.token, self.position, self.write_index, self.start,
-                   self.finished, self.out_tokens, self.out_logprobs, *vars(self.rows).values(),
+                   self.finished, self.out_tokens, self.out_logprobs, self.adapter_slot, *vars(self.rows).values(),
                    *vars(self.state).values()]
         for tensor in slotted:
             tensor[target] = tensor[source]
@@ -411,7 +463,7 @@ class StaticDecoder:
     def reset(self, rows: slice | torch.Tensor | None = None) -> None:
         """Idle rows: finished, grammar done, writing at cache index 0 (harmless, finite)."""
         rows = slice(None) if rows is None else rows
-        for tensor in (self.token, self.position, self.write_index, self.start):
+        for tensor in (self.token, self.position, self.write_index, self.start, self.adapter_slot):
             tensor[rows] = 0
         self.finished[rows] = True
         self.state.state[rows] = DONE
@@ -424,16 +476,33 @@ class StaticDecoder:
         """Run the prompts through the language model (prefill.py), put their keys in `slots`, pick each row's
         first token. `inputs`: the processor's left-padded `input_ids`, `attention_mask`, `token_type_ids`
         [n, P] and `pixel_values` [n, 3, S, S]; `specs[i]` is row i's grammar and budget; `adapters[i]` its
-        PEFT adapter name (`__base__` for the base; None: no adapters attached)."""
+        PEFT adapter name (`__base__` for the base; None: no adapters attached). Inside PEFT's per-row hooks
+        set `through_peft` (rows of adapters without a slot)."""
         input_ids = inputs["input_ids"]
         count, prompt_length = input_ids.shape
         longest = max(spec.budget for spec in specs) + 1
         if prompt_length + longest > self.length:
             raise ValueError(f"{prompt_length} prompt + {longest} new tokens exceed the cache ({self.length})")
         index = torch.tensor(slots, device=self.device)
-        features = image_features(self.model, inputs["pixel_values"], share=share_images).pooler_output
-        logits = self.prefiller.forward(index, inputs, features, None)
+        slot = None
+        if self.lora is not None:
+            slot = torch.tensor(self.lora.slots(adapters or ["__base__"] * count), device=self.device)
+        features = self.image_features(inputs["pixel_values"], adapters, share=share_images)
+        logits = self.prefiller.forward(index, inputs, features, slot)
         self._first_tokens(index, logits, specs, inputs["attention_mask"])
+        if slot is not None:
+            self.adapter_slot[index] = slot
+
+    def image_features(self, pixel_values: torch.Tensor, adapters: list[str] | None, *, share: bool) -> torch.Tensor:
+        """The projected vision features of a prefill's pictures: with adapter rows (and not already inside
+        PEFT's hooks) through `vision_hooks`, PEFT's per-row hooks (adapters adapt the vision tower too)."""
+        hooks = contextlib.nullcontext()
+        if self.vision_hooks is not None and not self.through_peft:
+            # Never the wrapped layers bare: PEFT would apply its active adapter to every row.
+            hooks = self.vision_hooks(adapters or ["__base__"] * pixel_values.shape[0])
+            share = False  # one picture reads differently under each adapter
+        with hooks:
+            return image_features(self.model, pixel_values, share=share).pooler_output
 
     def _first_tokens(self, index: torch.Tensor, logits: torch.Tensor, specs: list[RowSpec],
                       attention_mask: torch.Tensor) -> None:
@@ -463,9 +532,10 @@ class StaticDecoder:
         slots 0..n-1, then steps of `batch_for(n)` rows (a bucket, or n for eager steps) until every row is finished
         (checked every `sync_every` steps) or the longest budget is spent.
 
-        `context(rows)` wraps the prefill (n rows) and the steps (bucket rows): PEFT's per-row adapter
-        hooks, or `disable_adapter` for a batch of base rows. `graphs=False` runs the steps eagerly (rows
-        with adapters: the graphs hold the base model only).
+        `adapters`: each row's PEFT adapter name (None: no adapters attached); rows of stacked adapters run
+        the same steps (and graphs) as base rows. `context(rows)` wraps the prefill (n rows) and the steps
+        (bucket rows); with `graphs=False` they go through PEFT's per-row hooks (`context`) instead: rows of
+        adapters that have no slot (`peft` steps).
         """
         count = inputs["input_ids"].shape[0]
         batch = self.batch_for(count)
@@ -474,7 +544,7 @@ class StaticDecoder:
         self.fit_span(inputs["input_ids"].shape[1] + steps)
         context = context or (lambda rows: contextlib.nullcontext())
         started = time.perf_counter()
-        with context(count):
+        with context(count), self.peft_calls(not graphs):
             self.prefill(list(range(count)), inputs, specs, share_images=share_images, adapters=adapters)
         self._synchronize()
         prefilled = time.perf_counter()

@@ -57,10 +57,10 @@ ENV_DOCS: dict[str, tuple[str, str]] = {
                                       "`eager` (the grouped eager kernel), `auto`: `flex` on GPUs, `eager` on CPUs "
                                       "(faster there); where flex does not compile the engine uses `eager` and "
                                       "/models says why"),
-    "SEG_MAX_ADAPTERS": ("8", "graph engine: LoRA adapters held in the decode step's stacked weights (slots; base "
-                              "rows use a zero slot); further adapters step through PEFT's hooks"),
-    "SEG_MAX_LORA_RANK": ("16", "graph engine: the rank of every adapter slot (lower ranks are padded); an adapter of "
-                                "a higher rank steps through PEFT's hooks"),
+    "SEG_MAX_ADAPTERS": ("8", "graph engine: most LoRA adapters held in the decode step's stacked weights (a slot "
+                              "each; base rows use a zero slot); further adapters step through PEFT's hooks"),
+    "SEG_MAX_LORA_RANK": ("16", "graph engine: highest adapter rank the stacked weights hold (the slots take the "
+                                "highest attached rank, lower ones padded); higher ranks step through PEFT's hooks"),
     "SEG_BATCH_INVARIANT": ("false", "batch-invariant kernels on GPUs (and one padded prompt length): a request's "
                                      "answer is the same bits in any batch; opt-in (H200: decode step x1.0 at 16 "
                                      "rows, x1.29 alone) (docs/batch-invariance.md)"),

@@ -75,12 +75,35 @@ def test_adapters_of_other_ranks_and_modules_are_stacked_in_slots(graph):
     assert lora.ranks[names["acme/c"]] == 2 and lora.ranks[names["acme/d"]] == 8
     assert lora.targets[names["acme/c"]] == ["q_proj", "v_proj"]
     stack = lora.stacks["model.language_model.layers.0.self_attn.q_proj"]
-    assert stack.a.shape == ((lora.max_adapters + 1) * lora.rank, 64)  # every slot at the slot rank
+    assert (lora.slot_count, lora.rank) == (4, 8)  # the attached adapters and their highest rank
+    assert stack.a.shape == (5 * 8, 64)  # every slot at the slot rank, slot 0 included
     assert not stack.a[: lora.rank].any() and not stack.scale[0]  # slot 0: the base rows' zeros
     assert not stack.a[4 * lora.rank:5 * lora.rank].any()  # d does not adapt q_proj: its slot stays zero
     assert "lm_head" in lora.stacks and lora.targets[names["acme/d"]][-1] == "up_proj"
     assert graph.adapter_status("acme/c") == {"slot": 3, "rank": 2, "slot_rank": lora.rank,
                                               "modules": ["q_proj", "v_proj"]}
+
+
+def test_reserved_slots_are_the_caps_and_serve_the_same(tiny_fixtures, adapters, graph):
+    """`reserve=True` allocates SEG_MAX_ADAPTERS slots of rank SEG_MAX_LORA_RANK (room to load adapters into);
+    the updates, and so the answers, are those of the stacks sized to the attached adapters."""
+    from segmentation.model.graph.lora import LoraSlots
+
+    engine = load(tiny_fixtures, adapters)
+    decoder = engine.decoder
+    sized = decoder.lora
+    reserved = LoraSlots(decoder.lora_modules(), list(engine.adapters.values()), max_adapters=6, max_rank=16,
+                         reserve=True)
+    assert (reserved.slot_count, reserved.rank) == (6, 16) and reserved.slot_of == sized.slot_of
+    name = "model.language_model.layers.1.mlp.up_proj"
+    assert reserved.stacks[name].a.shape == (7 * 16, 64)
+    torch.manual_seed(1)
+    x = torch.randn(4, 2, 64)
+    slot = torch.tensor([0, 1, 3, 4])
+    with torch.inference_mode():
+        want = sized.stacks[name].delta(x, sized.onehot[slot], sized.stacks[name].scale[slot])
+        got = reserved.stacks[name].delta(x, reserved.onehot[slot], reserved.stacks[name].scale[slot])
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
 def test_the_stacked_update_is_peft_s(graph):

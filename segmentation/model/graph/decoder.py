@@ -83,8 +83,8 @@ class GraphSettings:
     # use_graphs, on any device (on a CPU the capture fails, with torch's reason).
     require: bool = False
     prefill_attention: str = "auto"  # the prefill's kernel: auto, flex, eager (prefill.py; SEG_PREFILL_ATTENTION)
-    max_adapters: int = DEFAULT_MAX_ADAPTERS  # LoRA slots in the step (lora.py; SEG_MAX_ADAPTERS)
-    max_lora_rank: int = DEFAULT_MAX_RANK  # their rank (SEG_MAX_LORA_RANK)
+    max_adapters: int = DEFAULT_MAX_ADAPTERS  # at most this many LoRA slots in the step (lora.py; SEG_MAX_ADAPTERS)
+    max_lora_rank: int = DEFAULT_MAX_RANK  # of at most this rank (SEG_MAX_LORA_RANK)
 
 
 def bucket_for(batch: int, buckets: tuple[int, ...]) -> int:
@@ -208,11 +208,7 @@ class StaticDecoder:
         """Stack the PEFT adapters `adapters` (names, in slot order) of this decoder's wrapped model into static
         tensors (lora.py); `vision_hooks(names)` wraps the vision tower of a prefill with adapter rows."""
         lm = self.model.model.language_model
-        modules = {f"model.language_model.layers.{i}.{part}.{name}": getattr(getattr(layer, part), name)
-                   for i, layer in enumerate(lm.layers) for part, names in (("self_attn", LAYER_LINEARS[:4]),
-                                                                            ("mlp", LAYER_LINEARS[4:]))
-                   for name in names}
-        modules["lm_head"] = self.model.lm_head
+        modules = self.lora_modules()
         embedding = frozenset(getattr(lm.embed_tokens, "lora_embedding_A", {}).keys())
         with torch.inference_mode():
             self.lora = LoraSlots(modules, adapters, max_adapters=max_adapters, max_rank=max_rank,
@@ -220,6 +216,15 @@ class StaticDecoder:
         self._stacks = {id(modules[name]): stack for name, stack in self.lora.stacks.items()}
         self.vision_hooks = vision_hooks
         return self.lora
+
+    def lora_modules(self) -> dict[str, torch.nn.Module]:
+        """The linear layers a step calls, by name: each layer's projections and the output layer."""
+        lm = self.model.model.language_model
+        modules = {f"model.language_model.layers.{i}.{part}.{name}": getattr(getattr(layer, part), name)
+                   for i, layer in enumerate(lm.layers) for part, names in (("self_attn", LAYER_LINEARS[:4]),
+                                                                            ("mlp", LAYER_LINEARS[4:]))
+                   for name in names}
+        return {**modules, "lm_head": self.model.lm_head}
 
     def linear(self, module: torch.nn.Module, x: torch.Tensor, slot: torch.Tensor | None) -> torch.Tensor:
         """`module(x)` for rows x [b, n, in] whose LoRA slots are `slot` [b]: a PEFT-wrapped layer is called as

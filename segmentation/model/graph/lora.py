@@ -8,9 +8,13 @@ targets holds all adapters at once in two static tensors
 
     A [(S + 1) * R, in]   B [(S + 1) * R, out]   scale [S + 1]
 
-with S slots (`SEG_MAX_ADAPTERS`) plus slot 0, which stays zero for base rows, and R the slot rank
-(`SEG_MAX_LORA_RANK`): an adapter of rank r <= R fills rows s*R .. s*R + r of its slot s and leaves the rest
-zero; a module it does not target stays zero in its slot. Each row of the step names its slot in an index
+with S slots plus slot 0, which stays zero for base rows, and R the slot rank: an adapter of rank r <= R fills
+rows s*R .. s*R + r of its slot s and leaves the rest zero; a module it does not target stays zero in its slot.
+S and R are the adapters attached at start and their highest rank, capped by `SEG_MAX_ADAPTERS` and
+`SEG_MAX_LORA_RANK` (`reserve=True` allocates the caps themselves: free slots to load adapters into later).
+The caps are not the default size because every row pays for every slot: (S + 1) * R * (in + out)
+multiply-adds per layer and row. For three rank-4 adapters on every projection of the medium test model that
+is 6 % of a step's multiply-adds sized to them, 50 % at the caps (8 slots of rank 16). Each row of the step names its slot in an index
 tensor, and the update of rows x [b, n, in] with slots idx [b] is
 
     shrink  t = x @ A.T                     [b, n, S + 1, R]   every slot's low-rank projection
@@ -79,10 +83,10 @@ class LoraSlots:
 
     def __init__(self, modules: dict[str, torch.nn.Module], adapters: list[str], *,
                  max_adapters: int = DEFAULT_MAX_ADAPTERS, max_rank: int = DEFAULT_MAX_RANK,
-                 embedding_adapters: frozenset[str] = frozenset()):
+                 embedding_adapters: frozenset[str] = frozenset(), reserve: bool = False):
         if max_adapters < 1 or max_rank < 1:
             raise ValueError(f"LoRA slots need max_adapters and max_rank of 1 or more ({max_adapters}, {max_rank})")
-        self.max_adapters, self.rank = max_adapters, max_rank
+        self.max_adapters, self.max_rank = max_adapters, max_rank
         self.slot_of: dict[str, int] = {}
         self.refused: dict[str, str] = {}
         self.ranks: dict[str, int] = {}
@@ -96,13 +100,16 @@ class LoraSlots:
                 self.refused[adapter] = why
                 continue
             self.slot_of[adapter] = len(self.slot_of) + 1
+        # The stacks' shape: the caps when reserving room, else what the attached adapters need.
+        self.slot_count = max_adapters if reserve else max(1, len(self.slot_of))
+        self.rank = max_rank if reserve else max([1, *(self.ranks[a] for a in self.slot_of)])
         self.stacks: dict[str, Stack] = {}
         for name, module in wrapped.items():
             placed = [a for a in self.slot_of if a in module.lora_A]
             if placed:
                 self.stacks[name] = self._stack(module, placed)
         device = next(iter(self.stacks.values())).a.device if self.stacks else torch.device("cpu")
-        self.onehot = torch.eye(max_adapters + 1, device=device)
+        self.onehot = torch.eye(self.slot_count + 1, device=device)
 
     def _unsupported(self, adapter: str, wrapped: dict[str, torch.nn.Module], embedding: frozenset[str]) -> str | None:
         if adapter in embedding:
@@ -118,8 +125,8 @@ class LoraSlots:
                 return f"a lora_B bias or transposed weights at {name}"
             rank = max(rank, module.lora_A[adapter].weight.shape[0])
             targets.append(name.rsplit(".", 1)[-1])
-        if rank > self.rank:
-            return f"rank {rank} exceeds the slot rank (SEG_MAX_LORA_RANK={self.rank})"
+        if rank > self.max_rank:
+            return f"rank {rank} exceeds the slot rank (SEG_MAX_LORA_RANK={self.max_rank})"
         self.ranks[adapter] = rank
         self.targets[adapter] = sorted(set(targets))
         return None
@@ -128,10 +135,10 @@ class LoraSlots:
         base = module.base_layer
         first = module.lora_A[adapters[0]].weight
         device, dtype = first.device, first.dtype  # PEFT computes the update in the adapter's dtype
-        width = (self.max_adapters + 1) * self.rank
+        width = (self.slot_count + 1) * self.rank
         a = torch.zeros(width, base.in_features, device=device, dtype=dtype)
         b = torch.zeros(width, base.out_features, device=device, dtype=dtype)
-        scale = torch.zeros(self.max_adapters + 1, device=device, dtype=dtype)
+        scale = torch.zeros(self.slot_count + 1, device=device, dtype=dtype)
         stack = Stack(a, b, scale, self.rank)
         for adapter in adapters:
             self.fill(stack, self.slot_of[adapter], module.lora_A[adapter].weight, module.lora_B[adapter].weight,

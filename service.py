@@ -22,31 +22,30 @@ variables (see `segmentation/serving/settings.py` and the README), read when thi
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+from collections.abc import AsyncGenerator
 from pathlib import Path
 
 import bentoml
 from PIL import Image
 
-from segmentation.model.bodies import response_body
 from segmentation.model.checkpoints import CheckpointError
 from segmentation.model.images import model_input
 from segmentation.model.predictions import Prediction, assemble
 from segmentation.model.render import render_overlay
-from segmentation.serving import api, webui
+from segmentation.serving import api, budget, errors, framing, inputs, openapi, webui
 from segmentation.serving.bento import (
-    BatchEntry,
     EngineItem,
     EngineOutcome,
     answer,
     engine_outcome,
-    error_response,
     predict_requests,
     refuse_bentoml_downloads,
     strict_api,
 )
 from segmentation.serving.disconnect import CancelOnDisconnect
-from segmentation.serving.engines import RemoteEngines, local_engine_url
+from segmentation.serving.engines import RemoteEngines, local_engine_url, stream_event
 from segmentation.serving.guard import RequestGuard
 from segmentation.serving.lifecycle import (
     exit_nonzero_after_a_failed_start,
@@ -63,6 +62,8 @@ from segmentation.serving.metrics import (
     set_engine_slots,
     watch_engine_steps,
 )
+from segmentation.serving.openai_api import create_app as openai_app
+from segmentation.serving.openai_format import OpenAIErrorShape
 from segmentation.serving.probes import HealthProbes, Readiness
 from segmentation.serving.settings import Settings, adapter_tag, model_tag, read_secret
 from segmentation.serving.store import VAE_FILE, checks_models, load_mask_encoder, preflight
@@ -181,6 +182,28 @@ class SegmentationEngine:
                 observe_outcome(outcome)
             return [engine_outcome(outcome) for outcome in outcomes]
 
+    @bentoml.api
+    async def predict_stream(self, item: EngineItem) -> AsyncGenerator[str, None]:
+        """One request answered as its row decodes: server-sent events of its new text, then its outcome
+        (engines.py reads them). With adaptive batches (`SEG_SCHEDULER=batches`) the answer comes whole."""
+        [request] = predict_requests([item])
+        events = self.pool.stream_one(request, timeout_s=SETTINGS.request_timeout_s) \
+            if SETTINGS.scheduler == "steps" else self._whole(request)
+        async with contextlib.aclosing(events):  # a caller that leaves cancels the request
+            async for event in events:
+                if "outcome" in event:
+                    observe_outcome(event["outcome"])
+                    event = {"outcome": engine_outcome(event["outcome"]).model_dump(mode="json")}
+                yield stream_event(event)
+
+    async def _whole(self, request):
+        ENGINE_LOAD.batch_started(1)
+        try:
+            [outcome] = await asyncio.to_thread(self.compute.run, self.pool.predict, [request])
+        finally:
+            ENGINE_LOAD.batch_finished()
+        yield {"outcome": outcome}
+
 
 # The models the engine serves are class attributes, so `bentoml build` records them in the bento and
 # `containerize` bakes them into the image. Which ones is an environment variable (SEG_MODELS), so
@@ -205,9 +228,15 @@ SegmentationEngine = bentoml.service(
 # the body's size.
 SegmentationEngine.add_asgi_middleware(EngineGate, token=SETTINGS.engine_token)
 SegmentationEngine.add_asgi_middleware(RequestGuard, default_max_body_bytes=SETTINGS.engine_max_body_bytes())
-SegmentationEngine.add_asgi_middleware(EngineLoadMiddleware, load=ENGINE_LOAD)
+SegmentationEngine.add_asgi_middleware(EngineLoadMiddleware, load=ENGINE_LOAD,
+                                       paths=frozenset({"/predict", "/predict_stream"}))
 # A request whose caller left stops at once (with step-level batching its slot is freed).
-SegmentationEngine.add_asgi_middleware(CancelOnDisconnect, paths=frozenset({"/predict"}))
+SegmentationEngine.add_asgi_middleware(CancelOnDisconnect, paths=frozenset({"/predict", "/predict_stream"}))
+
+
+# The public API's field types: every limit the server enforces, in its input models and /docs.json.
+F = inputs.RequestFields(SETTINGS)
+IMAGE_SOURCES = ("image", "image_url", "image_base64")
 
 
 class Segmentation:
@@ -226,6 +255,9 @@ class Segmentation:
         READINESS.attach(self.engine)
         self._mask_encoder = None  # loaded by the first /encode: most servers never need it
         self._mask_encoder_lock = asyncio.Lock()
+        # Full-size pixels this worker decodes, pastes and encodes at once, over all its requests (two
+        # images of the largest size): memory is bounded by pixels in flight, not by images sent.
+        self.pixels = budget.PixelBudget(2 * SETTINGS.max_pixels)
 
     async def served_models(self) -> list[dict]:
         if self._models is None:
@@ -242,49 +274,73 @@ class Segmentation:
         prompt: str | None,
         model: str | None,
         mask_format: str | None,
-        return_input_image: bool = False,
         labels_from_prompt: bool = False,
+        keep_bytes: bool = False,
     ):
-        """Check the request, run the engine, assemble the answer: (result, picture, model)."""
+        """Check the request, run the engine: (prediction, width, height, model picture, the image file's
+        bytes if `keep_bytes` else None, model id, mask format). The full-size picture lives only while it
+        is decoded and resized."""
         models = await self.served_models()
         model_id = api.check_model(model, [m["id"] for m in models])
         size = next(m["image_size"] for m in models if m["id"] == model_id)
         fmt = api.check_mask_format(mask_format)
         parsed = api.check_prompt(prompt, task, SETTINGS, labels_from_prompt=labels_from_prompt)
-        start = time.perf_counter()
-        original = await api.read_image(SETTINGS, image, image_url, image_base64)
-        picture = await asyncio.to_thread(model_input, original, size)
-        observe_stage("decode_input", time.perf_counter() - start)
-
+        picture, width, height, data = await self.read_picture(size, image, image_url, image_base64,
+                                                               keep_bytes=keep_bytes)
         outcome = await self.engine.predict(
             EngineItem(model=model_id, image=picture, task=parsed.task, classes=list(parsed.classes),
                        labels_from_prompt=parsed.labels_from_prompt)
         )
         if outcome.error:
-            raise api.RequestError(outcome.error, outcome.status)
-        # Pasting masks onto the original image is CPU work: off the event loop.
-        result = await asyncio.to_thread(
-            assemble, Prediction.from_dict(outcome.prediction), original.width, original.height)
-        return result, original, (picture if return_input_image else None), model_id, fmt
+            raise api.engine_refusal(outcome.error, outcome.status)
+        return Prediction.from_dict(outcome.prediction), width, height, picture, data, model_id, fmt
 
-    async def _json(self, task: str, **kwargs) -> dict:
-        result, _, picture, model_id, fmt = await self._run(task, **kwargs)
+    async def read_picture(self, size: int, image: Path | None = None, image_url: str | None = None,
+                           image_base64: str | None = None, *, keep_bytes: bool = False):
+        """The request's image read and checked, and resized to the model's input `size` within the worker's
+        pixel budget: (model picture, width, height, the image file's bytes if `keep_bytes` else None). The
+        full-size picture lives only while it is decoded and resized. (The /v1 routes read images here too.)"""
         start = time.perf_counter()
-        body = await asyncio.to_thread(response_body, result, model=model_id, mask_format=fmt, input_image=picture)
+        data = await api.read_image_bytes(SETTINGS, image, image_url, image_base64)
+        pixels = api.image_pixels(data, SETTINGS.max_pixels)
+        async with self.pixels.hold(pixels):
+            original = await api.decode_image(SETTINGS, data)
+            width, height = original.size
+            picture = await asyncio.to_thread(model_input, original, size)
+            del original
+        observe_stage("decode_input", time.perf_counter() - start)
+        return picture, width, height, data if keep_bytes else None
+
+    async def answer_body(self, prediction: Prediction, width: int, height: int, *, model_id: str, fmt: str,
+                          input_image: Image.Image | None = None) -> dict:
+        """/segment's JSON answer for a prediction on a `width` x `height` image (also /v1's segmentation)."""
+        start = time.perf_counter()
+        masks = any(o.mask64 is not None for o in prediction.objects)
+        # Pasting full-size masks is CPU work and memory: off the event loop, within the pixel budget (an
+        # answer without masks holds nothing full-size and does not queue for it).
+        async with self.pixels.hold(width * height) if masks else contextlib.nullcontext():
+            body = await asyncio.to_thread(api.answer_body, prediction, width, height, model=model_id,
+                                           mask_format=fmt, input_image=input_image)
         observe_stage("encode", time.perf_counter() - start)
         return body
 
-    @strict_api(route="/segment")
+    async def _json(self, task: str, *, return_input_image: bool = False, **kwargs) -> dict:
+        prediction, width, height, picture, _, model_id, fmt = await self._run(task, **kwargs)
+        return await self.answer_body(prediction, width, height, model_id=model_id, fmt=fmt,
+                                      input_image=picture if return_input_image else None)
+
+    @strict_api(route="/segment", one_of=IMAGE_SOURCES, noun="image")
     async def segment(
         self,
+        *,
         image: Path = None,  # noqa: RUF013 -- plain `Path = None`: see FIELD-NOTES (multipart and JSON on one route)
-        image_url: str | None = None,
-        image_base64: str | None = None,
-        prompt: str = "",
-        model: str | None = None,
-        mask_format: str = "rle",
-        return_input_image: bool = False,
-        labels_from_prompt: bool = False,
+        image_url: F.ImageUrl = None,
+        image_base64: F.ImageBase64 = None,
+        prompt: F.Prompt,
+        model: F.Model = None,
+        mask_format: F.MaskFormat = "rle",
+        return_input_image: F.Flag = False,
+        labels_from_prompt: F.Flag = False,
     ) -> dict:
         """Segment the objects a prompt names: labels, boxes, scores and masks (rle, png, polygon)."""
         return await answer(self._json(
@@ -293,16 +349,17 @@ class Segmentation:
             labels_from_prompt=labels_from_prompt,
         ))
 
-    @strict_api(route="/detect")
+    @strict_api(route="/detect", one_of=IMAGE_SOURCES, noun="image")
     async def detect(
         self,
+        *,
         image: Path = None,  # noqa: RUF013
-        image_url: str | None = None,
-        image_base64: str | None = None,
-        prompt: str = "",
-        model: str | None = None,
-        return_input_image: bool = False,
-        labels_from_prompt: bool = False,
+        image_url: F.ImageUrl = None,
+        image_base64: F.ImageBase64 = None,
+        prompt: F.Prompt,
+        model: F.Model = None,
+        return_input_image: F.Flag = False,
+        labels_from_prompt: F.Flag = False,
     ) -> dict:
         """Detect the objects a prompt names: labels, boxes and scores (no masks)."""
         return await answer(self._json(
@@ -311,14 +368,15 @@ class Segmentation:
             labels_from_prompt=labels_from_prompt,
         ))
 
-    @strict_api(route="/render")
+    @strict_api(route="/render", one_of=IMAGE_SOURCES, noun="image")
     async def render(
         self,
+        *,
         image: Path = None,  # noqa: RUF013
-        image_url: str | None = None,
-        image_base64: str | None = None,
-        prompt: str = "",
-        model: str | None = None,
+        image_url: F.ImageUrl = None,
+        image_base64: F.ImageBase64 = None,
+        prompt: F.Prompt,
+        model: F.Model = None,
     ) -> Image.Image:
         """The input picture with masks, boxes, labels and scores drawn on it (PNG)."""
         return await answer(self._overlay(
@@ -326,20 +384,23 @@ class Segmentation:
         ))
 
     async def _overlay(self, **kwargs) -> Image.Image:
-        result, original, _, _, _ = await self._run("segment", mask_format="none", **kwargs)
-        overlay = await asyncio.to_thread(render_overlay, original, result.objects)
+        prediction, width, height, _, data, _, _ = await self._run("segment", mask_format="none", keep_bytes=True,
+                                                                   **kwargs)
+        # The picture is decoded again (its bytes were kept, not its pixels, while the engine ran); the
+        # overlay holds it, a float copy and every mask: three times a decode's share of the budget.
+        async with self.pixels.hold(3 * width * height):
+            original = await api.decode_image(SETTINGS, data)
+            result = await asyncio.to_thread(assemble, prediction, width, height)
+            overlay = await asyncio.to_thread(render_overlay, original, result.objects)
         overlay.format = "PNG"  # answered as image/png
         return overlay
 
     @strict_api(route="/segment_batch")
-    async def segment_batch(self, requests: list[BatchEntry]) -> list[dict]:
-        """Several images in one request (by URL or base64), answered in order; each entry may fail alone."""
-        if not requests:
-            return error_response("requests is empty; send a list of entries")
-        if len(requests) > SETTINGS.max_batch_images:
-            return error_response(f"{len(requests)} entries sent; the limit is {SETTINGS.max_batch_images} per request")
+    async def segment_batch(self, requests: F.BatchEntries) -> list[dict]:
+        """Several images in one request (by URL or base64), answered in order; each entry may fail alone.
+        Entries are decoded as the worker's pixel budget allows, not all at once."""
 
-        async def one(entry: BatchEntry) -> dict:
+        async def one(entry) -> dict:
             try:
                 return await self._json(
                     entry.task, image=None, image_url=entry.image_url, image_base64=entry.image_base64,
@@ -351,17 +412,18 @@ class Segmentation:
 
         return list(await asyncio.gather(*(one(entry) for entry in requests)))
 
-    @strict_api(route="/encode")
+    @strict_api(route="/encode", one_of=("mask", "mask_base64", "rle", "polygons"),
+                requires={"polygons": ("width", "height")}, noun="mask")
     async def encode(
         self,
         mask: Path = None,  # noqa: RUF013 -- see /segment's image
-        mask_base64: str | None = None,
-        rle: dict | None = None,
-        polygons: list[list[float]] | None = None,
-        width: int | None = None,
-        height: int | None = None,
-        box: list[float] | None = None,
-        label: str = "",
+        mask_base64: F.MaskBase64 = None,
+        rle: F.Rle = None,
+        polygons: F.Polygons = None,
+        width: F.Side = None,
+        height: F.Side = None,
+        box: F.Box = None,
+        label: F.Label = "",
     ) -> dict:
         """A mask (image upload, base64, COCO RLE or polygons) and its label → PaliGemma's training text
         `<loc…>×4<seg…>×16 label`, made as big_vision made the model's targets; `box` (y1, x1, y2, x2 in
@@ -373,16 +435,21 @@ class Segmentation:
         try:
             return load_mask_encoder(SETTINGS)
         except CheckpointError as exc:
-            raise api.RequestError(f"this server cannot encode masks: {exc}", 501) from exc
+            errors.logger.error("request %s: the mask encoder cannot be loaded: %s", errors.current_request_id(), exc)
+            raise api.RequestError("this server cannot encode masks: its mask encoder checkpoint is missing or "
+                                   "unreadable (the server log says which)", 501) from exc
 
     async def _encode(self, upload, mask_base64, rle, polygons, width, height, box, label) -> dict:
-        mask = await asyncio.to_thread(api.read_mask, SETTINGS, upload, mask_base64, rle, polygons, width, height)
-        async with self._mask_encoder_lock:
-            if self._mask_encoder is None:
-                self._mask_encoder = await asyncio.to_thread(self._load_mask_encoder)
-        return await asyncio.to_thread(api.encode_body, self._mask_encoder, mask, label, box)
+        pixels, make_mask = await asyncio.to_thread(
+            api.mask_source, SETTINGS, upload, mask_base64, rle, polygons, width, height)
+        async with self.pixels.hold(pixels):
+            mask = await asyncio.to_thread(make_mask)
+            async with self._mask_encoder_lock:
+                if self._mask_encoder is None:
+                    self._mask_encoder = await asyncio.to_thread(self._load_mask_encoder)
+            return await asyncio.to_thread(api.encode_body, self._mask_encoder, mask, label, box)
 
-    @bentoml.api(route="/models")
+    @strict_api(route="/models")
     async def models(self) -> dict:
         """The served models with their input size; `default` marks the one used when none is named;
         LoRA adapters (named in `model` like any model) come last with their `base`."""
@@ -400,9 +467,15 @@ Segmentation = bentoml.asgi_app(webui.create_app(), path="/ui")(  # the page to 
         traffic={"timeout": SETTINGS.request_timeout_s, "max_concurrency": SETTINGS.max_concurrency},
     )(Segmentation)
 )
-Segmentation.add_asgi_middleware(HealthProbes, readiness=READINESS, debug_modules=SETTINGS.debug_modules)
-Segmentation.add_asgi_middleware(CancelOnDisconnect,
-                                 paths=frozenset({"/segment", "/detect", "/render", "/segment_batch"}))
+# The OpenAI-compatible API (segmentation/serving/openai_api.py).
+Segmentation = bentoml.asgi_app(openai_app(SETTINGS), path="/v1")(Segmentation)
+# Outermost first. Every answer gets a request id, every error answer the one shape and a log line
+# (errors.py), on /v1 OpenAI's error shape (openai_api.py); keys and size caps before anything reads the
+# body (guard.py); /docs.json as enforced (openapi.py); methods, media types and form structure checked
+# before BentoML parses (framing.py).
+errors.quiet_client_errors()
+Segmentation.add_asgi_middleware(errors.ErrorAnswers, pattern_hints=inputs.pattern_hints(SETTINGS),
+                                 own_shapes={"/v1/": OpenAIErrorShape})
 Segmentation.add_asgi_middleware(
     RequestGuard,
     api_keys=SETTINGS.api_keys,
@@ -410,3 +483,17 @@ Segmentation.add_asgi_middleware(
     max_body_bytes={"/segment_batch": SETTINGS.max_body_bytes(SETTINGS.max_batch_images)},
     default_max_body_bytes=SETTINGS.max_body_bytes(),
 )
+_API_ROUTES = {api_method.route: api_method.input_spec for api_method in Segmentation.apis.values()}
+Segmentation.add_asgi_middleware(openapi.OpenAPIDocument, transform=lambda doc: openapi.complete_openapi(
+    doc, openapi.route_docs(_API_ROUTES), api_keys=bool(SETTINGS.api_keys), metrics_public=SETTINGS.metrics_public))
+Segmentation.add_asgi_middleware(
+    framing.RequestFraming,
+    routes={route: framing.RouteForm.from_schema(spec.model_json_schema(), frozenset(spec.multipart_fields))
+            for route, spec in _API_ROUTES.items()},
+    read_paths=frozenset({"/", "/livez", "/readyz", "/healthz", "/metrics", "/docs.json", "/schema.json",
+                          "/debug/modules"}),
+    read_prefixes=("/ui", "/static_content/", "/assets/"),
+)
+Segmentation.add_asgi_middleware(HealthProbes, readiness=READINESS, debug_modules=SETTINGS.debug_modules)
+Segmentation.add_asgi_middleware(CancelOnDisconnect, paths=frozenset(
+    {"/segment", "/detect", "/render", "/segment_batch", "/v1/chat/completions"}))

@@ -32,6 +32,11 @@ prefill and decode step at batch 1 and 8 for each engine setting beside a bare l
 (scripts/engine_timing.py). `--seed-dir DIR` serves the original FastAPI service from a checkout DIR
 beside ours on the same model (scripts/seed_service.py) and reports its req/s, tokens/s and errors.
 
+Streamed answers: at the levels of `--stream-levels` (default 1 and 16 clients) the same requests go,
+right after the level, through the OpenAI-compatible API with `stream: true` (`/v1/chat/completions`) from
+as many clients: time to first token (first text piece received, p50/p90) beside the level's req/s, and
+the streamed req/s. Servers without `/v1` (an older commit, the original service) are skipped.
+
 Random-weight models generate up to their token budget, so the budget is what the benchmark controls:
 `--max-new-tokens` sets the server's `SEG_MAX_NEW_TOKENS` ceiling (and the baseline's). Writes JSON
 (`--out`) and a PNG plot (`--plot`): throughput and p95 latency against concurrency.
@@ -246,37 +251,114 @@ def percentile(values: list[float], q: float) -> float | None:
     return ordered[low] + (ordered[high] - ordered[low]) * (k - low)
 
 
+async def _clients(url: str, work: list[dict], concurrency: int, timeout: float, one) -> tuple[float, list[tuple]]:
+    """`await one(client, item)` for every item of `work`, from `concurrency` clients sharing one httpx
+    client: (wall seconds, the results in order of completion)."""
+    results: list[tuple] = []
+    queue = iter(work)
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=timeout) as client:
+
+        async def worker() -> None:
+            for item in queue:
+                results.append(await one(client, item))
+
+        start = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        return time.perf_counter() - start, results
+
+
 async def _drive(url: str, work: list[dict], concurrency: int, timeout: float,
                  seed: bool = False) -> tuple[float, list[tuple]]:
     """Send every request of `work` from `concurrency` clients; (wall seconds, [(status, seconds)]).
 
     `seed`: the original service's form upload (`prompt`, `image_file`) instead of our JSON body."""
-    results: list[tuple] = []
-    queue = iter(range(len(work)))
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     headers = {"Content-Type": "application/json"}
-    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=timeout) as client:
 
-        async def worker() -> None:
-            for index in queue:
-                start = time.perf_counter()
-                try:
-                    if seed:
-                        item = work[index]
-                        response = await client.post("/segment", data={"prompt": item["seed_prompt"]},
-                                                     files={"image_file": ("image.jpg", item["image"], "image/jpeg")})
-                    else:
-                        response = await client.post("/segment", content=work[index]["body"], headers=headers)
-                    status = str(response.status_code)
-                    if response.status_code == 200:
-                        response.json()  # the client pays for parsing the answer, as a real one does
-                except httpx.HTTPError as exc:
-                    status = type(exc).__name__
-                results.append((status, time.perf_counter() - start))
-
+    async def one(client: httpx.AsyncClient, item: dict) -> tuple:
         start = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-        return time.perf_counter() - start, results
+        try:
+            if seed:
+                response = await client.post("/segment", data={"prompt": item["seed_prompt"]},
+                                             files={"image_file": ("image.jpg", item["image"], "image/jpeg")})
+            else:
+                response = await client.post("/segment", content=item["body"], headers=headers)
+            status = str(response.status_code)
+            if response.status_code == 200:
+                response.json()  # the client pays for parsing the answer, as a real one does
+        except httpx.HTTPError as exc:
+            status = type(exc).__name__
+        return status, time.perf_counter() - start
+
+    return await _clients(url, work, concurrency, timeout, one)
+
+
+def stream_body(item: dict, model: str) -> bytes:
+    """A workload request as an OpenAI-compatible streamed chat completion."""
+    image = base64.b64encode(item["image"]).decode("ascii")
+    return json.dumps({"model": model, "stream": True, "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": f"data:image/jpeg;base64,{image}"}},
+        {"type": "text", "text": item["prompt"]}]}]}).encode()
+
+
+def openai_model(url: str) -> str | None:
+    """The first model `/v1/models` lists, or None where the server has no OpenAI-compatible API."""
+    try:
+        response = httpx.get(url + "/v1/models", timeout=30)
+    except httpx.HTTPError:
+        return None
+    if response.status_code != 200 or "application/json" not in response.headers.get("content-type", ""):
+        return None
+    return response.json()["data"][0]["id"]
+
+
+async def _drive_stream(url: str, work: list[dict], concurrency: int, timeout: float,
+                        model: str) -> tuple[float, list[tuple]]:
+    """`_drive` through `/v1/chat/completions` with `stream: true`: (wall seconds, [(status, seconds to the
+    first text piece, seconds to the end)])."""
+    headers = {"Content-Type": "application/json"}
+
+    async def one(client: httpx.AsyncClient, item: dict) -> tuple:
+        start, first, status = time.perf_counter(), None, "no [DONE]"
+        try:
+            async with client.stream("POST", "/v1/chat/completions", content=stream_body(item, model),
+                                     headers=headers) as response:
+                if response.status_code != 200:
+                    await response.aread()
+                    status = str(response.status_code)
+                else:
+                    async for line in response.aiter_lines():
+                        if line == "data: [DONE]":
+                            status = "200"
+                        elif first is None and line.startswith("data: "):
+                            choices = json.loads(line[6:]).get("choices") or [{}]
+                            if choices[0].get("delta", {}).get("content"):
+                                first = time.perf_counter() - start
+        except httpx.HTTPError as exc:
+            status = type(exc).__name__
+        return status, first, time.perf_counter() - start
+
+    return await _clients(url, work, concurrency, timeout, one)
+
+
+def run_stream_level(url: str, work: list[dict], concurrency: int, timeout: float, model: str) -> dict:
+    wall, results = asyncio.run(_drive_stream(url, work, concurrency, timeout, model))
+    return {"wall_s": wall, "results": results}
+
+
+def summarize_stream(concurrency: int, runs: list[dict]) -> dict:
+    """Streamed requests of a level over its rounds: req/s, time to first token and to the end."""
+    results = [r for run in runs for r in run["results"]]
+    ok = [(first, total) for status, first, total in results if status == "200" and first is not None]
+    rates = [sum(1 for status, *_ in run["results"] if status == "200") / run["wall_s"] for run in runs]
+    firsts, totals = [first for first, _ in ok], [total for _, total in ok]
+    return {
+        "concurrency": concurrency, "requests": len(results), "ok": len(ok),
+        "errors": dict(Counter(status for status, *_ in results if status != "200")),
+        "requests_per_s": round(statistics.median(rates), 3) if rates else None,
+        "time_to_first_token_s": {"p50": _round(percentile(firsts, 0.50)), "p90": _round(percentile(firsts, 0.90))},
+        "latency_s": {"p50": _round(percentile(totals, 0.50)), "p90": _round(percentile(totals, 0.90))},
+    }
 
 
 def run_level(url: str, work: list[dict], concurrency: int, timeout: float, seed: bool = False) -> dict:
@@ -740,6 +822,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache-dir", type=Path, default=ROOT / ".fixtures" / "bench",
                         help="where --start writes fixtures once (default .fixtures/bench)")
     parser.add_argument("--concurrency", default="1,4,16", help="comma-separated client counts")
+    parser.add_argument("--stream-levels", default="1,16",
+                        help="client counts (of --concurrency) whose requests are also streamed through "
+                             "/v1/chat/completions: time to first token; empty: none")
     parser.add_argument("--requests", type=int, default=64, help="requests per concurrency level")
     parser.add_argument("--warmup", type=int, default=8, help="unmeasured requests per server before measuring")
     parser.add_argument("--rounds", type=int, default=1, help="repeat every level on every server, interleaved")
@@ -793,6 +878,7 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, flag) and not args.start:
             parser.error(f"--{flag.replace('_', '-')} starts its servers: use it with --start")
     levels = [int(c) for c in args.concurrency.split(",") if c.strip()]
+    stream_levels = [c for c in levels if str(c) in {v.strip() for v in args.stream_levels.split(",")}]
     extra_env = dict(item.split("=", 1) for item in args.env)
     server_env = {"SEG_MAX_NEW_TOKENS": str(args.max_new_tokens),
                   "SEG_OBJECTS_PER_CLASS": str(args.objects_per_class), **extra_env}
@@ -810,7 +896,8 @@ def main(argv: list[str] | None = None) -> int:
         "versions": versions(),
         "settings": {
             "size": args.size if args.start else None, "url": args.url, "requests_per_level": args.requests,
-            "concurrency": levels, "max_new_tokens": args.max_new_tokens if args.start else None,
+            "concurrency": levels, "stream_levels": stream_levels,
+            "max_new_tokens": args.max_new_tokens if args.start else None,
             "objects_per_class": args.objects_per_class if args.start else None, "seed": args.seed,
             "server_env": server_env if args.start else None, "image_sizes": IMAGE_SIZES, "prompts": PROMPTS,
         },
@@ -846,6 +933,8 @@ def main(argv: list[str] | None = None) -> int:
         configs.append(("original", "seed", {}))
     configs = configs if (args.url or args.start) else []
     runs: dict[str, dict[int, list]] = {name: {c: [] for c in levels} for name, _, _ in configs}
+    stream_runs: dict[str, dict[int, list]] = {name: {c: [] for c in stream_levels} for name, _, _ in configs}
+    stream_models: dict[str, str | None] = {}
     top = max(levels)
     raw_rounds: list[dict] = []
     label_rounds: list[dict] = []
@@ -878,6 +967,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.warmup:
                 asyncio.run(_drive(url, work[:args.warmup], min(args.warmup, top), args.timeout,
                                    seed=name == "original"))
+            stream_models[name] = openai_model(url) if stream_levels and name != "original" else None
         bench = Baseline(fixtures, work, args.max_new_tokens, args.objects_per_class) if args.baseline else None
         for round_index in range(args.rounds):
             order = list(urls) if round_index % 2 == 0 else list(reversed(urls))
@@ -890,6 +980,13 @@ def main(argv: list[str] | None = None) -> int:
                           f"p50 {one['latency_s']['p50']}s  p95 {one['latency_s']['p95']}s  "
                           f"batch mean {one['batch_size_mean']}  tokens {one['generated_tokens_mean']}  "
                           f"errors {one['errors'] or 0}", flush=True)
+                    if concurrency in stream_levels and stream_models[name]:
+                        streamed = run_stream_level(urls[name], work, concurrency, args.timeout, stream_models[name])
+                        stream_runs[name][concurrency].append(streamed)
+                        one = summarize_stream(concurrency, [streamed])
+                        print(f"[{name} round {round_index + 1}] c={concurrency:<3} streamed {one['requests_per_s']} "
+                              f"req/s  first token p50 {one['time_to_first_token_s']['p50']}s  "
+                              f"p90 {one['time_to_first_token_s']['p90']}s  errors {one['errors'] or 0}", flush=True)
             if args.label:
                 label_rounds.append(label_bench(next(iter(urls.values())), work, args.timeout))
             if bench is not None:
@@ -905,6 +1002,9 @@ def main(argv: list[str] | None = None) -> int:
 
     for name, _, _ in configs:
         report["configs"][name]["levels"] = [summarize_level(c, runs[name][c]) for c in levels]
+        for level in report["configs"][name]["levels"]:
+            if stream_runs[name].get(level["concurrency"]):
+                level["stream"] = summarize_stream(level["concurrency"], stream_runs[name][level["concurrency"]])
     if "original" in urls:
         # Its answers carry no token count: count them with its own generate call on the same inputs.
         pairs = list(dict.fromkeys((w["image"], w["prompt"]) for w in work))

@@ -20,6 +20,7 @@ $BENTOML_HOME/models (default ~/bentoml).
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import shutil
 import sys
 import tempfile
@@ -31,6 +32,40 @@ from segmentation.model.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, Adapter
 from segmentation.serving.settings import VAE_TAG, adapter_tag, model_tag, read_secret  # noqa: E402
 
 VAE_FILE = "vae-oid.npz"
+# Not copied into the store: the Hub cache's own bookkeeping and model cards.
+SKIPPED = (".cache", "*.md")
+CHUNK = 8 << 20
+
+
+def progress_bar(total: int | None, description: str):
+    """A byte counter on stderr (a 3B model is gigabytes: its copy takes minutes on a slow disk)."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=description, leave=True,
+                mininterval=0.5)
+
+
+def files_to_copy(source: Path) -> list[Path]:
+    """Every file under `source` but those SKIPPED (a name matching at any depth), sorted."""
+    return sorted(
+        path for path in source.rglob("*")
+        if path.is_file() and not any(fnmatch.fnmatch(part, pattern) for part in path.relative_to(source).parts
+                                      for pattern in SKIPPED)
+    )
+
+
+def copy_with_progress(source: Path, dest: Path, description: str) -> None:
+    """Copy the files under `source` into `dest` (same layout), showing the bytes copied."""
+    files = files_to_copy(source)
+    with progress_bar(sum(f.stat().st_size for f in files), description) as bar:
+        for path in files:
+            target = dest / path.relative_to(source)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with path.open("rb") as src, target.open("wb") as out:
+                while chunk := src.read(CHUNK):
+                    out.write(chunk)
+                    bar.update(len(chunk))
+            shutil.copystat(path, target)
 
 
 def import_paligemma(source: Path, model_id: str, *, origin: str) -> str:
@@ -41,7 +76,7 @@ def import_paligemma(source: Path, model_id: str, *, origin: str) -> str:
         raise SystemExit(f"{source} holds no PaliGemma model (no config.json)")
     labels = {"kind": "paligemma", "source": origin}
     with bentoml.models.create(model_tag(model_id), labels=labels, metadata={"model_id": model_id}) as model:
-        shutil.copytree(source, model.path, dirs_exist_ok=True, ignore=shutil.ignore_patterns(".cache", "*.md"))
+        copy_with_progress(source, Path(model.path), f"copying {model_id} into the model store")
     return str(model.tag)
 
 
@@ -93,9 +128,12 @@ def download_url(url: str, dest: Path) -> Path:
 
     with httpx.stream("GET", url, follow_redirects=True, timeout=60) as response:
         response.raise_for_status()
-        with dest.open("wb") as out:
+        size = response.headers.get("content-length", "")
+        with dest.open("wb") as out, progress_bar(int(size) if size.isdigit() else None,
+                                                  f"downloading {dest.name}") as bar:
             for chunk in response.iter_bytes():
                 out.write(chunk)
+                bar.update(len(chunk))
     return dest
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 import sys
 import time
 from pathlib import Path
@@ -164,6 +165,28 @@ def write_fixtures(out: Path, size: str = "tiny", seed: int = 0, vae: str = "tra
     return out
 
 
+class TrainingBar:
+    """The fixture VAE's training as a progress bar on stderr, fed the lines that
+    `train_vae_fixture.train` logs (`step N/M loss ...` every 100 steps); other lines are printed."""
+
+    STEP = re.compile(r"step (\d+)/(\d+) ")
+
+    def __init__(self, total: int):
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total, unit="step", desc="training the mask VAE", mininterval=0)
+
+    def __call__(self, line: str) -> None:
+        if match := self.STEP.match(line):
+            self.bar.update(int(match[1]) - self.bar.n)
+            self.bar.set_postfix_str(line[match.end():], refresh=True)
+        else:
+            self.bar.write(line)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True, help="output directory")
@@ -173,6 +196,17 @@ def main(argv: list[str] | None = None) -> int:
                         help="the mask VAE: trained on synthetic shapes (cached; default) or random weights")
     args = parser.parse_args(argv)
     start = time.perf_counter()
+    from train_vae_fixture import TRAIN_STEPS, cache_path, trained_vae_npz
+
+    if args.vae == "trained" and not cache_path(0).is_file():
+        # First, on its own: the one step of the first `make demo` that takes minutes.
+        print(f"The mask VAE is trained once per machine (2 to 13 minutes on 2 cores), then kept in "
+              f"{cache_path(0).parent}", flush=True)
+        bar = TrainingBar(TRAIN_STEPS)
+        try:
+            trained_vae_npz(0, log=bar)
+        finally:
+            bar.close()
     write_fixtures(args.out, size=args.size, seed=args.seed, vae=args.vae)
     print(f"wrote {args.out}/paligemma and {args.out}/vae-oid.npz ({args.size}) "
           f"in {time.perf_counter() - start:.1f}s")

@@ -19,6 +19,8 @@ PaliGemma's training text `<loc…>×4<seg…>×16 label`; `encoding()` returns 
 
 Predictions are pure, so a request is retried with exponential backoff when the server sheds load
 (429, 502, 503) or the connection drops; a 4xx raises `RequestRejected` carrying the server's message.
+A client's first call that finds no server at its URL (connection refused, unknown host) raises
+`ServerUnreachable` at once, without retries; `check_server(url)` asks the same before any work.
 
 Needs only numpy, pillow, httpx and pycocotools (`pip install "paligemma-segmentation[client]"`):
 importing this module loads no torch, JAX or BentoML.
@@ -29,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import os
 import random
 import time
 from collections.abc import Sequence
@@ -71,6 +74,59 @@ class RequestRejected(RemoteError):
 
 class ServerUnavailable(RemoteError):
     """The server stayed overloaded, failed (5xx) or unreachable after every retry."""
+
+
+START_HINT = ("start one with `make demo` (the demo model) or `make serve` in the project's folder, "
+              "or give the URL of a running server")
+
+
+class ServerUnreachable(ServerUnavailable):
+    """Nothing answers at `url` (connection refused, unknown host, no answer in time): raised by
+    `check_server` and by a client's first call, at once. Later calls of a client that has reached its
+    server retry lost connections instead (a restarting server)."""
+
+    def __init__(self, url: str, reason: str, hint: str = START_HINT):
+        super().__init__(f"no server answering at {url} ({reason}): {hint}")
+        self.url = url
+        self.reason = reason
+
+
+def _reason(exc: Exception) -> str:
+    """The innermost OS error's words (`Connection refused`, `Name or service not known`), else the
+    error's own text or kind (the sync and async transports word the same failure differently)."""
+    cause, seen, found = exc, set(), None
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if isinstance(cause, OSError) and cause.errno is not None:
+            found = cause
+        cause = cause.__cause__ or cause.__context__
+    if found is not None:
+        return os.strerror(found.errno) if found.errno > 0 else str(found.strerror or found)
+    return str(exc).strip() or type(exc).__name__
+
+
+def check_url(url: str) -> str:
+    """The server URL without a trailing slash; ValueError for one that is not http(s)://host[:port]."""
+    try:
+        parsed = httpx.URL(url)
+    except httpx.InvalidURL:
+        parsed = None
+    if parsed is None or parsed.scheme not in ("http", "https") or not parsed.host:
+        raise ValueError(f"the server URL must look like http://127.0.0.1:3000, not {url!r}")
+    return url.rstrip("/")
+
+
+CHECK_TIMEOUT = httpx.Timeout(30.0, connect=10.0)
+
+
+def check_server(url: str, hint: str = START_HINT, timeout: httpx.Timeout = CHECK_TIMEOUT) -> None:
+    """Raise `ServerUnreachable` unless something answers HTTP at `url`. It asks `GET /livez` (open
+    without an API key, answered at once, also while the models load); any HTTP answer will do."""
+    url = check_url(url)
+    try:
+        httpx.get(f"{url}/livez", timeout=timeout)
+    except httpx.TransportError as exc:
+        raise ServerUnreachable(url, _reason(exc), hint) from None
 
 
 def image_bytes(image: ImageInput) -> bytes:
@@ -218,6 +274,8 @@ def _headers(api_key: str | None) -> dict[str, str]:
 # working on it; a second try would double the load).
 _RETRY_ERRORS = (httpx.ConnectError, httpx.ConnectTimeout, httpx.ReadError, httpx.WriteError,
                  httpx.RemoteProtocolError, httpx.PoolTimeout)
+# No connection at all: on a client's first call, nothing answers at its URL.
+_CONNECT_ERRORS = (httpx.ConnectError, httpx.ConnectTimeout)
 
 
 class _Remote:
@@ -236,14 +294,23 @@ class _Remote:
         backoff_s: float = DEFAULT_BACKOFF_S,
         concurrency: int | None = None,
     ):
+        self.url = check_url(url)
         self.model = model
         self.retries = retries
         self.backoff_s = backoff_s
         self.concurrency = max(1, concurrency or self.default_concurrency)
         self._http_options = dict(
-            base_url=url.rstrip("/"), headers=_headers(api_key), timeout=timeout_s,
+            base_url=self.url, headers=_headers(api_key), timeout=timeout_s,
             limits=httpx.Limits(max_connections=self.concurrency),
         )
+        self._reached = False  # set by the first HTTP answer
+
+    def _connection_failed(self, exc: httpx.TransportError) -> ServerUnavailable:
+        """The failure to retry after a lost connection; raises `ServerUnreachable` when this client
+        never reached its server and could not connect now."""
+        if not self._reached and isinstance(exc, _CONNECT_ERRORS):
+            raise ServerUnreachable(self.url, _reason(exc)) from None
+        return ServerUnavailable(f"connection failed: {exc!r}")
 
     def _body(self, data: bytes, prompt: str, task: Task, labels_from_prompt: bool) -> dict:
         return request_body(data, prompt, self.model, task, labels_from_prompt)
@@ -310,9 +377,10 @@ class RemoteSegmenter(_Remote):
             response = None
             try:
                 response = self._http.post(route, json=body)
+                self._reached = True
                 result = outcome(response)
             except _RETRY_ERRORS as exc:
-                result = ServerUnavailable(f"connection failed: {exc!r}")
+                result = self._connection_failed(exc)
             if (delay := self._wait_before_retry(attempt, result, response)) is None:
                 return result
             time.sleep(delay)
@@ -320,7 +388,11 @@ class RemoteSegmenter(_Remote):
 
     def models(self) -> list[dict]:
         """The served models: `{"id", "image_size", "default"}` each."""
-        response = self._http.post("/models", json={})
+        try:
+            response = self._http.post("/models", json={})
+        except _CONNECT_ERRORS as exc:
+            raise self._connection_failed(exc) from None
+        self._reached = True
         if response.status_code != 200:
             raise RequestRejected(error_message(response), response.status_code)
         return response.json()["models"]
@@ -390,9 +462,10 @@ class AsyncRemoteSegmenter(_Remote):
             try:
                 async with self._slots:
                     response = await self._http.post(route, json=body)
+                self._reached = True
                 result = outcome(response)
             except _RETRY_ERRORS as exc:
-                result = ServerUnavailable(f"connection failed: {exc!r}")
+                result = self._connection_failed(exc)
             if (delay := self._wait_before_retry(attempt, result, response)) is None:
                 return result
             await asyncio.sleep(delay)

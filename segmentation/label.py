@@ -4,8 +4,9 @@
     python -m segmentation.label IMAGES --prompt "cat ; dog" --model-dir PALIGEMMA --vae vae-oid.npz --out DIR
 
 Writes DIR/coco.json (paths relative to IMAGES), DIR/failures.json and DIR/answers.jsonl (the log a
-rerun resumes from). See `segmentation.data.labelling`. Exit status 0 when every image was labelled,
-1 when some failed, 2 for bad arguments.
+rerun resumes from). See `segmentation.data.labelling`. With --url the server is asked once before
+anything starts. Exit status 0 when every image was labelled, 1 when some failed, 2 for bad arguments,
+3 when no server answers at --url.
 """
 
 from __future__ import annotations
@@ -47,19 +48,34 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--yolo traces mask outlines with OpenCV: pip install opencv-python-headless")
     if args.concurrency < 1 or args.batch_size < 1:
         parser.error("--concurrency and --batch-size must be at least 1")
+    if args.url is not None:
+        from .client import check_url
+
+        try:
+            args.url = check_url(args.url)
+        except ValueError as exc:
+            parser.error(f"--url: {exc}")
     return args
+
+
+NO_SERVER_HINT = ("start one in the project's folder with `make demo` (the demo model) or `make serve`, "
+                  "or give a running server's address with --url; --model-dir DIR --vae FILE labels without one")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     options = dict(yolo=args.yolo, png_masks=args.png_masks, labels_from_prompt=args.labels_from_prompt,
                    progress=not args.no_progress)
+    from .client import ServerUnreachable
     from .model.prompts import PromptError
 
     try:
         if args.url:
-            from .client import AsyncRemoteSegmenter
+            from .client import AsyncRemoteSegmenter, check_server
+            from .model.conversions import prompt_classes
 
+            prompt_classes(args.prompt)  # a bad prompt is an argument error, whether a server answers or not
+            check_server(args.url, hint=NO_SERVER_HINT)  # once, before any work: stop at once if nobody answers
             segmenter = AsyncRemoteSegmenter(args.url, args.api_key, model=args.model, concurrency=args.concurrency)
             summary = label_folder(args.images, args.out, args.prompt, segmenter, remote=True,
                                    concurrency=args.concurrency, **options)
@@ -72,6 +88,9 @@ def main(argv: list[str] | None = None) -> int:
     except PromptError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except ServerUnreachable as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 3
     except KeyboardInterrupt:
         print(f"interrupted; finished images are kept in {args.out}: run again to resume", file=sys.stderr)
         return 130

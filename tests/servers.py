@@ -48,8 +48,10 @@ class Server:
     process: subprocess.Popen
     log: Path
 
-    def logs(self) -> str:
-        return self.log.read_text(errors="replace")[-5000:]
+    def logs(self, tail: int | None = 5000) -> str:
+        """The server's log: its last `tail` characters, or all of it."""
+        text = self.log.read_text(errors="replace")
+        return text if tail is None else text[-tail:]
 
 
 def import_fixtures(home: Path, fixtures: Path, model_id: str = DEMO_MODEL) -> None:

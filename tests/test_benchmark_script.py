@@ -42,6 +42,13 @@ def test_benchmark_script_writes_a_complete_report(tiny_fixtures, tmp_path):
         assert 1 <= level["batch_size_mean"] <= 4
         assert {"decode_input", "generate", "mask_decode", "encode"} <= set(level["stage_seconds_mean"])
         assert 0 < level["generated_tokens_mean"] <= 24
+    # Streamed through /v1/chat/completions at 1 client (--stream-levels defaults to 1 and 16).
+    assert report["settings"]["stream_levels"] == [1]
+    streamed = levels[0]["stream"]
+    assert streamed["requests"] == streamed["ok"] == 8 and streamed["errors"] == {}
+    assert 0 < streamed["time_to_first_token_s"]["p50"] <= streamed["time_to_first_token_s"]["p90"]
+    assert streamed["time_to_first_token_s"]["p90"] <= streamed["latency_s"]["p90"]
+    assert streamed["requests_per_s"] > 0 and "stream" not in levels[1]
 
     # Base-only against base + 2 adapters mixed, on one server at the highest concurrency.
     adapters = report["adapters"]

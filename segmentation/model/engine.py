@@ -44,12 +44,21 @@ GENERATIONS = ("graph", "fast", "hf-generate")
 
 @dataclass
 class Generation:
-    """One row's output: the text and, per emitted token, its id, log-probability and text span."""
+    """One row's output: the text and, per emitted token, its id, log-probability and text span; the
+    tokens its prompt took (image tokens included), and why it ended: `stop` (its end token) or
+    `length` (its budget, or a cut: `PaliGemmaEngine.conclude`)."""
 
     text: str
     token_ids: list[int]
     token_logprobs: list[float]
     token_spans: list[tuple[int, int]]
+    prompt_tokens: int = 0
+    finish_reason: str = "stop"
+
+    @property
+    def token_texts(self) -> list[str]:
+        """Each emitted token's piece of `text` (they add up to it)."""
+        return [self.text[a:b] for a, b in self.token_spans]
 
 
 def default_device() -> str:
@@ -189,12 +198,16 @@ class PaliGemmaEngine:
         forward_kwargs = self.forward_kwargs(prompts, adapters)
         if self.generation == "graph" and self._fits_graph(rows, prompt_length):
             decoded = self._graph_decode(inputs, rows, forward_kwargs)
-            return [self._row(d.token_ids, d.token_logprobs) for d in decoded]
-        grammar = ObjectGrammar(self.vocab, rows, prompt_length)
-        steps = max(r.budget for r in rows) + 1  # +1: room for the end token a row's budget forces
-        generated = self._decode(inputs, grammar, steps, forward_kwargs).cpu()
-        logprobs = grammar.finish(generated)
-        return [self._row(ids, lps) for ids, lps in zip(generated.tolist(), logprobs)]
+            generations = [self._row(d.token_ids, d.token_logprobs) for d in decoded]
+        else:
+            grammar = ObjectGrammar(self.vocab, rows, prompt_length)
+            steps = max(r.budget for r in rows) + 1  # +1: room for the end token a row's budget forces
+            generated = self._decode(inputs, grammar, steps, forward_kwargs).cpu()
+            logprobs = grammar.finish(generated)
+            generations = [self._row(ids, lps) for ids, lps in zip(generated.tolist(), logprobs)]
+        for generation, tokens in zip(generations, inputs["attention_mask"].sum(-1).tolist()):
+            generation.prompt_tokens = int(tokens)
+        return generations
 
     @property
     def fixed_prompt_length(self) -> int:
@@ -395,6 +408,27 @@ class PaliGemmaEngine:
         logprobs = logprobs[: len(ids)]
         text = self.tokenizer.decode(ids, skip_special_tokens=True)
         return Generation(text, ids, logprobs, self._spans(ids, text))
+
+    def conclude(self, generation: Generation, *, budget: int, cut_after: int | None = None) -> Generation:
+        """A finished row with its finish reason: cut after `cut_after` tokens when it has more (OpenAI's
+        `max_tokens`: the same tokens as without the cut, up to it), `length` when a cut or its budget
+        ended it, else `stop`."""
+        if cut_after is not None and len(generation.token_ids) > cut_after:
+            cut = self._row(generation.token_ids[:cut_after], generation.token_logprobs[:cut_after])
+            cut.prompt_tokens, cut.finish_reason = generation.prompt_tokens, "length"
+            return cut
+        generation.finish_reason = "length" if len(generation.token_ids) >= budget else "stop"
+        return generation
+
+    def text_of(self, ids: list[int]) -> str:
+        """The text of emitted token ids (a row's tokens so far, while it streams)."""
+        with self._tokenizer_lock:
+            return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def token_texts(self, ids: list[int]) -> list[str]:
+        """Each token's own text (a streamed row's new tokens)."""
+        with self._tokenizer_lock:
+            return [self.tokenizer.decode([i], skip_special_tokens=True) for i in ids]
 
     def _spans(self, ids: list[int], text: str) -> list[tuple[int, int]]:
         """Each token's character range in `text` (empty for tokens that decode to nothing)."""

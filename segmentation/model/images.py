@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 import warnings
 
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -45,13 +46,18 @@ def open_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Im
     except ImageError:
         raise
     except Image.DecompressionBombError as exc:  # past twice Pillow's own limit: refused while opening
-        raise ImageTooLarge(f"the image is too large ({exc}); the limit is {max_pixels} pixels") from exc
+        # Pillow's message holds the header's pixel count ("Image size (N pixels) exceeds ..."): say it in ours.
+        found = re.search(r"\((\d+) pixels\)", str(exc))
+        size = f"is {found.group(1)} pixels" if found else f"has more than {max_pixels} pixels"
+        raise ImageTooLarge(f"the image {size}; the limit is {max_pixels}") from exc
     except UnidentifiedImageError as exc:  # its message holds the repr of a BytesIO: not for clients
         raise ImageError(
             f"the data is not a readable image; accepted formats: {', '.join(ACCEPTED_FORMATS)}"
         ) from exc
-    except (OSError, SyntaxError, ValueError) as exc:  # truncated or corrupt data
-        raise ImageError(f"the image could not be decoded: {exc}") from exc
+    except (OSError, SyntaxError, ValueError) as exc:  # truncated or corrupt data (Pillow's text: not for clients)
+        accepted = ", ".join(ACCEPTED_FORMATS)
+        raise ImageError(f"the image could not be decoded (truncated or corrupt data); accepted formats: {accepted}") \
+            from exc
     return to_rgb(ImageOps.exif_transpose(image))
 
 

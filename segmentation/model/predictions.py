@@ -26,12 +26,18 @@ class ObjectPrediction:
 
 @dataclass
 class Prediction:
-    """What the model said about one image, before anything depends on the image's own size."""
+    """What the model said about one image, before anything depends on the image's own size: its text and
+    objects, and per emitted token its text and log-probability; the tokens of the prompt (image tokens
+    included) and why the answer ended (`stop`, or `length`: its budget or a cut)."""
 
     prompt: str
     text: str
     objects: list[ObjectPrediction] = field(default_factory=list)
     generated_tokens: int = 0
+    prompt_tokens: int = 0
+    finish_reason: str = "stop"
+    tokens: list[str] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         """JSON-ready types for crossing a process boundary; masks as base64 float32 (exact, compact)."""
@@ -51,7 +57,9 @@ class Prediction:
             )
             for o in data["objects"]
         ]
-        return cls(data["prompt"], data["text"], objects, int(data["generated_tokens"]))
+        return cls(data["prompt"], data["text"], objects, int(data["generated_tokens"]),
+                   prompt_tokens=int(data.get("prompt_tokens", 0)), finish_reason=data.get("finish_reason", "stop"),
+                   tokens=list(data.get("tokens", [])), logprobs=[float(v) for v in data.get("logprobs", [])])
 
 
 def assemble(prediction: Prediction, width: int, height: int, *, soft: bool = False) -> SegmentationResult:

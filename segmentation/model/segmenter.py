@@ -60,9 +60,15 @@ def parse_generations(
     *,
     max_new_tokens: list[int] | None = None,
     adapters: list[str | None] | None = None,
+    cut_after: list[int | None] | None = None,
 ) -> list[ParsedGeneration]:
-    """One batched `generate` call, parsed into objects with scores (`adapters`: each row's LoRA adapter)."""
+    """One batched `generate` call, parsed into objects with scores (`adapters`: each row's LoRA adapter;
+    `cut_after`: each row's answer cut after that many tokens, see `PaliGemmaEngine.conclude`)."""
     generations = engine.generate(images, prompts, max_new_tokens=max_new_tokens, adapters=adapters)
+    budgets = max_new_tokens or [None] * len(prompts)
+    cuts = cut_after or [None] * len(prompts)
+    generations = [engine.conclude(g, budget=engine.row_spec(p, b).budget, cut_after=c)
+                   for g, p, b, c in zip(generations, prompts, budgets, cuts)]
     return [parse_generation(engine, prompt, generation) for prompt, generation in zip(prompts, generations)]
 
 
@@ -82,6 +88,10 @@ def attach_masks(decoder: MaskDecoder, parsed: list[ParsedGeneration]) -> list[P
             prompt=p.prompt.text,
             text=p.generation.text,
             generated_tokens=len(p.generation.token_ids),
+            prompt_tokens=p.generation.prompt_tokens,
+            finish_reason=p.generation.finish_reason,
+            tokens=p.generation.token_texts,
+            logprobs=list(p.generation.token_logprobs),
             objects=[
                 ObjectPrediction(o.label, o.locs, score, next(masks) if o.codes is not None else None)
                 for o, score in zip(p.objects, p.scores)

@@ -152,6 +152,35 @@ def pycocotools_rle(rle: dict) -> dict:
     return {"size": [int(v) for v in rle["size"]], "counts": counts}
 
 
+def compressed_rle_counts(counts: str) -> list[int] | None:
+    """The run lengths a COCO compressed RLE string stands for, or None when it is malformed.
+
+    The format: each run is a little-endian sequence of 5-bit groups, one character each (value + 48),
+    0x20 marking that another group follows and 0x10 in the last group the sign; from the third run
+    on, a run is stored as its difference to the run two before it.
+    """
+    runs: list[int] = []
+    position = 0
+    while position < len(counts):
+        value, shift, more = 0, 0, True
+        while more:
+            if position >= len(counts):
+                return None  # the string ends inside a run
+            group = ord(counts[position]) - 48
+            if not 0 <= group < 64:
+                return None
+            value |= (group & 0x1F) << shift
+            more = bool(group & 0x20)
+            position += 1
+            shift += 5
+            if not more and group & 0x10:
+                value |= -1 << shift
+        if len(runs) > 2:
+            value += runs[-2]
+        runs.append(value)
+    return runs
+
+
 def segmentation_mask(segmentation, height: int, width: int) -> np.ndarray:
     """A COCO `segmentation` (polygon list, uncompressed RLE with a counts list, or compressed RLE
     with a counts string) as a bool `[height, width]` mask. ValueError says what is malformed."""
@@ -175,11 +204,16 @@ def segmentation_mask(segmentation, height: int, width: int) -> np.ndarray:
                 raise ValueError(f"uncompressed RLE counts sum to {sum(counts)}, not {height}x{width}")
             rle = coco_mask.frPyObjects(segmentation, height, width)
         elif isinstance(counts, str):
+            # pycocotools trusts the string: runs that do not add up to the image leave memory unwritten.
+            runs = compressed_rle_counts(counts)
+            if runs is None or any(v < 0 for v in runs) or sum(runs) != height * width:
+                raise ValueError(f"unreadable RLE: the compressed counts are malformed or do not cover the "
+                                 f"{height}x{width} image")
             rle = pycocotools_rle(segmentation)
         else:
             raise ValueError("RLE counts must be a list of run lengths or a compressed string")
         try:
             return coco_mask.decode(rle).astype(bool)
         except Exception as exc:  # pycocotools raises bare exceptions on corrupt strings
-            raise ValueError(f"unreadable RLE ({exc})") from exc
+            raise ValueError("unreadable RLE") from exc
     raise ValueError("segmentation must be a polygon list or an RLE {'size', 'counts'}")

@@ -10,23 +10,30 @@ import asyncio
 import base64
 import binascii
 import dataclasses
+import io
+import json
+import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from ..model.bodies import MASK_FORMATS
-from ..model.images import ImageError, ImageTooLarge, open_image
+from ..model.bodies import MASK_FORMATS, object_body, response_body
+from ..model.images import ACCEPTED_FORMATS, ImageError, ImageTooLarge, open_image
+from ..model.predictions import Prediction, assemble
 from ..model.prompts import Prompt, PromptError, Task, parse_prompt
 from ..model.targets import TargetError, encode_object, segmentation_mask
 from ..model.tokens import parse_objects
+from . import errors
 from .fetch import FetchError, UrlPolicy, fetch_image
 from .settings import Settings
 
 
 class RequestError(ValueError):
-    """A request that cannot be answered: the HTTP status, a message for the client, and for a
-    transient failure (503, 429) the seconds after which a retry may succeed."""
+    """A request that cannot be answered: the HTTP status, a message for the client (no exception
+    texts, reprs or paths: those belong in the log), and for a transient failure (503, 429) the
+    seconds after which a retry may succeed."""
 
     def __init__(self, message: str, status: int = 400, retry_after: int | None = None):
         super().__init__(message)
@@ -34,10 +41,23 @@ class RequestError(ValueError):
         self.retry_after = retry_after
 
 
+def engine_refusal(message: str, status: int) -> RequestError:
+    """The engine's refusal of a request for the client: its 4xx say what was wrong; its 5xx carry
+    internals (exception texts), which go to the log under the request id instead."""
+    if status < 500:
+        return RequestError(message, status)
+    errors.logger.warning("request %s: the model engine answered %d: %s", errors.current_request_id(),
+                          status, message)
+    if status == 504:
+        return RequestError("the model engine did not finish this request in time; retry later", 504)
+    return RequestError("the model engine could not answer this request (overloaded or failing); "
+                        "retry shortly", 503, retry_after=1)
+
+
 def check_mask_format(value: str | None) -> str:
     fmt = (value or "rle").strip().lower()
     if fmt not in MASK_FORMATS:
-        raise RequestError(f"mask_format {value!r} is not supported; accepted: {', '.join(MASK_FORMATS)}")
+        raise RequestError(f"mask_format {quoted(value)} is not supported; accepted: {', '.join(MASK_FORMATS)}")
     return fmt
 
 
@@ -46,7 +66,7 @@ def check_model(value: str | None, served: list[str]) -> str:
     if value is None or value == "":
         return served[0]
     if value not in served:
-        raise RequestError(f"unknown model {value!r}; served models: {', '.join(served)}")
+        raise RequestError(f"unknown model {quoted(value)}; served models: {', '.join(served)}")
     return value
 
 
@@ -62,13 +82,20 @@ def check_prompt(prompt: str | None, task: Task, settings: Settings, *, labels_f
     return dataclasses.replace(parsed, labels_from_prompt=bool(labels_from_prompt))
 
 
-async def read_image(
+def quoted(value) -> str:
+    """A client's value quoted for a message (JSON's quoting, never a Python repr), cut at 100 chars."""
+    text = json.dumps(value if isinstance(value, str | int | float | bool) or value is None else str(value),
+                      ensure_ascii=False)
+    return text if len(text) <= 100 else text[:97] + '..."'
+
+
+async def read_image_bytes(
     settings: Settings,
     upload: Path | None = None,
     image_url: str | None = None,
     image_base64: str | None = None,
-) -> Image.Image:
-    """The request's image from exactly one of: a multipart upload, a URL, base64 data."""
+) -> bytes:
+    """The request's image file from exactly one of: a multipart upload, a URL, base64 data."""
     given = [name for name, v in (("image", upload), ("image_url", image_url), ("image_base64", image_base64)) if v]
     if len(given) != 1:
         what = "no image was sent" if not given else f"{len(given)} images were sent ({', '.join(given)})"
@@ -80,22 +107,69 @@ async def read_image(
         size = Path(upload).stat().st_size
         if size > settings.max_image_bytes:
             raise RequestError(f"the upload is {size} bytes; the limit is {settings.max_image_bytes}", 413)
-        data = await asyncio.to_thread(Path(upload).read_bytes)
-    elif image_url:
+        return await asyncio.to_thread(Path(upload).read_bytes)
+    if image_url:
         policy = UrlPolicy(settings.max_image_bytes, settings.fetch_timeout_s, settings.url_allowlist)
         try:
-            data = await fetch_image(image_url, policy)
+            return await fetch_image(image_url, policy)
         except FetchError as exc:
             raise RequestError(str(exc), exc.status) from exc
-    else:
-        data = await asyncio.to_thread(decode_base64, image_base64, settings.max_image_bytes)
-    # Decoding is CPU work: off the event loop, so other requests (and refusals) are not held up.
+    return await asyncio.to_thread(decode_base64, image_base64, settings.max_image_bytes)
+
+
+def image_pixels(data: bytes, max_pixels: int) -> int:
+    """Width x height from the image's header alone (no pixels decoded); RequestError for bytes that
+    are no accepted image or an image over `max_pixels`."""
+    if not data:
+        raise RequestError("the image is empty (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS) as image:
+                width, height = image.size
+    except Image.DecompressionBombError:
+        raise RequestError(f"the image has more than {max_pixels} pixels, the limit", 413) from None
+    except Exception:  # Pillow raises many kinds for bytes that are no image
+        raise RequestError(f"the data is not a readable image; accepted formats: {', '.join(ACCEPTED_FORMATS)}") \
+            from None
+    if width * height > max_pixels:
+        raise RequestError(f"the image is {width}x{height} = {width * height} pixels; the limit is {max_pixels}", 413)
+    return width * height
+
+
+async def decode_image(settings: Settings, data: bytes) -> Image.Image:
+    """The upright RGB image (decoding is CPU work: off the event loop)."""
     try:
         return await asyncio.to_thread(open_image, data, max_pixels=settings.max_pixels)
     except ImageTooLarge as exc:
         raise RequestError(str(exc), 413) from exc
     except ImageError as exc:
         raise RequestError(str(exc)) from exc
+
+
+async def read_image(
+    settings: Settings,
+    upload: Path | None = None,
+    image_url: str | None = None,
+    image_base64: str | None = None,
+) -> Image.Image:
+    """The request's image from exactly one of: a multipart upload, a URL, base64 data."""
+    return await decode_image(settings, await read_image_bytes(settings, upload, image_url, image_base64))
+
+
+def answer_body(prediction: Prediction, width: int, height: int, *, model: str, mask_format: str,
+                input_image: Image.Image | None = None) -> dict:
+    """The JSON answer of /segment and /detect, made one object at a time: each full-size mask is
+    pasted, encoded and dropped before the next (the same body as `response_body(assemble(...))`)."""
+    objects = []
+    for obj in prediction.objects:
+        placed = assemble(dataclasses.replace(prediction, objects=[obj]), width, height)
+        objects += [object_body(o, mask_format) for o in placed.objects]
+        del placed
+    body = response_body(assemble(dataclasses.replace(prediction, objects=[]), width, height),
+                         model=model, mask_format=mask_format, input_image=input_image)
+    body["objects"] = objects
+    return body
 
 
 def decode_base64(value: str, max_bytes: int, field: str = "image_base64") -> bytes:
@@ -107,24 +181,46 @@ def decode_base64(value: str, max_bytes: int, field: str = "image_base64") -> by
         raise RequestError(f"{field} decodes to more than the limit of {max_bytes} bytes", 413)
     try:
         return base64.b64decode(value, validate=True)
-    except (binascii.Error, ValueError) as exc:
-        raise RequestError(f"{field} is not valid base64: {exc}") from exc
+    except (binascii.Error, ValueError):
+        raise RequestError(f"{field} is not valid base64 (the standard alphabet A-Z, a-z, 0-9, '+', '/' with "
+                           "'=' padding, no line breaks)") from None
 
 
 # ---- POST /encode: a user's mask and label to PaliGemma's training text ---------------------------------
 
-def read_mask(
+# A polygon is rasterized along its outline, pixel by pixel: bound the outline's length.
+MAX_POLYGON_OUTLINE = 4_000_000
+
+
+def _check_polygons(polygons: list, width: int, height: int) -> None:
+    outline = 0.0
+    for index, polygon in enumerate(polygons):
+        if len(polygon) % 2:
+            raise RequestError(f"polygons[{index}] has an odd count of numbers; give x, y pairs")
+        xs, ys = polygon[0::2], polygon[1::2]
+        if not (all(0 <= x <= width for x in xs) and all(0 <= y <= height for y in ys)):
+            raise RequestError(f"polygons[{index}] has a point outside the {width}x{height} image "
+                               "(0 <= x <= width, 0 <= y <= height)")
+        outline += sum(max(abs(xs[i] - xs[i - 1]), abs(ys[i] - ys[i - 1])) for i in range(len(xs)))
+    if outline > MAX_POLYGON_OUTLINE:
+        raise RequestError(f"the polygons' outlines are {outline:.0f} pixels long; the limit is "
+                           f"{MAX_POLYGON_OUTLINE}", 413)
+
+
+def mask_source(
     settings: Settings,
     upload: Path | None = None,
     mask_base64: str | None = None,
-    rle: dict | None = None,
+    rle=None,
     polygons: list | None = None,
     width: int | None = None,
     height: int | None = None,
-) -> np.ndarray:
-    """The request's bool `[H, W]` mask from exactly one of: an uploaded image file (PNG or any
-    accepted format; nonzero pixels are the object), base64 image bytes, a COCO RLE, or polygons with
-    the image's `width` and `height`."""
+) -> tuple[int, Callable[[], np.ndarray]]:
+    """The request's mask, checked but not yet made: (its pixels, a function making the bool `[H, W]`
+    mask) from exactly one of: an uploaded image file (PNG or any accepted format; nonzero pixels are
+    the object), base64 image bytes, a COCO RLE, or polygons with the image's `width` and `height`."""
+    if rle is not None and hasattr(rle, "as_dict"):
+        rle = rle.as_dict()
     given = [name for name, v in (("mask", upload), ("mask_base64", mask_base64), ("rle", rle),
                                   ("polygons", polygons)) if v]
     if len(given) != 1:
@@ -143,12 +239,20 @@ def read_mask(
         else:
             data = decode_base64(mask_base64, settings.max_image_bytes, field="mask_base64")
         try:
-            image = open_image(data, max_pixels=settings.max_pixels)
-        except ImageTooLarge as exc:
-            raise RequestError(str(exc), 413) from exc
-        except ImageError as exc:
-            raise RequestError(f"mask: {exc}") from exc
-        return np.asarray(image.convert("L")) > 0
+            pixels = image_pixels(data, settings.max_pixels)
+        except RequestError as exc:
+            raise RequestError(f"mask: {exc}", exc.status) from None
+
+        def from_image() -> np.ndarray:
+            try:
+                image = open_image(data, max_pixels=settings.max_pixels)
+            except ImageTooLarge as exc:
+                raise RequestError(str(exc), 413) from exc
+            except ImageError as exc:
+                raise RequestError(f"mask: {exc}") from exc
+            return np.asarray(image.convert("L")) > 0
+
+        return pixels, from_image
     if rle:
         size = rle.get("size")
         if not (isinstance(size, list) and len(size) == 2 and all(isinstance(v, int) and v > 0 for v in size)):
@@ -158,10 +262,24 @@ def read_mask(
         raise RequestError("polygons need the image's 'width' and 'height' (positive integers)")
     if width * height > settings.max_pixels:
         raise RequestError(f"the mask is {width}x{height} pixels; the limit is {settings.max_pixels}", 413)
-    try:
-        return segmentation_mask(rle or polygons, height, width)
-    except (ValueError, TypeError) as exc:
-        raise RequestError(f"{given[0]}: {exc}") from exc
+    if polygons:
+        _check_polygons(polygons, width, height)
+
+    def from_coco() -> np.ndarray:
+        try:
+            return segmentation_mask(rle or polygons, height, width)
+        except ValueError as exc:  # segmentation_mask's own messages: what is malformed
+            raise RequestError(f"{given[0]}: {exc}") from exc
+        except Exception as exc:
+            raise RequestError(f"{given[0]} could not be read as a COCO mask") from exc
+
+    return width * height, from_coco
+
+
+def read_mask(settings: Settings, upload: Path | None = None, mask_base64: str | None = None, rle=None,
+              polygons: list | None = None, width: int | None = None, height: int | None = None) -> np.ndarray:
+    """The request's bool `[H, W]` mask (see `mask_source`)."""
+    return mask_source(settings, upload, mask_base64, rle, polygons, width, height)[1]()
 
 
 def encode_body(encoder, mask: np.ndarray, label: str | None, box: list[float] | None) -> dict:

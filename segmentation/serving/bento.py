@@ -1,5 +1,6 @@
-"""The BentoML side of request handling: the engine's item types, the public request models, the
-strict-API decorator, the error answer, and the refusal of BentoML's own URL downloads.
+"""The BentoML side of request handling: the engine's item types, the strict-API decorator (the public
+request models; their fields are in `inputs.py`), the error answer, and the refusal of BentoML's own
+URL downloads.
 
 `service.py` imports these so that it stays glue: services, routes and the order of the calls.
 """
@@ -8,17 +9,22 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import inspect
 import io
+import typing
 from typing import Annotated, Any, Literal
 
 import _bentoml_impl.serde as _bentoml_serde
 import bentoml
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field, field_serializer, field_validator
+from pydantic import ConfigDict, Field, create_model, field_serializer, field_validator
 from starlette.responses import JSONResponse
 
 from ..model.images import MAX_MODEL_SIDE
 from . import api
+from .errors import UNUSABLE_INPUT, kind_for
+from .inputs import INPUT_CONFIG, one_of_schema
+from .inputs import one_of as one_of_validator
 
 
 @contextlib.contextmanager
@@ -62,6 +68,7 @@ class EngineItem(bentoml.IODescriptor):
         min_length=1, max_length=MAX_ITEM_CLASSES)
     max_new_tokens: int | None = Field(None, ge=1, le=MAX_ITEM_TOKENS)
     labels_from_prompt: bool = False
+    cut_after: int | None = Field(None, ge=1, le=MAX_ITEM_TOKENS)  # OpenAI's max_tokens (pool.PredictRequest)
 
     @field_serializer("image", when_used="json")
     def _image_as_base64(self, image: Image.Image) -> str:
@@ -106,7 +113,8 @@ def predict_requests(items: list[EngineItem]) -> list:
 
     return [
         PredictRequest(
-            item.model, item.image, Prompt(item.task, tuple(item.classes), item.labels_from_prompt), item.max_new_tokens
+            item.model, item.image, Prompt(item.task, tuple(item.classes), item.labels_from_prompt),
+            item.max_new_tokens, item.cut_after,
         )
         for item in items
     ]
@@ -121,47 +129,63 @@ def engine_outcome(outcome) -> EngineOutcome:
     )
 
 
-class BatchEntry(BaseModel):
-    """One image of a /segment_batch request (uploads go to /segment)."""
+class StrictInput(bentoml.IODescriptor):
+    """The base of the public API's input models: unknown fields refused, patterns read by Python's `re`."""
 
-    model_config = ConfigDict(extra="forbid")
-
-    image_url: str | None = None
-    image_base64: str | None = None
-    prompt: str = ""
-    model: str | None = None
-    mask_format: str = "rle"
-    task: str = Field("segment", pattern="^(segment|detect)$")
-    labels_from_prompt: bool = False
+    model_config = INPUT_CONFIG
 
 
-def strict_api(**options):
-    """`bentoml.api` whose request body may hold only the method's own fields.
+def input_model(func, *, one_of: tuple[str, ...] = (), requires: dict[str, tuple[str, ...]] | None = None,
+                noun: str = "value"):
+    """The input model of an API method: one field per parameter after `self`, its annotation (with the
+    `Field` limits of `inputs.py`) and default; a parameter without a default is required."""
+    hints = typing.get_type_hints(func, include_extras=True)
+    fields = {}
+    for param in list(inspect.signature(func).parameters.values())[1:]:
+        default = Field() if param.default is param.empty else param.default
+        fields[param.name] = (hints.get(param.name, typing.Any), default)
+    base, validators = StrictInput, {}
+    if one_of:
+        validators = {"one_of": one_of_validator(*one_of, requires=requires, noun=noun)}
+        base = type("OneOfInput", (StrictInput,), {
+            "model_config": ConfigDict(**INPUT_CONFIG, json_schema_extra=one_of_schema(one_of, requires)),
+            "__module__": __name__,
+        })
+    return create_model(f"{func.__name__.title()}Input", __module__=func.__module__, __base__=base,
+                        __validators__=validators, **fields)
+
+
+def strict_api(*, one_of: tuple[str, ...] = (), requires: dict[str, tuple[str, ...]] | None = None,
+               noun: str = "value", **options):
+    """`bentoml.api` whose request body may hold only the method's own fields, checked as the method's
+    `Annotated[..., Field(...)]` parameters say (see `input_model`).
 
     BentoML silently ignores unknown fields, so a typo such as `mask-format` would be answered as if
-    the field were absent; this answers 400 naming the field instead.
+    the field were absent; this answers 400 naming the field instead. `one_of`: fields of which
+    exactly one must hold a value (the image sources); `requires`: what one of them needs beside it.
     """
 
     def decorate(func):
-        inferred = bentoml.IODescriptor.from_input(func, skip_self=True)
-        strict = type(f"{func.__name__.title()}Input", (inferred,), {
-            "model_config": ConfigDict(**{**inferred.model_config, "extra": "forbid"}),
-            "__module__": func.__module__,
-        })
-        return bentoml.api(input_spec=strict, **options)(func)
+        spec = input_model(func, one_of=one_of, requires=requires, noun=noun)
+        return bentoml.api(input_spec=spec, **options)(func)
 
     return decorate
 
 
 async def answer(work):
-    """The API's answer, or a 4xx/5xx JSON error `{"error": message}` for a RequestError (an
-    unavailable or overloaded engine's 503 or 429 says when to retry: `Retry-After`)."""
+    """The API's answer, or a 4xx/5xx JSON error for a RequestError (an unavailable or overloaded
+    engine's 503 or 429 says when to retry: `Retry-After`). A client's 4xx here is about what its
+    valid request holds (kind `unusable_input`): the schema was checked before the API ran."""
     try:
         return await work
     except api.RequestError as exc:
-        return error_response(str(exc), exc.status, retry_after=exc.retry_after)
+        kind = UNUSABLE_INPUT if exc.status < 500 else None
+        return error_response(str(exc), exc.status, retry_after=exc.retry_after, kind=kind)
 
 
-def error_response(message: str, status: int = 400, retry_after: int | None = None) -> JSONResponse:
+def error_response(message: str, status: int = 400, retry_after: int | None = None,
+                   kind: str | None = None) -> JSONResponse:
+    """The one error shape (`ErrorAnswers` adds the request id)."""
     headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
-    return JSONResponse({"error": message}, status_code=status, headers=headers)
+    return JSONResponse({"error": message, "detail": message, "kind": kind or kind_for(status)},
+                        status_code=status, headers=headers)

@@ -18,7 +18,9 @@ engine that refuses either is reported by `/readyz` and in the log with the reas
 
 `RemoteEngines` raises `EngineError` (status, message without internals, `retry_after`) for anything but
 an answer; predictions are pure, so trying one request again or on a second replica never changes an
-answer.
+answer. `predict_stream` reads one request's answer as it decodes (`POST /predict_stream`: server-sent
+events, each `data: <JSON>`: `{"text", "tokens", "logprobs"}` as the row decodes, then `{"outcome"}`);
+closing it early closes its connection, and the engine then cancels the request (its slot is freed).
 """
 
 from __future__ import annotations
@@ -26,9 +28,11 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import itertools
+import json
 import logging
 import socket
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
@@ -192,6 +196,13 @@ class RemoteEngines:
         return usable + [r for r in rotated if not r.usable(now)]
 
     async def _post(self, path: str, body: dict) -> httpx.Response:
+        _, response = await self._send(path, body)
+        return response
+
+    async def _send(self, path: str, body: dict, *, stream: bool = False) -> tuple[Replica, httpx.Response]:
+        """POST to the replica with the fewest requests in flight. `stream`: the answer's body is left
+        unread, and the replica counts the request in flight until the caller closes the response and
+        calls `_done(replica)`."""
         replicas = self._order(await self._current())
         if all(r.in_flight >= self.max_in_flight for r in replicas):
             raise EngineError(OVERLOADED)
@@ -200,8 +211,10 @@ class RemoteEngines:
             if replica.in_flight >= self.max_in_flight:
                 continue
             replica.in_flight += 1
+            answered = False
             try:
-                response = await self._post_to(replica, path, body)
+                response = await self._post_to(replica, path, body, stream=stream)
+                answered = True
             except (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError, httpx.ReadError,
                     httpx.WriteError) as exc:
                 # Refused, unreachable, or closed under the request (a stopping or crashed engine):
@@ -215,18 +228,19 @@ class RemoteEngines:
                 logger.error("engine call to %s failed: %s", replica.url, exc)
                 raise EngineError(UNAVAILABLE) from exc
             finally:
-                replica.in_flight -= 1
+                if not (stream and answered):
+                    replica.in_flight -= 1
             replica.down_until = 0.0
             replica.served += 1
-            return response
+            return replica, response
         logger.warning("no engine replica answered %s (%s)", path, last)
         raise EngineError(UNAVAILABLE)
 
     @staticmethod
-    async def _post_to(replica: Replica, path: str, body: dict) -> httpx.Response:
+    async def _post_to(replica: Replica, path: str, body: dict, *, stream: bool = False) -> httpx.Response:
         for attempt in range(1, CONNECTION_TRIES + 1):
             try:
-                return await replica.client.post(path, json=body)
+                return await replica.client.send(replica.client.build_request("POST", path, json=body), stream=stream)
             except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError) as exc:
                 # A pooled connection the engine had closed (after a burst the pool holds many idle
                 # ones past its keep-alive): another connection, same replica. A prediction is pure.
@@ -260,6 +274,35 @@ class RemoteEngines:
         self._check(response)
         [outcome] = response.json()
         return EngineOutcome.model_validate(outcome)
+
+    async def predict_stream(self, item: EngineItem) -> AsyncIterator[dict]:
+        """One request's answer as its row decodes: `{"text", "tokens", "logprobs"}` events, then
+        `{"outcome": EngineOutcome}`. Close the iterator to stop early (`contextlib.aclosing`): its
+        connection closes and the engine cancels the request. Raises EngineError when the engine refuses
+        the call or the stream breaks off before the outcome."""
+        replica, response = await self._send("/predict_stream", {"item": item.model_dump(mode="json")}, stream=True)
+        try:
+            if response.status_code != 200:
+                await response.aread()
+                self._check(response)
+            async for line in response.aiter_lines():
+                if not line.startswith("data:"):
+                    continue  # the blank line after each event, or an SSE comment
+                event = json.loads(line.removeprefix("data:"))
+                if "outcome" in event:
+                    yield {"outcome": EngineOutcome.model_validate(event["outcome"])}
+                    return
+                yield event
+        except httpx.TimeoutException as exc:
+            raise EngineError("the model engine did not answer in time; retry later", 504, None) from exc
+        except (httpx.HTTPError, ValueError) as exc:
+            logger.warning("the engine's stream from %s broke off: %s", replica.url, exc)
+            raise EngineError(UNAVAILABLE) from exc
+        finally:
+            replica.in_flight -= 1
+            await response.aclose()  # an unread stream's connection closes: the engine cancels the request
+        logger.warning("the engine's stream from %s ended without an outcome", replica.url)
+        raise EngineError(UNAVAILABLE)
 
     async def is_ready(self, timeout: int | None = None) -> bool:
         """Ready when one replica's own /readyz says so (it does once its models are warm) and it accepts
@@ -306,3 +349,8 @@ def refusal_reason(response: httpx.Response) -> str | None:
         return (f"the public tier speaks wire format v{WIRE_VERSION} and the model engine v{theirs}: "
                 "run the same release in both tiers")
     return None
+
+
+def stream_event(event: dict) -> str:
+    """One event of the engine's `/predict_stream` answer, as `predict_stream` reads it."""
+    return f"data: {json.dumps(event, separators=(',', ':'))}\n\n"

@@ -55,17 +55,17 @@ class UrlPolicy:
             return
         if not ip.is_global or ip.is_multicast or ip.is_reserved or ip.is_unspecified:
             raise FetchError(
-                f"image_url host {host!r} resolves to {ip}, a non-public address; only public hosts "
+                f"image_url host '{host}' resolves to {ip}, a non-public address; only public hosts "
                 "may be fetched (operators can allow hosts with SEG_URL_ALLOWLIST)", status=400
             )
 
 
-async def resolve(host: str, port: int) -> list[str]:
+async def resolve(host: str, port: int, timeout_s: float = 10.0) -> list[str]:
     loop = asyncio.get_running_loop()
     try:
-        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except socket.gaierror as exc:
-        raise FetchError(f"image_url host {host!r} could not be resolved: {exc.strerror}", status=400) from exc
+        infos = await asyncio.wait_for(loop.getaddrinfo(host, port, type=socket.SOCK_STREAM), timeout_s)
+    except (socket.gaierror, UnicodeError, TimeoutError) as exc:
+        raise FetchError(f"image_url host '{host}' could not be resolved", status=400) from exc
     return list(dict.fromkeys(info[4][0] for info in infos))
 
 
@@ -84,14 +84,14 @@ async def _fetch_once(url: str, policy: UrlPolicy) -> bytes | str:
     try:
         parsed = httpx.URL(url)
     except (httpx.InvalidURL, TypeError) as exc:
-        raise FetchError(f"image_url is not a valid URL: {exc}") from exc
+        raise FetchError("image_url is not a valid URL") from exc
     if parsed.scheme not in ("http", "https"):
-        raise FetchError(f"image_url scheme {parsed.scheme or '(none)'!r} is not accepted; use http or https")
+        raise FetchError(f"image_url scheme '{parsed.scheme or '(none)'}' is not accepted; use http or https")
     host = parsed.host
     if not host:
         raise FetchError("image_url has no host")
     port = parsed.port or (443 if parsed.scheme == "https" else 80)
-    addresses = await resolve(host, port)
+    addresses = await resolve(host, port, policy.timeout_s)
     for address in addresses:
         policy.check_address(host, address)
     headers = {"Host": parsed.netloc.decode("ascii"), "Accept": "image/*"}
@@ -103,7 +103,7 @@ async def _fetch_once(url: str, policy: UrlPolicy) -> bytes | str:
             return await _get(target, headers, extensions, parsed, policy)
         except httpx.ConnectError as exc:
             last_error = exc
-    raise FetchError(f"image_url could not be reached: {last_error}", status=400)
+    raise FetchError("image_url could not be reached (connection refused or no route)", status=400) from last_error
 
 
 async def _get(target: httpx.URL, headers: dict, extensions: dict, parsed: httpx.URL, policy: UrlPolicy):
@@ -120,7 +120,7 @@ async def _get(target: httpx.URL, headers: dict, extensions: dict, parsed: httpx
                     raise FetchError(f"image_url answered HTTP {response.status_code}", status=400)
                 kind = response.headers.get("content-type", "").split(";")[0].strip().lower()
                 if kind and not (kind.startswith("image/") or kind == "application/octet-stream"):
-                    raise FetchError(f"image_url has content type {kind!r}; an image is expected", status=415)
+                    raise FetchError(f"image_url has content type '{kind}'; an image is expected", status=415)
                 declared = response.headers.get("content-length")
                 if declared and declared.isdigit() and int(declared) > policy.max_bytes:
                     raise _too_large(policy)
@@ -137,7 +137,8 @@ async def _get(target: httpx.URL, headers: dict, extensions: dict, parsed: httpx
     except httpx.TimeoutException as exc:
         raise FetchError(f"image_url timed out after {policy.timeout_s:g}s", status=400) from exc
     except httpx.HTTPError as exc:
-        raise FetchError(f"image_url could not be downloaded: {exc}", status=400) from exc
+        raise FetchError("image_url could not be downloaded (the connection or the HTTP answer failed)",
+                         status=400) from exc
 
 
 def _too_large(policy: UrlPolicy) -> FetchError:

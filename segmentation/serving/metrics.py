@@ -6,7 +6,9 @@ set in each worker's environment before it starts), so every worker's samples ar
 gauges say how (`multiprocess_mode`).
 
 Request stages: `segmentation_stage_seconds{stage}`, `segmentation_objects_per_request`,
-`segmentation_generated_tokens`.
+`segmentation_generated_tokens`. Streamed answers (the OpenAI-compatible API with `stream: true`):
+`segmentation_time_to_first_token_seconds` and `segmentation_inter_token_latency_seconds`, as the public
+tier sends them.
 
 The engine's load, for autoscaling the engine tier (`seg_engine_*`, exported by the process that
 runs the model):
@@ -52,6 +54,16 @@ TOKENS = Histogram(
     "segmentation_generated_tokens",
     "Tokens generated per image",
     buckets=(1, 8, 16, 32, 64, 128, 256, 512, 1024),
+)
+TIME_TO_FIRST_TOKEN = Histogram(
+    "segmentation_time_to_first_token_seconds",
+    "Seconds from a streamed request's arrival to the first text of its answer sent to the client",
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+)
+INTER_TOKEN_LATENCY = Histogram(
+    "segmentation_inter_token_latency_seconds",
+    "Seconds per token between the pieces of a streamed answer sent to the client, after the first",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
 )
 
 # Engine load. One engine worker per server: "livesum" adds the live processes' values (and drops a
@@ -103,6 +115,16 @@ def observe_outcome(outcome: PredictOutcome) -> None:
     if outcome.prediction is not None:
         TOKENS.observe(outcome.prediction.generated_tokens)
         OBJECTS.observe(len(outcome.prediction.objects))
+
+
+def observe_time_to_first_token(seconds: float) -> None:
+    TIME_TO_FIRST_TOKEN.observe(seconds)
+
+
+def observe_inter_token(seconds: float, tokens: int) -> None:
+    """A piece of `tokens` tokens sent `seconds` after the one before it: `tokens` gaps of equal share."""
+    for _ in range(max(1, tokens)):
+        INTER_TOKEN_LATENCY.observe(seconds / max(1, tokens))
 
 
 # ---- helpers for the engine (its scheduler, or the service around each batch) ---------------------

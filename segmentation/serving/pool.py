@@ -10,6 +10,7 @@ neighbours still get their answers.
 With step-level batching (`start_schedulers`), each request goes on its own (`predict_one`) to its base
 model's `StepScheduler`, which lets it join the running batch between decode steps and answers it as
 soon as its own row ends; its masks are decoded in a worker thread while the engine keeps stepping.
+`stream_one` hands out a request's text as its row decodes, then its outcome.
 """
 
 from __future__ import annotations
@@ -18,13 +19,14 @@ import asyncio
 import logging
 import threading
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from PIL import Image
 
 from ..model.compute import ComputeThread
-from ..model.engine import PaliGemmaEngine
+from ..model.engine import Generation, PaliGemmaEngine
 from ..model.graph.scheduler import EngineBroken, Overloaded, StepScheduler
 from ..model.images import MAX_MODEL_SIDE
 from ..model.predictions import Prediction
@@ -47,6 +49,7 @@ class PredictRequest:
     image: Image.Image
     prompt: Prompt
     max_new_tokens: int | None = None  # force a budget (benchmarks); None: grown from the classes
+    cut_after: int | None = None  # cut the answer after this many tokens (OpenAI's max_tokens)
 
 
 @dataclass
@@ -188,13 +191,15 @@ class ModelPool:
             return PredictOutcome(error=str(exc), status=400)
         if parsed.classes != tuple(prompt.classes):
             return PredictOutcome(error="classes must be trimmed, non-empty and free of ';'", status=400)
-        budget = request.max_new_tokens
-        if budget is not None and not 1 <= budget <= engine.max_new_tokens:
-            return PredictOutcome(error=f"max_new_tokens must be 1 to {engine.max_new_tokens}", status=400)
+        for name, value in (("max_new_tokens", request.max_new_tokens), ("cut_after", request.cut_after)):
+            if value is not None and not 1 <= value <= engine.max_new_tokens:
+                return PredictOutcome(error=f"{name} must be 1 to {engine.max_new_tokens}", status=400)
         return None
 
-    async def predict_one(self, request: PredictRequest, timeout_s: float | None = None) -> PredictOutcome:
-        """One request through its model's scheduler; never raises for the request's own failure."""
+    async def predict_one(self, request: PredictRequest, timeout_s: float | None = None,
+                          on_tokens=None) -> PredictOutcome:
+        """One request through its model's scheduler; never raises for the request's own failure.
+        `on_tokens(ids, logprobs)`: its row's new tokens as it decodes (StepScheduler.submit)."""
         refused = self.refusal(request)
         if refused is not None:
             return refused
@@ -204,8 +209,10 @@ class ModelPool:
             future = self.schedulers[base].submit(
                 request.image, request.prompt, max_new_tokens=request.max_new_tokens,
                 adapter=request.model if request.model in self.adapters else None, timeout_s=timeout_s,
+                cut_after=request.cut_after, on_tokens=on_tokens,
             )
             generation = await asyncio.wrap_future(future)  # cancelling the caller cancels the request
+            generation = self._conclude(engine, request, generation)
         except TimeoutError as exc:
             return PredictOutcome(error=str(exc), status=504)
         except Overloaded as exc:
@@ -226,6 +233,36 @@ class ModelPool:
             return PredictOutcome(error=MASKS_FAILED, status=503)
         return PredictOutcome(prediction=prediction, timings={
             "generate": generate_seconds, "mask_decode": time.perf_counter() - start})
+
+    @staticmethod
+    def _conclude(engine: PaliGemmaEngine, request: PredictRequest, generation: Generation) -> Generation:
+        budget = engine.row_spec(request.prompt, request.max_new_tokens).budget
+        return engine.conclude(generation, budget=budget, cut_after=request.cut_after)
+
+    async def stream_one(self, request: PredictRequest, timeout_s: float | None = None) -> AsyncIterator[dict]:
+        """One request through its model's scheduler, as its row decodes: `{"text", "tokens", "logprobs"}`
+        after each group of steps that chose tokens (`text`: what those tokens add to the answer's text,
+        held back while a later token could still change it; `tokens`: each one's own text), then
+        `{"outcome": PredictOutcome}`. Closing the generator early (its client left) cancels the request,
+        which frees its slot."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+
+        def on_tokens(ids: list[int], logprobs: list[float]) -> None:  # the scheduler's thread
+            loop.call_soon_threadsafe(queue.put_nowait, (ids, logprobs))
+
+        task = asyncio.ensure_future(self.predict_one(request, timeout_s, on_tokens=on_tokens))
+        task.add_done_callback(lambda _: queue.put_nowait(None))  # after every on_tokens call it follows
+        engine = self.engines.get(self.adapters.get(request.model, request.model))
+        text = StreamedText(engine) if engine is not None else None
+        try:
+            while (item := await queue.get()) is not None:
+                ids, logprobs = item
+                delta, pieces = await asyncio.to_thread(text.add, ids)  # the tokenizer: off the event loop
+                yield {"text": delta, "tokens": pieces, "logprobs": logprobs}
+            yield {"outcome": task.result()}
+        finally:
+            task.cancel()
 
     def _masks(self, parsed: ParsedGeneration):
         with self._decoder_lock:
@@ -274,6 +311,7 @@ class ModelPool:
                     r.max_new_tokens or engine.row_spec(r.prompt).budget for r in requests
                 ],
                 adapters=[r.model if r.model in self.adapters else None for r in requests],
+                cut_after=[r.cut_after for r in requests],
             )
         except Exception as exc:
             if len(requests) == 1:
@@ -286,3 +324,24 @@ class ModelPool:
             self._generate(engine, requests[half:], indices[half:], parsed, outcomes)
             return
         parsed.update(zip(indices, results))
+
+
+class StreamedText:
+    """A streaming row's text, handed out in pieces that never need taking back: the text of all its
+    tokens so far, less what was handed out already; nothing while the text ends in a partial character
+    (a byte token waiting for the rest of its character) or would rewrite what was handed out."""
+
+    def __init__(self, engine: PaliGemmaEngine) -> None:
+        self.engine = engine
+        self.ids: list[int] = []
+        self.sent = ""
+
+    def add(self, ids: list[int]) -> tuple[str, list[str]]:
+        """(new text, each new token's own text)."""
+        self.ids += ids
+        text = self.engine.text_of(self.ids)
+        pieces = self.engine.token_texts(ids)
+        if text.endswith("\ufffd") or not text.startswith(self.sent):
+            return "", pieces
+        delta, self.sent = text[len(self.sent):], text
+        return delta, pieces

@@ -255,8 +255,10 @@ class Settings:
         return self.max_batch_size * ((1024 * 1024 * 3 + 64) * 4 // 3 + 4 + 64 * 1024) + 64 * 1024
 
     def max_body_bytes(self, images: int = 1) -> int:
-        """The largest request body for `images` images: base64 inflates by 4/3; 64 KiB for the rest."""
-        return images * (self.max_image_bytes * 4 // 3 + 4) + 64 * 1024
+        """The largest request body for `images` images: each one's base64 (4/3 of its bytes, and room for
+        a data: URL prefix) with 64 KiB for its other fields (prompt, URL and model at their longest,
+        even escaped), and 64 KiB for the rest: a body the schema allows is never over the cap."""
+        return images * (4 * -(-self.max_image_bytes // 3) + 256 + 64 * 1024) + 64 * 1024
 
     @property
     def torch_device(self) -> str | None:

@@ -23,29 +23,26 @@ from __future__ import annotations
 
 import hmac
 import ipaddress
-import json
 import logging
 import os
 import socket
 import sys
 
+from .errors import INVALID_REQUEST, send_error
+from .framing import JSON_ONLY, check_media_type, has_body
+
 logger = logging.getLogger(__name__)
 
 # The format of the engine's requests and answers. Raise it whenever EngineItem, EngineOutcome or the
-# routes change in a way an older or newer peer would misread.
-WIRE_VERSION = "2"
+# routes change in a way an older or newer peer would misread. v3: EngineItem.cut_after, the prediction's
+# prompt_tokens, finish_reason, tokens and logprobs, and the /predict_stream route.
+WIRE_VERSION = "3"
 WIRE_VERSION_HEADER = "x-seg-wire-version"
 
 # Open without the token: what probes and Prometheus scrape (GET or HEAD only).
 OPEN_PATHS = frozenset({"/livez", "/readyz", "/healthz", "/metrics"})
-# The engine's API routes: POST with a JSON body only.
-API_PATHS = frozenset({"/predict", "/describe"})
-JSON_MEDIA_TYPES = frozenset({"application/json"})
-
-
-def media_type(headers: dict[bytes, bytes]) -> str:
-    """The request's media type, lower-cased, without parameters ("" when absent)."""
-    return headers.get(b"content-type", b"").decode("latin-1").split(";")[0].strip().lower()
+# The engine's API routes: POST with a JSON body only (/predict_stream answers server-sent events).
+API_PATHS = frozenset({"/predict", "/predict_stream", "/describe"})
 
 
 def bearer_token(headers: dict[bytes, bytes]) -> bytes | None:
@@ -53,17 +50,6 @@ def bearer_token(headers: dict[bytes, bytes]) -> bytes | None:
     if scheme.lower() != b"bearer":
         return None
     return token.strip() or None
-
-
-async def send_json(send, status: int, body: dict, headers: list[tuple[bytes, bytes]] = ()) -> None:
-    payload = json.dumps(body).encode()
-    await send({
-        "type": "http.response.start",
-        "status": status,
-        "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode()),
-                    *headers],
-    })
-    await send({"type": "http.response.body", "body": payload})
 
 
 class EngineGate:
@@ -83,27 +69,27 @@ class EngineGate:
         headers = dict(scope.get("headers", []))
         if path in OPEN_PATHS:
             if method not in ("GET", "HEAD"):
-                return await send_json(send, 405, {"error": f"{path} answers GET and HEAD only"},
-                                       [(b"allow", b"GET, HEAD")])
+                return await send_error(send, 405, f"{path} answers GET and HEAD only", kind=INVALID_REQUEST,
+                                        headers=[(b"allow", b"GET, HEAD")])
             return await self.app(scope, receive, send)
         if self.token is not None and not self._authorized(headers):
-            return await send_json(send, 401, {"error": "missing or wrong engine token: send "
-                                                        "'Authorization: Bearer <SEG_ENGINE_TOKEN>'"},
-                                   [(b"www-authenticate", b"Bearer")])
+            return await send_error(send, 401, "missing or wrong engine token: send "
+                                               "'Authorization: Bearer <SEG_ENGINE_TOKEN>'", kind="unauthorized",
+                                    headers=[(b"www-authenticate", b"Bearer")])
         if path not in API_PATHS:
             return await self.app(scope, receive, send)  # BentoML's docs and schema (after the token)
         if method != "POST":
-            return await send_json(send, 405, {"error": f"{path} answers POST only"}, [(b"allow", b"POST")])
-        kind = media_type(headers)
-        if kind not in JSON_MEDIA_TYPES:
-            return await send_json(send, 415, {"error": f"the engine accepts application/json bodies only, "
-                                                        f"not {kind or 'a body without Content-Type'}"})
+            return await send_error(send, 405, f"{path} answers POST only", kind=INVALID_REQUEST,
+                                    headers=[(b"allow", b"POST")])
+        refusal = check_media_type(headers.get(b"content-type"), accepted=JSON_ONLY, has_body=has_body(headers))
+        if refusal is not None:
+            return await send_error(send, refusal.status, refusal.message, kind=INVALID_REQUEST)
         theirs = headers.get(WIRE_VERSION_HEADER.encode(), b"").decode("latin-1").strip()
         if theirs != WIRE_VERSION:
-            return await send_json(send, 409, {
-                "error": f"wire format version mismatch: this engine speaks v{WIRE_VERSION}, the caller "
-                         f"v{theirs or '1 (no version header)'}; run the same release in both tiers",
-                "wire_version": WIRE_VERSION})
+            return await send_error(
+                send, 409, f"wire format version mismatch: this engine speaks v{WIRE_VERSION}, the caller "
+                           f"v{theirs or '1 (no version header)'}; run the same release in both tiers",
+                kind=INVALID_REQUEST)
         return await self.app(scope, receive, send)
 
     def _authorized(self, headers: dict[bytes, bytes]) -> bool:

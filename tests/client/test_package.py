@@ -1,6 +1,7 @@
-"""The installable package: its extras agree with the requirements files, and a fresh virtual
-environment on another Python with only the `client` extra runs the README's client examples
-against the real server, without torch, JAX or BentoML."""
+"""The installable package: its extras agree with the requirements files; a fresh virtual environment
+on another Python with only the `client` extra runs the README's client examples against the real
+server, and holds no torch, JAX or BentoML; `make install` is the runtime plus the project installed
+editable, which imports from any folder."""
 
 from __future__ import annotations
 
@@ -37,6 +38,29 @@ def test_extras_match_the_requirements_files():
     assert not [r for r in extras["client"] + project["dependencies"] if r.startswith(heavy)]
 
 
+def make_dry_run(target: str, tmp_path: Path) -> str:
+    """The commands `make TARGET` would run on a machine with no virtual environment yet."""
+    done = subprocess.run(["make", "-n", target, f"VENV={tmp_path / 'venv'}", f"BENTOML_HOME={tmp_path / 'home'}",
+                           f"FIXTURES={tmp_path / 'fixtures'}"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def test_make_demo_installs_the_runtime_and_make_test_the_toolchain(tmp_path):
+    for target in ("install", "demo", "serve", "build"):
+        commands = make_dry_run(target, tmp_path)
+        assert "pip install --quiet -r requirements.txt" in commands, target
+        assert "pip install --quiet --no-deps -e ." in commands, target  # the project itself, editable
+        assert "requirements-dev.txt" not in commands and "npm" not in commands, target
+    for target in ("test", "test-slow", "lint"):
+        commands = make_dry_run(target, tmp_path)
+        assert "-r requirements.txt" in commands and "pip install --quiet -r requirements-dev.txt" in commands
+    # What the server needs never pulls the test tools in: none of them is in the runtime list.
+    runtime = {re.split(r"[=<>!~\[]", line)[0].lower() for line in requirement_lines(ROOT / "requirements.txt")}
+    assert not runtime & {"triton", "playwright", "kubernetes-validate", "schemathesis", "ruff", "pytest",
+                          "check-jsonschema", "matplotlib", "supervision"}
+
+
 def readme_blocks() -> dict[str, str]:
     """The README's tested examples by language: the Python client and the labelling command."""
     blocks = dict(TESTED_BLOCK.findall((ROOT / "README.md").read_text()))
@@ -44,16 +68,21 @@ def readme_blocks() -> dict[str, str]:
     return blocks
 
 
+def package_copy(source: Path) -> Path:
+    """What the package builds from, copied (so a build leaves nothing in the working tree)."""
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, source / name)
+    shutil.copytree(ROOT / "segmentation", source / "segmentation", ignore=shutil.ignore_patterns("__pycache__"))
+    return source
+
+
 @pytest.fixture(scope="module")
 def client_venv(tmp_path_factory) -> Path:
     """A fresh virtual environment on Python 3.12 with `pip install ".[client]"` of a copy of the
     package (so the build leaves nothing in the working tree)."""
     work = tmp_path_factory.mktemp("client-venv")
-    source = work / "source"
-    source.mkdir()
-    for name in ("pyproject.toml", "README.md"):
-        shutil.copy(ROOT / name, source / name)
-    shutil.copytree(ROOT / "segmentation", source / "segmentation", ignore=shutil.ignore_patterns("__pycache__"))
+    source = package_copy(work / "source")
     venv = work / "venv"
     env = {**os.environ, "PYENV_VERSION": OTHER_PYTHON}
     subprocess.run(["python3.12", "-m", "venv", str(venv)], env=env, check=True)
@@ -61,6 +90,64 @@ def client_venv(tmp_path_factory) -> Path:
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
     return venv
+
+
+def test_the_client_extra_installs_no_model_libraries(client_venv):
+    """Installed, not merely not imported: none of the server's heavy packages is in the environment."""
+    code = ("import importlib.util as u; print([m for m in ('torch', 'jax', 'jaxlib', 'bentoml', 'transformers', "
+            "'triton', 'cv2') if u.find_spec(m)])")
+    done = subprocess.run([str(client_venv / "bin" / "python"), "-c", code], capture_output=True, text=True,
+                          check=True)
+    assert done.stdout.strip() == "[]"
+
+
+def purelib(python: str) -> str:
+    """The site-packages folder of the environment of `python`."""
+    code = "import sysconfig; print(sysconfig.get_paths()['purelib'])"
+    return subprocess.run([python, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+
+
+def test_editable_install_imports_from_any_folder(client_venv, server, tmp_path):
+    """`pip install --no-deps -e .` (what `make install` runs after the runtime packages) into a fresh
+    environment: a script in an unrelated folder imports `segmentation.client` from the source folder and
+    talks to the server, and a module added to the source later imports without reinstalling. The
+    environment borrows the client extra's packages from `client_venv` (through a .pth file naming a folder
+    of links to them, less the copy of `segmentation` installed there), so only the project itself is
+    installed here."""
+    source = package_copy(tmp_path / "source")
+    venv = tmp_path / "venv"
+    env = {**os.environ, "PYENV_VERSION": OTHER_PYTHON}
+    subprocess.run(["python3.12", "-m", "venv", "--without-pip", str(venv)], env=env, check=True)
+    python = str(venv / "bin" / "python")
+    packages = tmp_path / "client-packages"
+    packages.mkdir()
+    for entry in Path(purelib(str(client_venv / "bin" / "python"))).iterdir():
+        if not entry.name.startswith(("segmentation", "paligemma_segmentation", "__editable__")):
+            (packages / entry.name).symlink_to(entry)
+    (Path(purelib(python)) / "client-packages.pth").write_text(f"{packages}\n")
+    done = subprocess.run([python, "-m", "pip", "install", "--quiet", "--no-deps", "-e", str(source)],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    shutil.copy(ROOT / "docs" / "example.png", elsewhere / "example.png")
+    script = (
+        "import segmentation.client as c\n"
+        "print(c.__file__)\n"
+        f"with c.RemoteSegmenter({server.url!r}) as s:\n"
+        "    [r] = s.segment('example.png', 'cat')\n"
+        "print('answered', r.width, r.height)\n"
+    )
+    done = subprocess.run([python, "-c", script], cwd=elsewhere, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    first, answered = done.stdout.strip().splitlines()
+    assert first == str(source / "segmentation" / "client.py") and answered == "answered 640 480"
+
+    (source / "segmentation" / "editable_probe.py").write_text("VALUE = 42\n")
+    done = subprocess.run([python, "-c", "from segmentation.editable_probe import VALUE; print(VALUE)"], cwd=elsewhere,
+                          capture_output=True, text=True)
+    assert done.stdout.strip() == "42", done.stderr
 
 
 def test_fresh_client_environment_runs_the_readme_examples(client_venv, server, tmp_path):

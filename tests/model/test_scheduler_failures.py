@@ -59,6 +59,19 @@ def settled_within(futures, seconds: float = 30.0) -> list:
     return outcomes
 
 
+def failing_at(step, n: int, exc: Exception):
+    """`step` (a decoder's run_step) that raises `exc` on its n-th call, and only then."""
+    calls = {"n": 0}
+
+    def run_step(batch, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise exc
+        return step(batch, **kwargs)
+
+    return run_step
+
+
 def test_what_counts_as_a_device_failure():
     import torch
 
@@ -74,15 +87,7 @@ def test_a_device_error_settles_every_request_and_refuses_new_ones(engine, monke
     scheduler = StepScheduler(engine, on_broken=broken.append)
     decoder = scheduler.decoder
     real_step = decoder.run_step
-    steps = {"n": 0}
-
-    def failing_step(batch, **kwargs):
-        steps["n"] += 1
-        if steps["n"] == 6:
-            raise RuntimeError(CUDA_ERROR)
-        return real_step(batch, **kwargs)
-
-    monkeypatch.setattr(decoder, "run_step", failing_step)
+    monkeypatch.setattr(decoder, "run_step", failing_at(real_step, 6, RuntimeError(CUDA_ERROR)))
     try:
         # More requests than slots (4): some run when the device fails, the rest wait in the queue.
         futures = [submit(scheduler, seed, 200) for seed in range(7)]
@@ -102,16 +107,7 @@ def test_a_device_error_settles_every_request_and_refuses_new_ones(engine, monke
 def test_a_step_that_fails_once_fails_its_rows_and_the_queue_goes_on(engine, solo, monkeypatch):
     scheduler = StepScheduler(engine)
     decoder = scheduler.decoder
-    real_step = decoder.run_step
-    steps = {"n": 0}
-
-    def failing_once(batch, **kwargs):
-        steps["n"] += 1
-        if steps["n"] == 3:
-            raise RuntimeError("a failure of one step")
-        return real_step(batch, **kwargs)
-
-    monkeypatch.setattr(decoder, "run_step", failing_once)
+    monkeypatch.setattr(decoder, "run_step", failing_at(decoder.run_step, 3, RuntimeError("a failure of one step")))
     try:
         futures = [submit(scheduler, seed, 40) for seed in range(6)]
         outcomes = settled_within(futures)

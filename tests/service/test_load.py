@@ -92,6 +92,18 @@ def test_adaptive_batches_still_form_with_the_batch_scheduler(server_home):
         assert all(r.status_code == 200 for r in together)
         items, batches = after[0] - before[0], after[1] - before[1]
         assert items == 16 and batches < 16, "no batch held more than one request"
+        # The OpenAI-compatible API streams here too: the whole answer in one piece.
+        import openai
+
+        with openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0, timeout=60) as client:
+            content = [{"type": "image_url", "image_url": {"url": f"data:image/png;base64,{image_b64(3)}"}},
+                       {"type": "text", "text": "cat ; dog"}]
+            streamed = [c for c in client.chat.completions.create(
+                model="demo/paligemma2-tiny-random", messages=[{"role": "user", "content": content}], stream=True)]
+        text = "".join(c.choices[0].delta.content or "" for c in streamed)
+        want = httpx.post(srv.url + "/segment", json={"image_base64": image_b64(3), "prompt": "cat ; dog"},
+                          timeout=60).json()
+        assert text == want["text"] and streamed[-1].choices[0].delta.segmentation == want
     finally:
         kill_tree(srv.process.pid)
 

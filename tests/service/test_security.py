@@ -102,8 +102,9 @@ def test_too_many_pixels(guarded):
 
 @pytest.mark.parametrize(
     ("prompt", "message"),
-    [("x" * 100_000, "limit is 1000"), (";".join("c" for _ in range(300)), "300 classes; the limit is 8"),
-     ("cat\x00dog", "U+0000")],
+    [("x" * 100_000, "prompt: is too long; the limit is 1000 characters"),
+     (";".join("c" for _ in range(300)), "prompt: must name 1 to 8 classes"),
+     ("cat\x00dog", "without '<', '>' or control characters"), ("cat\u200bdog", "U+200B")],
 )
 def test_prompt_limits(guarded, prompt, message):
     response = httpx.post(guarded.url + "/segment", json=body(prompt=prompt), headers=AUTH, timeout=30)
@@ -131,4 +132,54 @@ def test_exif_rotated_upload_reports_upright_size(guarded):
 def test_too_many_batch_entries(guarded):
     entries = [{"image_base64": body()["image_base64"], "prompt": "cat"}] * 17
     response = httpx.post(guarded.url + "/segment_batch", json={"requests": entries}, headers=AUTH, timeout=30)
-    assert response.status_code == 400 and "limit is 16" in response.json()["error"]
+    assert response.status_code == 400 and "requests: has 17 items; the limit is 16" in response.json()["error"]
+
+
+# --- the OpenAI-compatible API (/v1) behind the same keys and caps ---------------------------------------
+
+
+def openai_client(url: str, key: str):
+    import openai
+
+    return openai.OpenAI(base_url=url + "/v1", api_key=key, max_retries=0, timeout=60)
+
+
+def chat(image_b64: str) -> dict:
+    return {"model": "demo/paligemma2-tiny-random", "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{image_b64}"}},
+        {"type": "text", "text": "cat"}]}]}
+
+
+def test_v1_needs_the_key_as_the_sdk_sends_it(guarded):
+    import openai
+
+    for headers in ({}, {"Authorization": KEY}):  # no key; a key without its scheme
+        response = httpx.get(guarded.url + "/v1/models", headers=headers, timeout=30)
+        assert response.status_code == 401 and response.json()["error"]["code"] == "invalid_api_key"
+    with openai_client(guarded.url, "wrong") as client:
+        with pytest.raises(openai.AuthenticationError) as caught:
+            client.models.list()
+        assert caught.value.body["code"] == "invalid_api_key" and "Authorization: Bearer" in caught.value.message
+        with pytest.raises(openai.AuthenticationError):
+            client.chat.completions.create(**chat(body()["image_base64"]))
+        with pytest.raises(openai.AuthenticationError):
+            client.chat.completions.create(**chat(body()["image_base64"]), stream=True)
+    with openai_client(guarded.url, KEY) as client:
+        assert [m.id for m in client.models.list().data] == ["demo/paligemma2-tiny-random"]
+        assert client.chat.completions.create(**chat(body()["image_base64"])).choices[0].message.segmentation
+
+
+def test_v1_oversize_is_413_in_openai_s_shape(guarded):
+    import openai
+
+    noise = np.random.default_rng(1).integers(0, 256, 600_000, dtype=np.uint8).tobytes()  # over the body cap
+    with openai_client(guarded.url, KEY) as client:
+        with pytest.raises(openai.APIStatusError) as caught:
+            client.chat.completions.create(**chat(base64.b64encode(noise).decode()))
+        assert caught.value.status_code == 413 and caught.value.body["code"] == "request_too_large"
+        assert "limit" in caught.value.body["message"]
+        buffer = io.BytesIO()
+        Image.new("RGB", (2000, 1000)).save(buffer, "PNG")  # 2 MP: over SEG_MAX_PIXELS, a small body
+        with pytest.raises(openai.APIStatusError) as caught:
+            client.chat.completions.create(**chat(base64.b64encode(buffer.getvalue()).decode()))
+        assert caught.value.status_code == 413 and "2000x1000" in caught.value.body["message"]

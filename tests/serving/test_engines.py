@@ -123,3 +123,98 @@ def test_nothing_listening_is_503_unavailable():
     with pytest.raises(EngineError) as failed:
         asyncio.run(ask(engines(f"http://127.0.0.1:{free_port()}", TOKEN), lambda c: c.describe()))
     assert failed.value.status == 503 and not isinstance(failed.value, EngineRefused)
+
+
+# --- /predict_stream: events read as they come; leaving early closes the connection ----------------------
+
+STREAM_EVENTS = [{"text": "<loc0001>", "tokens": ["<loc0001>"], "logprobs": [-0.5]},
+                 {"text": "", "tokens": ["<0xE2>"], "logprobs": [-1.0]}]
+OUTCOME = {"prediction": None, "error": "the model is overloaded: no free slot", "status": 503}
+
+
+def streaming_app(events: list[dict], outcome: dict | None, left: threading.Event):
+    """An engine that streams `events` (then `outcome`, unless None: the stream breaks off), one every 50 ms,
+    and sets `left` when its caller disconnects mid-stream."""
+    from segmentation.serving.engines import stream_event
+
+    async def app(scope, receive, send):
+        if scope["type"] == "lifespan":
+            return await engine_app(scope, receive, send)
+        await receive()
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"text/event-stream")]})
+        for event in [*events, *([{"outcome": outcome}] if outcome else [])]:
+            await send({"type": "http.response.body", "body": stream_event(event).encode(), "more_body": True})
+            try:
+                message = await asyncio.wait_for(receive(), 0.05)
+            except TimeoutError:
+                continue
+            if message["type"] == "http.disconnect":
+                left.set()
+                return
+        if outcome is None:
+            raise RuntimeError("the engine died mid-stream")
+        await send({"type": "http.response.body", "body": b""})
+
+    return app
+
+
+@contextlib.contextmanager
+def streaming(events, outcome):
+    left = threading.Event()
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(trust.EngineGate(streaming_app(events, outcome, left), token=TOKEN),
+                                           host="127.0.0.1", port=port, log_level="critical", lifespan="on"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{port}", left
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+def an_item():
+    from PIL import Image
+
+    from segmentation.serving.bento import EngineItem
+
+    return EngineItem(model="demo", image=Image.new("RGB", (224, 224)), task="segment", classes=["cat"], cut_after=5)
+
+
+def test_a_stream_is_read_event_by_event_up_to_its_outcome():
+    async def read(client):
+        events = [event async for event in client.predict_stream(an_item())]
+        return events, sum(r.in_flight for r in client.replicas.values())
+
+    with streaming(STREAM_EVENTS, OUTCOME) as (url, _):
+        events, in_flight = asyncio.run(ask(engines(url, TOKEN), read))
+    assert events[:2] == STREAM_EVENTS and in_flight == 0
+    assert events[2]["outcome"].status == 503 and events[2]["outcome"].error == OUTCOME["error"]
+
+
+def test_leaving_a_stream_early_closes_its_connection():
+    async def first_only(client):
+        events = client.predict_stream(an_item())
+        async with contextlib.aclosing(events):
+            first = await anext(events)
+        return first, sum(r.in_flight for r in client.replicas.values())
+
+    many = [{"text": "x", "tokens": ["x"], "logprobs": [0.0]}] * 100
+    with streaming(many, OUTCOME) as (url, left):
+        first, in_flight = asyncio.run(ask(engines(url, TOKEN), first_only))
+        assert left.wait(5)  # the engine saw its caller go: it cancels the request there
+    assert first == many[0] and in_flight == 0
+
+
+def test_a_stream_that_breaks_off_is_503():
+    async def read(client):
+        return [event async for event in client.predict_stream(an_item())]
+
+    with streaming(STREAM_EVENTS, None) as (url, _), pytest.raises(EngineError) as failed:
+        asyncio.run(ask(engines(url, TOKEN), read))
+    assert failed.value.status == 503 and failed.value.retry_after == 1

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from segmentation.serving.guard import RequestGuard, normalize_error_body
+from segmentation.serving.errors import ErrorAnswers, normalize_error_body
 
 
 @pytest.mark.parametrize(
@@ -15,7 +15,8 @@ from segmentation.serving.guard import RequestGuard, normalize_error_body
          "invalid request: prompt: Input should be a valid string"),
         ({"error": "x", "detail": [{"loc": ["mask-format"], "msg": "Extra inputs are not permitted"},
                                    {"loc": ["requests", 0, "task"], "msg": "String should match pattern"}]},
-         "invalid request: mask-format: Extra inputs are not permitted; requests.0.task: String should match pattern"),
+         "invalid request: mask-format: Extra inputs are not permitted; "
+         "requests.0.task: does not have the accepted form (see /docs.json)"),
     ],
 )
 def test_error_bodies_get_one_shape(body, message):
@@ -31,7 +32,7 @@ def test_good_or_foreign_bodies_are_left_alone(body):
 @pytest.mark.parametrize(("status", "headers", "retry_after"), [
     (429, [], b"1"), (503, [], b"1"), (503, [(b"retry-after", b"7")], b"7"), (500, [], None), (200, [], None)])
 def test_refusals_say_when_to_retry(status, headers, retry_after):
-    """BentoML answers its own 429s (max_concurrency) and 503s (a full batch queue) without Retry-After."""
+    """BentoML answers its own 503s (a full batch queue) without Retry-After."""
     async def app(scope, receive, send):  # a downstream ASGI app answering `status`
         await send({"type": "http.response.start", "status": status,
                     "headers": [(b"content-type", b"text/plain"), *headers]})
@@ -46,6 +47,6 @@ def test_refusals_say_when_to_retry(status, headers, retry_after):
         return {"type": "http.request", "body": b"", "more_body": False}
 
     scope = {"type": "http", "path": "/segment", "headers": [(b"content-length", b"0")]}
-    asyncio.run(RequestGuard(app)(scope, receive, send))
+    asyncio.run(ErrorAnswers(app)(scope, receive, send))
     assert sent[0]["status"] == status
     assert dict(sent[0]["headers"]).get(b"retry-after") == retry_after

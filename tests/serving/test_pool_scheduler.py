@@ -2,6 +2,7 @@
 batched path, concurrent requests answered each with its own, bad requests answered alone."""
 
 import asyncio
+import contextlib
 
 import numpy as np
 import pytest
@@ -92,3 +93,67 @@ def test_requests_that_wait_too_long_for_a_slot_are_shed_with_503(tiny_fixtures)
         pool.close()
     assert first.status == 200
     assert [o.status for o in rest] == [503, 503] and all("overloaded" in o.error for o in rest)
+
+
+def stream(pool, request, stop_after=None):
+    """stream_one's events (closing it after `stop_after` text events), and the scheduler's running rows
+    and dropped requests afterwards."""
+    async def read():
+        events = []
+        async with contextlib.aclosing(pool.stream_one(request)) as source:
+            async for event in source:
+                events.append(event)
+                if stop_after is not None and sum("text" in e for e in events) == stop_after:
+                    break
+        scheduler = pool.schedulers["tiny"]
+        for _ in range(500):  # the scheduler drops the cancelled row at its next look
+            if scheduler.running == 0:
+                break
+            await asyncio.sleep(0.01)
+        return events, scheduler.running, scheduler.stats.dropped
+
+    return asyncio.run(read())
+
+
+def test_a_streamed_request_adds_up_to_its_predicted_answer(pools):
+    batched, stepped, _ = pools
+    request = PredictRequest("tiny", picture(4), parse_prompt("bird ; tree ; sky ; cat", "detect"), 120)
+    [want] = batched.predict([request])
+    events, running, _ = stream(stepped, request)
+    *pieces, last = events
+    outcome = last["outcome"]
+    # A piece per group of 3 steps (the pool's sync_every), the last ones in the outcome.
+    assert len(pieces) >= max(3, outcome.prediction.generated_tokens // 3 - 2)
+    assert all(set(p) == {"text", "tokens", "logprobs"} for p in pieces)
+    assert outcome.status == 200 and outcome.prediction.text == want.prediction.text
+    assert want.prediction.text.startswith("".join(p["text"] for p in pieces))
+    streamed = [t for p in pieces for t in p["tokens"]]
+    assert streamed == outcome.prediction.tokens[:len(streamed)]
+    assert outcome.prediction.prompt_tokens > 256 and outcome.prediction.finish_reason in ("stop", "length")
+    assert running == 0
+
+
+def test_closing_a_stream_cancels_its_request(pools):
+    _, stepped, _ = pools
+    request = PredictRequest("tiny", picture(5), parse_prompt("bird ; tree ; sky ; cat", "detect"), 400)
+    dropped = stepped.schedulers["tiny"].stats.dropped
+    events, running, dropped_after = stream(stepped, request, stop_after=2)
+    assert [("outcome" in e) for e in events] == [False, False]
+    assert running == 0 and dropped_after == dropped + 1
+
+
+def test_a_cut_answer_and_its_refusals(pools):
+    batched, stepped, _ = pools
+    request = PredictRequest("tiny", picture(6), parse_prompt("cat ; dog"), 60)
+    [whole] = batched.predict([request])
+    cut = PredictRequest("tiny", picture(6), parse_prompt("cat ; dog"), 60, cut_after=9)
+    [batched_cut] = batched.predict([cut])
+    stepped_cut = asyncio.run(stepped.predict_one(cut))
+    for outcome in (batched_cut, stepped_cut):
+        assert outcome.status == 200 and outcome.prediction.finish_reason == "length"
+        assert outcome.prediction.generated_tokens == 9 and whole.prediction.text.startswith(outcome.prediction.text)
+    assert batched_cut.prediction.text == stepped_cut.prediction.text
+    for value in (0, 10_000):
+        request = PredictRequest("tiny", picture(6), parse_prompt("cat"), cut_after=value)
+        refused = asyncio.run(stepped.predict_one(request))
+        assert refused.status == 400 and "cut_after must be 1 to" in refused.error

@@ -12,7 +12,9 @@ owns the engine's `StaticDecoder` and loops:
    highest rows having moved down into freed slots);
 3. **leave**: one look at the rows (the only host synchronisation); each finished row's answer goes
    back at once through its future and its slot is free for the next admission. A request whose
-   future was cancelled (its client left) or whose deadline passed frees its slot too.
+   future was cancelled (its client left) or whose deadline passed frees its slot too. The same look
+   carries, for rows whose request streams (`on_tokens`), the tokens chosen since the last look, and a
+   row cut by its request (`cut_after`, OpenAI's `max_tokens`) leaves once it has passed the cut.
 
 Every row keeps its own budget, grammar state and adapter in its slot, and attends only to its own
 keys, so its tokens do not depend on who else is in the running batch (float32 on the CPU: pinned by
@@ -26,6 +28,7 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 
@@ -93,6 +96,18 @@ class Job:
     slot: int | None = None
     reach: int = 0  # cache positions its row can fill (prompt + budget + 1)
     steps: int = 0  # decode steps it was in the running batch for
+    prompt_tokens: int = 0  # its prompt's tokens, image tokens included
+    # Leave once more than this many tokens are chosen (the answer is then cut there: engine.conclude).
+    cut_after: int | None = None
+    # Called from the scheduler's thread with the token ids and log-probabilities chosen since the last
+    # call (never past `cut_after`), after each group of steps while the row runs.
+    on_tokens: Callable[[list[int], list[float]], None] | None = None
+    streamed: int = 0  # tokens handed to on_tokens so far
+
+    @property
+    def horizon(self) -> int:
+        """Steps after which the row is done at the latest: its budget, or its cut."""
+        return self.spec.budget if self.cut_after is None else min(self.spec.budget, self.cut_after)
 
 
 @dataclass
@@ -141,17 +156,21 @@ class StepScheduler:
     # --- the public side ------------------------------------------------------------------------
 
     def submit(self, image: Image.Image, prompt: Prompt, *, max_new_tokens: int | None = None,
-               adapter: str | None = None, timeout_s: float | None = None) -> Future:
+               adapter: str | None = None, timeout_s: float | None = None, cut_after: int | None = None,
+               on_tokens: Callable[[list[int], list[float]], None] | None = None) -> Future:
         """Queue one request; its future holds a `Generation` (or the exception that failed it).
 
         `adapter`: an adapter id given to `engine.attach_adapters`; `timeout_s`: drop it (TimeoutError)
         if it has not finished by then. Cancel the future to drop it early (a client that went away).
+        `cut_after`: the row leaves once it has chosen more tokens than that (the generation then holds
+        them all; `engine.conclude` cuts it). `on_tokens(ids, logprobs)`: the row's new tokens after each
+        group of steps, from the scheduler's thread (it must not block).
         """
         spec = self.engine.row_spec(prompt, max_new_tokens)
         names = self.engine._adapter_names([adapter]) if self.engine.adapters else [None]
         future: Future = Future()
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        job = Job(image, prompt, spec, names[0], future, deadline)
+        job = Job(image, prompt, spec, names[0], future, deadline, cut_after=cut_after, on_tokens=on_tokens)
         if self.max_wait_s is not None:
             job.admit_by = job.submitted + self.max_wait_s
         with self._wake:
@@ -302,8 +321,10 @@ class StepScheduler:
                                  share_images=self.engine.share_images and names is None, adapters=names)
         now = time.monotonic()
         prompt_length = inputs["input_ids"].shape[1]
-        for job, slot in zip(jobs, slots):
+        prompt_tokens = inputs["attention_mask"].sum(-1).tolist()
+        for job, slot, tokens in zip(jobs, slots, prompt_tokens):
             job.slot, job.first_step, job.reach = slot, now, prompt_length + job.spec.budget + 1
+            job.prompt_tokens = int(tokens)
             self._slots[slot] = job
         self.stats.admitted += len(jobs)
 
@@ -343,21 +364,59 @@ class StepScheduler:
             names = [job.adapter if job is not None else BASE_ROW for job in self._slots[:bucket]]
         context, graphs = self.engine.graph_context(names)
         decoder.fit_span(max(job.reach for job in occupied))
-        # A row is done after at most `budget` steps (its prefill chose its first token): no group of
-        # steps runs past the longest remaining budget.
-        steps = max(1, min(decoder.sync_every, max(job.spec.budget - job.steps for job in occupied)))
+        # A row is done after at most `budget` steps (its prefill chose its first token), or its cut: no
+        # group of steps runs past the longest remaining one.
+        steps = max(1, min(decoder.sync_every, max(job.horizon - job.steps for job in occupied)))
         with context(bucket):
             for _ in range(steps):
                 decoder.run_step(bucket, graphs=graphs)
         for job in occupied:
             job.steps += steps
         self.stats.steps += steps
-        finished = decoder.finished[:bucket].cpu().tolist()  # the host's one look per group of steps
-        done = [job for job in occupied if finished[job.slot]]
+        finished, fresh = self._look(bucket, occupied)  # the host's one look per group of steps
+        # A row past its cut has chosen one token more than the cut: whether the answer went on is known.
+        done = [job for job in occupied if finished[job.slot] or (job.cut_after is not None
+                                                                  and job.steps >= job.cut_after)]
+        for job, ids, logprobs in fresh:
+            if job not in done:
+                self._stream(job, ids, logprobs)
         if done:
             self._deliver(done)
         if self.on_step is not None:
             self.on_step(self, len(occupied))
+
+    def _look(self, bucket: int, occupied: list[Job]) -> tuple[list[bool], list[tuple[Job, list[int], list[float]]]]:
+        """Which rows of the bucket finished, and each streaming row's tokens and log-probabilities chosen
+        since its last look: one copy from the device (every row has chosen `1 + steps` tokens)."""
+        decoder = self.decoder
+        streaming = [job for job in occupied if job.on_tokens is not None]
+        if not streaming:
+            return decoder.finished[:bucket].cpu().tolist(), []
+        low = min(job.streamed for job in streaming)
+        high = min(decoder.length, max(job.steps + 1 for job in streaming))
+        window = torch.cat([decoder.finished[:bucket, None].double(), decoder.out_tokens[:bucket, low:high].double(),
+                            decoder.out_logprobs[:bucket, low:high].double()], dim=1).cpu()
+        width = high - low
+        fresh = []
+        for job in streaming:
+            end = min(job.steps + 1, high, job.cut_after if job.cut_after is not None else high)
+            if end <= job.streamed:
+                continue
+            row = window[job.slot]
+            columns = slice(1 + job.streamed - low, 1 + end - low)
+            ids = [int(t) for t in row[columns].tolist()]
+            logprobs = row[1 + width:][job.streamed - low:end - low].tolist()
+            if self.decoder.eos_id in ids:  # a finished row: its answer goes back whole
+                continue
+            fresh.append((job, ids, logprobs))
+        return window[:, 0].bool().tolist(), fresh
+
+    def _stream(self, job: Job, ids: list[int], logprobs: list[float]) -> None:
+        job.streamed += len(ids)
+        try:
+            job.on_tokens(ids, logprobs)
+        except Exception:  # a failing listener never stops the row (nor the others)
+            logger.exception("the on_tokens hook failed")
 
     def _deliver(self, jobs: list[Job]) -> None:
         """Answer finished rows and free their slots. One row that cannot be answered (its text does not
@@ -372,6 +431,7 @@ class StepScheduler:
         for job, decoded in zip(jobs, results):
             try:
                 generation = self.engine._row(decoded.token_ids, decoded.token_logprobs)
+                generation.prompt_tokens = job.prompt_tokens
             except Exception as exc:
                 logger.exception("answering a finished row failed")
                 self.stats.failed += 1

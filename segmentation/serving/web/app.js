@@ -18,7 +18,7 @@
     url: $("image-url"), prompt: $("prompt"), model: $("model"), modelStatus: $("model-status"),
     reloadModels: $("reload-models"), key: $("api-key"), submit: $("submit"), cancel: $("cancel"),
     progress: $("progress"), status: $("status"), error: $("error"), result: $("result"),
-    canvas: $("overlay"), placeholder: $("placeholder"), timing: $("timing"),
+    canvas: $("overlay"), chips: $("chips"), placeholder: $("placeholder"), timing: $("timing"),
     downloadJson: $("download-json"), downloadPng: $("download-png"),
     objects: $("objects"), objectsEmpty: $("objects-empty"), rawText: $("raw-text"),
   };
@@ -28,7 +28,7 @@
     preview: null,       // the decoded picked image (HTMLImageElement), or null when it cannot be shown
     answer: null,        // the last successful answer (JSON)
     base: null,          // what the overlay is drawn on: an image, or null for a plain background
-    layers: [],          // per object: {color, mask: canvas|null, visible}
+    layers: [],          // per object: {color, mask: canvas|null, visible, cover: Float32Array|null}
     controller: null,    // AbortController of the request in flight
     ticker: null,
     downloadStem: "segmentation",
@@ -316,41 +316,238 @@
     return label + "…" + score;
   }
 
-  function renderOverlay() {
-    const answer = state.answer;
-    if (!answer) return;
-    const width = answer.width, height = answer.height;
+  function chipText(obj) {
+    return obj.label + " " + Number(obj.score).toFixed(2);
+  }
+
+  // ---------------------------------------------------------------- label chips: where they go
+  //
+  // One chip (label and score) per object shown, placed near its box where it covers no other chip and
+  // as little of the objects as it can: above or inside the box's top, below or inside its bottom, at
+  // its left or right edge, or pushed next to a chip already in the way. Positions are in picture
+  // pixels, so the same placement serves the page (chips sized in CSS pixels, whatever the picture's
+  // own size) and the downloaded PNG (chips sized to the picture).
+
+  const COVER_CELLS = 128; // the object map's resolution along the picture's long side
+
+  function overlapArea(a, b) {
+    const w = Math.min(a.x + a.w, b.x + b.w) - Math.max(a.x, b.x);
+    const h = Math.min(a.y + a.h, b.y + b.h) - Math.max(a.y, b.y);
+    return w > 0 && h > 0 ? w * h : 0;
+  }
+
+  function gapToBox(rect, box) {
+    // How far the chip is from its object's box: 0 when it touches or overlaps it.
+    const dx = Math.max(0, box[0] - (rect.x + rect.w), rect.x - box[2]);
+    const dy = Math.max(0, box[1] - (rect.y + rect.h), rect.y - box[3]);
+    return Math.hypot(dx, dy);
+  }
+
+  function placeChips(items, width, height, cover) {
+    // items: [{box: [x0, y0, x1, y1], w, h}] -> [{x, y, w, h}] (same order; picture pixels).
+    // cover(rect): picture pixels of objects under rect.
+    const placed = [];
+    const clamp = (v, lo, hi) => Math.min(Math.max(v, lo), Math.max(lo, hi));
+    items.forEach((item) => {
+      const [x0, y0, x1, y1] = item.box;
+      const w = Math.min(item.w, width), h = Math.min(item.h, height);
+      const bases = [];
+      [y0 - h, y0, y1, y1 - h].forEach((y, yi) => [x0, x1 - w].forEach((x, xi) => bases.push({ x, y, rank: 2 * yi + xi })));
+      const candidates = [];
+      const add = (x, y, rank) => candidates.push({ x: clamp(x, 0, width - w), y: clamp(y, 0, height - h), w, h, rank });
+      bases.forEach((b) => {
+        add(b.x, b.y, b.rank);
+        // A chip in the way: try right next to it, on each side.
+        placed.forEach((r) => {
+          if (!overlapArea({ x: clamp(b.x, 0, width - w), y: clamp(b.y, 0, height - h), w, h }, r)) return;
+          add(r.x + r.w, b.y, b.rank + 8);
+          add(r.x - w, b.y, b.rank + 8);
+          add(b.x, r.y + r.h, b.rank + 8);
+          add(b.x, r.y - h, b.rank + 8);
+        });
+      });
+      let best = null, bestCost = Infinity;
+      candidates.forEach((c) => {
+        let clash = 0;
+        placed.forEach((r) => { clash += overlapArea(c, r); });
+        // Chips never on chips if there is any room; then objects covered as little as possible; then
+        // close to the box; then the usual spot (above its top left corner).
+        const cost = 1000 * clash + cover(c) + 4 * w * gapToBox(c, item.box) + 0.01 * w * h * c.rank;
+        if (cost < bestCost) {
+          bestCost = cost;
+          best = c;
+        }
+      });
+      placed.push({ x: best.x, y: best.y, w, h });
+    });
+    return placed;
+  }
+
+  function coverMap(width, height) {
+    // Summed-area table of how much object (mask, or box without a mask) lies under each cell of a
+    // coarse grid over the picture: cover(rect) in picture pixels, at any rect, in constant time.
+    const cell = Math.max(1, Math.max(width, height) / COVER_CELLS);
+    const gw = Math.max(1, Math.ceil(width / cell)), gh = Math.max(1, Math.ceil(height / cell));
+    const sums = new Float64Array((gw + 1) * (gh + 1));
+    const grid = new Float32Array(gw * gh);
+    state.answer.objects.forEach((obj, i) => {
+      const layer = state.layers[i];
+      if (!layer || !layer.visible) return;
+      const cover = layer.cover || boxCover(obj.box, cell, gw, gh);
+      if (!cover) return;
+      for (let k = 0; k < grid.length; k++) grid[k] += cover[k];
+    });
+    for (let y = 0; y < gh; y++) {
+      for (let x = 0; x < gw; x++) {
+        sums[(y + 1) * (gw + 1) + x + 1] = grid[y * gw + x] + sums[y * (gw + 1) + x + 1] +
+          sums[(y + 1) * (gw + 1) + x] - sums[y * (gw + 1) + x];
+      }
+    }
+    return (rect) => {
+      const cx0 = Math.max(0, Math.floor(rect.x / cell)), cy0 = Math.max(0, Math.floor(rect.y / cell));
+      const cx1 = Math.min(gw, Math.ceil((rect.x + rect.w) / cell)), cy1 = Math.min(gh, Math.ceil((rect.y + rect.h) / cell));
+      if (cx1 <= cx0 || cy1 <= cy0) return 0;
+      const at = (x, y) => sums[y * (gw + 1) + x];
+      return (at(cx1, cy1) - at(cx0, cy1) - at(cx1, cy0) + at(cx0, cy0)) * cell * cell;
+    };
+  }
+
+  function boxCover(box, cell, gw, gh) {
+    if (!Array.isArray(box)) return null;
+    const cover = new Float32Array(gw * gh);
+    for (let y = Math.floor(box[1] / cell); y < Math.min(gh, Math.ceil(box[3] / cell)); y++) {
+      for (let x = Math.floor(box[0] / cell); x < Math.min(gw, Math.ceil(box[2] / cell)); x++) cover[y * gw + x] = 1;
+    }
+    return cover;
+  }
+
+  function maskCover(layer, width, height) {
+    // The mask's share of each grid cell (0..1), read from its layer scaled down to the grid.
+    const cell = Math.max(1, Math.max(width, height) / COVER_CELLS);
+    const gw = Math.max(1, Math.ceil(width / cell)), gh = Math.max(1, Math.ceil(height / cell));
+    const small = document.createElement("canvas");
+    small.width = gw;
+    small.height = gh;
+    const ctx = small.getContext("2d", { willReadFrequently: true });
+    ctx.drawImage(layer, 0, 0, gw, gh);
+    const alpha = ctx.getImageData(0, 0, gw, gh).data;
+    const cover = new Float32Array(gw * gh);
+    for (let k = 0; k < cover.length; k++) cover[k] = alpha[4 * k + 3] / (255 * MASK_OPACITY);
+    return cover;
+  }
+
+  function shownObjects() {
+    // [index, object] of the objects ticked in the list that have a box.
+    return state.answer.objects.map((obj, i) => [i, obj]).filter(([i, obj]) => state.layers[i].visible && Array.isArray(obj.box));
+  }
+
+  // ---------------------------------------------------------------- drawing
+
+  function drawShapes(width, height) {
+    // The picture with masks and boxes (no text: the chips are HTML), in picture pixels.
     drawBase(state.base, width, height);
     const ctx = el.canvas.getContext("2d");
-    const scale = Math.max(width, height);
-    // Sized to the picture: the canvas is shown scaled to the panel's width.
-    const line = Math.max(1, Math.round(scale / 250));
-    const font = Math.min(48, Math.max(8, Math.round(scale / 28)));
-    answer.objects.forEach((obj, i) => {
+    const line = Math.max(1, Math.round(Math.max(width, height) / 250));
+    state.answer.objects.forEach((obj, i) => {
       const layer = state.layers[i];
       if (layer.visible && layer.mask) ctx.drawImage(layer.mask, 0, 0);
     });
+    ctx.lineWidth = line;
+    shownObjects().forEach(([i, obj]) => {
+      const [x0, y0, x1, y1] = obj.box;
+      ctx.strokeStyle = state.layers[i].color;
+      ctx.strokeRect(x0 + line / 2, y0 + line / 2, Math.max(1, x1 - x0 - line), Math.max(1, y1 - y0 - line));
+    });
+  }
+
+  function renderOverlay() {
+    if (!state.answer) return;
+    drawShapes(state.answer.width, state.answer.height);
+    el.canvas.dataset.state = "result";
+    layoutChips();
+  }
+
+  function pictureRect() {
+    // Where the picture is drawn inside the canvas element (object-fit: contain), in CSS pixels
+    // relative to .canvas-wrap, and its scale (CSS pixels per picture pixel).
+    const width = state.answer.width, height = state.answer.height;
+    const boxW = el.canvas.clientWidth, boxH = el.canvas.clientHeight;
+    const scale = Math.min(boxW / width, boxH / height);
+    return {
+      left: el.canvas.offsetLeft + (boxW - width * scale) / 2,
+      top: el.canvas.offsetTop + (boxH - height * scale) / 2,
+      width: width * scale, height: height * scale, scale,
+    };
+  }
+
+  function layoutChips() {
+    // The chips as HTML over the canvas: sharp at any zoom, sized to the picture as shown.
+    el.chips.replaceChildren();
+    if (!state.answer || el.canvas.dataset.state !== "result") return;
+    const rect = pictureRect();
+    if (!(rect.scale > 0)) return;
+    const shown = shownObjects();
+    const font = Math.round(Math.min(13, Math.max(10, Math.min(rect.width, rect.height) / 24)));
+    const chips = shown.map(([i, obj]) => {
+      const chip = document.createElement("span");
+      chip.className = "chip";
+      chip.dataset.index = String(i);
+      chip.textContent = chipText(obj);
+      chip.title = chip.textContent;
+      chip.style.fontSize = font + "px";
+      chip.style.maxWidth = Math.floor(rect.width) + "px";
+      chip.style.background = state.layers[i].color;
+      chip.style.color = textColorOn(state.layers[i].color);
+      el.chips.append(chip);
+      return chip;
+    });
+    // Measured with fractions (offsetWidth rounds), plus one CSS pixel between neighbouring chips.
+    const items = shown.map(([, obj], k) => {
+      const size = chips[k].getBoundingClientRect();
+      return { box: obj.box, w: (size.width + 1) / rect.scale, h: (size.height + 1) / rect.scale };
+    });
+    const spots = placeChips(items, state.answer.width, state.answer.height, coverMap(state.answer.width, state.answer.height));
+    spots.forEach((spot, k) => {
+      chips[k].style.left = (rect.left + spot.x * rect.scale) + "px";
+      chips[k].style.top = (rect.top + spot.y * rect.scale) + "px";
+    });
+  }
+
+  function exportCanvas() {
+    // The overlay at the picture's own size with the chips drawn in, sized to the picture.
+    const width = state.answer.width, height = state.answer.height;
+    const out = document.createElement("canvas");
+    out.width = width;
+    out.height = height;
+    const ctx = out.getContext("2d");
+    ctx.drawImage(el.canvas, 0, 0);
+    const font = Math.min(64, Math.max(10, Math.round(Math.max(width, height) / 45)));
+    const pad = Math.round(font / 4);
     ctx.font = "600 " + font + "px system-ui, sans-serif";
     ctx.textBaseline = "top";
-    answer.objects.forEach((obj, i) => {
-      const layer = state.layers[i];
-      if (!layer.visible || !Array.isArray(obj.box)) return;
-      const [x0, y0, x1, y1] = obj.box;
-      ctx.lineWidth = line;
-      ctx.strokeStyle = layer.color;
-      ctx.strokeRect(x0 + line / 2, y0 + line / 2, Math.max(1, x1 - x0 - line), Math.max(1, y1 - y0 - line));
-      const pad = Math.round(font / 4);
-      const tag = fitText(ctx, obj.label + " " + Number(obj.score).toFixed(2), width - 2 * pad);
-      const tw = ctx.measureText(tag).width + 2 * pad;
-      const th = font + 2 * pad;
-      const tx = Math.min(Math.max(0, x0), Math.max(0, width - tw));
-      const ty = y0 - th >= 0 ? y0 - th : Math.min(y0, Math.max(0, height - th));
-      ctx.fillStyle = layer.color;
-      ctx.fillRect(tx, ty, tw, th);
-      ctx.fillStyle = textColorOn(layer.color);
-      ctx.fillText(tag, tx + pad, ty + pad);
+    const shown = shownObjects();
+    const tags = shown.map(([, obj]) => fitText(ctx, chipText(obj), width - 2 * pad));
+    const items = shown.map(([, obj], k) => ({ box: obj.box, w: ctx.measureText(tags[k]).width + 2 * pad, h: font + 2 * pad }));
+    placeChips(items, width, height, coverMap(width, height)).forEach((spot, k) => {
+      const color = state.layers[shown[k][0]].color;
+      ctx.fillStyle = color;
+      ctx.fillRect(spot.x, spot.y, spot.w, spot.h);
+      ctx.fillStyle = textColorOn(color);
+      ctx.fillText(tags[k], spot.x + pad, spot.y + pad);
     });
-    el.canvas.dataset.state = "result";
+    return out;
+  }
+
+  if (window.ResizeObserver) {
+    let pending = false;
+    new ResizeObserver(() => {
+      if (pending) return;
+      pending = true;
+      window.requestAnimationFrame(() => {
+        pending = false;
+        layoutChips();
+      });
+    }).observe(el.canvas);
   }
 
   function objectItem(obj, i) {
@@ -393,6 +590,7 @@
     el.downloadJson.disabled = true;
     el.downloadPng.disabled = true;
     el.canvas.dataset.state = "empty";
+    el.chips.replaceChildren();
     el.placeholder.hidden = false;
     el.placeholder.textContent = "The picture and what the model found appear here.";
   }
@@ -411,7 +609,7 @@
       } catch (err) {
         mask = null; // an undecodable mask: the box is still drawn
       }
-      return { color, mask, visible: true };
+      return { color, mask, visible: true, cover: mask ? maskCover(mask, answer.width, answer.height) : null };
     }));
     el.placeholder.hidden = true;
     renderOverlay();
@@ -536,7 +734,8 @@
   });
 
   el.downloadPng.addEventListener("click", () => {
-    el.canvas.toBlob((blob) => {
+    if (!state.answer) return;
+    exportCanvas().toBlob((blob) => {
       if (blob) download(blob, state.downloadStem + "-overlay.png");
       else showError("The browser could not make a PNG of the overlay.");
     }, "image/png");

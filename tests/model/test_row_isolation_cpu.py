@@ -97,7 +97,11 @@ def test_the_row_check_catches_a_kernel_that_depends_on_the_batch(tiny_fixtures,
     head.forward = lambda x: original(x) * (1 + 2.0**-4 * (x.shape[0] - 1))  # a few bits, by row count
     check = engine.decoder.row_arithmetic()
     assert check == {"any_batch": False, "fixed_batch": True}  # a fixed row count still isolates rows
-    head.forward = lambda x: original(x) + torch.arange(x.shape[0], dtype=x.dtype)[:, None] * 2.0**-6
+
+    def by_position(x):  # a nudge by the row's place; x: [rows, 1, hidden] in the step (rows first in any shape)
+        return original(x) + (torch.arange(x.shape[0], dtype=x.dtype) * 2.0**-6).view(-1, *x.shape[1:-1], 1)
+
+    head.forward = by_position
     check = engine.decoder.row_arithmetic()
     assert check == {"any_batch": False, "fixed_batch": False}  # by position: nothing isolates rows
     head.forward = original

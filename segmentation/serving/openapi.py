@@ -99,7 +99,13 @@ MODELS_SCHEMA = {
     "properties": {"models": {"type": "array", "items": {
         "type": "object", "required": ["id"],
         "properties": {"id": {"type": "string"}, "image_size": {"type": "integer"}, "default": {"type": "boolean"},
-                       "base": {"type": "string"}},
+                       "base": {"type": "string"}, "device": {"type": "string"}, "dtype": {"type": "string"},
+                       "dtype_reason": {"type": "string"}, "batched_equals_solo": {"type": "string"},
+                       # On a CPU: native bfloat16 or not, the instruction set, the engine's row isolation.
+                       "cpu": {"type": "object", "properties": {
+                           "model": {"type": "string"}, "capability": {"type": "string"},
+                           "native_bfloat16": {"type": "boolean"}, "via": {"type": "string", "nullable": True},
+                           "row_isolation": {"type": "string", "nullable": True}}}},
     }}},
 }
 

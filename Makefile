@@ -122,7 +122,7 @@ bench-gpu: install
 # Real size on the CPU (scripts/bench_cpu.py; docs/benchmarks.md "Real size on the CPU"): the 3b-224
 # fixture written once in bfloat16 (105 s and 7.6 GB of memory the first time, cached in .fixtures/bench),
 # float32 against bfloat16 prefill and decode steps, one request profiled by stage, the service at 1 client.
-# Needs about 17 GB of memory; one round took about 25 minutes on 2 shared cores.
+# Needs about 18 GiB of memory; one run took 15 minutes on 2 shared cores (the fixture cached).
 bench-cpu: install-dev
 	$(PY) scripts/bench_cpu.py --rounds 1 --batches 1,4 --clients 1 --requests 2 --service-dtypes float32 \
 		--out benchmarks-out/cpu-3b-224.json

@@ -2,9 +2,11 @@
 
 PyTorch multiplies bfloat16 matrices at native speed only on CPUs with AMX (`amx_bf16`) or AVX-512 BF16
 (`avx512_bf16`): oneDNN's kernels. Elsewhere (AVX2 only, e.g. many AMD EPYC) it falls back to a
-reference kernel that widens every element to float32 first; measured on a 2-core AMD EPYC (AVX2) with
-PaliGemma 2 3B's shapes: a 224 px prefill took 89 s in bfloat16 against 31 s in float32
-(docs/benchmarks.md). So `SEG_DTYPE=auto` considers bfloat16 on a CPU only where `native_bfloat16`.
+reference kernel that widens every element to float32 first. Measured on 2 AMD EPYC cores (AVX2) with
+PaliGemma 2 3B's shapes (docs/benchmarks.md): the compute-bound 224 px prefill took 46 s in bfloat16
+against 11 s in float32; the memory-bound decode step was faster in bfloat16 (half the bytes: 0.24 against
+0.61 s at 1 row), so float32 answered faster up to about 100 tokens a request. `SEG_DTYPE=auto` considers
+bfloat16 on a CPU only where `native_bfloat16`.
 
     from segmentation.model.cpu import cpu_info
     cpu_info()  # {"model": "AMD EPYC", "capability": "AVX2", "native_bfloat16": False, "via": None, ...}

@@ -75,7 +75,7 @@ def auto_dtype(device: str, generation: str, info: dict | None = None) -> tuple[
     info = info or cpu_info()
     if not info["native_bfloat16"]:
         return torch.float32, (f"auto: float32, this CPU has no native bfloat16 ({info['capability']}; "
-                               f"bfloat16 would run PyTorch's reference kernels, slower than float32)")
+                               f"PyTorch's reference bfloat16 kernels make the prefill about 4x float32's)")
     if generation != "graph":
         return torch.float32, (f"auto: float32, the {generation} engine cannot keep batched ≡ solo in bfloat16 "
                                f"(the graph engine can)")

@@ -110,8 +110,8 @@ def test_the_row_check_catches_a_kernel_that_depends_on_the_batch(tiny_fixtures,
 def test_auto_picks_bfloat16_only_on_cpus_with_native_bfloat16():
     assert auto_dtype("cuda", "graph")[0] == torch.bfloat16
     assert auto_dtype("cpu", "graph", NOT_NATIVE) == (torch.float32, "auto: float32, this CPU has no native "
-                                                      "bfloat16 (AVX2; bfloat16 would run PyTorch's reference "
-                                                      "kernels, slower than float32)")
+                                                      "bfloat16 (AVX2; PyTorch's reference bfloat16 kernels make "
+                                                      "the prefill about 4x float32's)")
     assert auto_dtype("cpu", "graph", NATIVE) == (torch.bfloat16, "auto: bfloat16, native on this CPU (AMX)")
     assert auto_dtype("cpu", "fast", NATIVE)[0] == torch.float32  # only the graph engine isolates rows
 

@@ -17,7 +17,10 @@ paste + RLE per object and checks the decoder never recompiles after warm-up; `-
 tiny-model server from start to a green `/readyz`. `--compare-adapters N` starts one server with
 N random LoRA adapters of the model (SEG_ADAPTERS) and sends the same load at the highest
 concurrency twice per round: every request to the base, then requests spread over the base and the
-N adapters (same model, same server, interleaved): throughput ratio and mean batch size of each.
+N adapters (same model, same server, interleaved): throughput ratio and mean batch size of each;
+`--adapter-share F` sends a fraction F of the mixed requests to the adapters (the rest to the base;
+default: round-robin over base and adapters), `--adapters-ref REF` runs the same comparison on the
+service as it was at commit REF too (after this tree's).
 `--label` times `python -m segmentation.label`'s work (`label_folder`, default concurrency) on a
 folder of the workload's images against the first server, beside the service's best throughput on
 the same images and prompt (raw JSON requests at 16/32/64 clients) and a sequential
@@ -47,6 +50,7 @@ import base64
 import contextlib
 import io
 import json
+import math
 import os
 import platform
 import random
@@ -611,15 +615,27 @@ def readyz_runs(cache_dir: Path, seed: int, runs: int, env: dict[str, str]) -> d
             "poll_interval_s": 0.5}
 
 
-def spread_over(work: list[dict], models: list[str]) -> list[dict]:
-    """The same requests, the i-th sent to `models[i % len(models)]`."""
-    return [{**item, "body": json.dumps({**json.loads(item["body"]), "model": models[i % len(models)]}).encode()}
-            for i, item in enumerate(work)]
+def adapter_mix(count: int, base: str, adapters: list[str], share: float | None) -> list[str]:
+    """The model of each of `count` requests: round-robin over the base and the adapters (`share` None), or a
+    fraction `share` on the adapters (evenly interleaved, round-robin among them) and the rest on the base."""
+    if share is None:
+        models = [base, *adapters]
+        return [models[i % len(models)] for i in range(count)]
+    chosen, next_adapter = [], 0
+    for i in range(count):
+        if math.floor((i + 1) * share) > math.floor(i * share):
+            chosen.append(adapters[next_adapter % len(adapters)])
+            next_adapter += 1
+        else:
+            chosen.append(base)
+    return chosen
 
 
 def adapters_comparison(fixtures: Path, model_id: str, work: list[dict], env: dict[str, str], count: int,
-                        concurrency: int, rounds: int, warmup: int, timeout: float) -> dict:
-    """Base-only against base + `count` random adapters mixed, on one server (see the module docstring)."""
+                        concurrency: int, rounds: int, warmup: int, timeout: float, share: float | None = None,
+                        source: Path = ROOT, label: str = "adapters") -> dict:
+    """Base-only against base + `count` random adapters mixed (a fraction `share` of the requests on the
+    adapters), on one server of the tree `source` (see the module docstring)."""
     from lora import write_random_adapter  # tests/lora.py
 
     adapters = {}
@@ -628,21 +644,24 @@ def adapters_comparison(fixtures: Path, model_id: str, work: list[dict], env: di
         if not (directory / "adapter_config.json").is_file():
             write_random_adapter(fixtures / "paligemma", directory, seed=index + 1)
         adapters[f"bench/lora-{index}"] = directory
-    loads = {"base_only": work, "mixed": spread_over(work, [model_id, *adapters])}
+    mixed = adapter_mix(len(work), model_id, list(adapters), share)
+    loads = {"base_only": work, "mixed": [{**item, "body": json.dumps({**json.loads(item["body"]), "model": m})
+                                           .encode()} for item, m in zip(work, mixed)]}
     runs: dict[str, list] = {name: [] for name in loads}
-    with served(fixtures, model_id, env, adapters=adapters) as (server, ready):
-        print(f"[adapters] {model_id} + {count} adapters ready in {ready:.1f} s at {server.url}", flush=True)
+    with served(fixtures, model_id, env, adapters=adapters, source=source) as (server, ready):
+        print(f"[{label}] {model_id} + {count} adapters ready in {ready:.1f} s at {server.url}", flush=True)
         asyncio.run(_drive(server.url, loads["mixed"][:warmup], min(warmup, concurrency), timeout))
         for round_index in range(rounds):
             for name in (loads if round_index % 2 == 0 else reversed(loads)):
                 runs[name].append(run_level(server.url, loads[name], concurrency, timeout))
                 one = summarize_level(concurrency, runs[name][-1:])
-                print(f"[adapters {name} round {round_index + 1}] c={concurrency} {one['requests_per_s']:.2f} req/s  "
+                print(f"[{label} {name} round {round_index + 1}] c={concurrency} {one['requests_per_s']:.2f} req/s  "
                       f"batch mean {one['batch_size_mean']}  errors {one['errors'] or 0}", flush=True)
     ratios = [r for r in (_ratio(_throughput(m), _throughput(b)) for m, b in zip(runs["mixed"], runs["base_only"]))
               if r is not None]
     return {
         "adapters": count, "concurrency": concurrency,
+        "adapter_share": round(sum(m != model_id for m in mixed) / len(mixed), 3),
         "levels": {name: summarize_level(concurrency, rs) for name, rs in runs.items()},
         "ratio": _round(statistics.median(ratios), 3) if ratios else None, "rounds": [round(r, 3) for r in ratios],
     }
@@ -817,6 +836,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="also run a server with SEG_MAX_BATCH_SIZE=1 and print the throughput ratio")
     parser.add_argument("--compare-adapters", type=int, default=0, metavar="N",
                         help="also serve N random LoRA adapters and compare base-only with mixed load")
+    parser.add_argument("--adapter-share", type=float, metavar="F",
+                        help="with --compare-adapters: the fraction of mixed requests sent to the adapters "
+                             "(default: round-robin over the base and the adapters)")
+    parser.add_argument("--adapters-ref", metavar="REF",
+                        help="with --compare-adapters: the same comparison on the service at git commit REF too")
     parser.add_argument("--baseline", action="store_true", help="raw batched Segmenter.predict, no server")
     parser.add_argument("--baseline-batch", type=int, help="baseline batch size (default: the server's mean)")
     parser.add_argument("--micro", action="store_true", help="decode + paste + RLE per object; recompilation")
@@ -1017,9 +1041,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.compare_adapters:
         report["adapters"] = adapters_comparison(
             fixtures, f"demo/paligemma2-{args.size}-random", work, server_env, args.compare_adapters, top,
-            args.rounds, args.warmup, args.timeout)
+            args.rounds, args.warmup, args.timeout, share=args.adapter_share)
         print(f"mixed base + {args.compare_adapters} adapters / base only at {top} clients: "
               f"{report['adapters']['ratio']}x (rounds {report['adapters']['rounds']})", flush=True)
+        if args.adapters_ref:
+            commit, source = export_commit(args.adapters_ref, args.cache_dir)
+            report["adapters_ref"] = {"commit": commit, **adapters_comparison(
+                fixtures, f"demo/paligemma2-{args.size}-random", work, server_env, args.compare_adapters, top,
+                args.rounds, args.warmup, args.timeout, share=args.adapter_share, source=source,
+                label=f"adapters main@{commit}")}
+            print(f"main@{commit}: mixed / base only at {top} clients: {report['adapters_ref']['ratio']}x "
+                  f"(rounds {report['adapters_ref']['rounds']})", flush=True)
 
     if args.engine_micro:
         report["engine_micro"] = engine_micro(fixtures, [int(b) for b in args.engine_batches.split(",")],

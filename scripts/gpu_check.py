@@ -43,6 +43,16 @@ phase's budget is the most it may take):
                                    ms per image; graph step over the floor.
   agreement   ~0 s   (budget 60)   bfloat16: rows of graph equal to hf-generate and to fast (same inputs,
                                    forced budgets), from the speed phase's outputs: rates, never a failure.
+  prefill     ~60 s  (budget 150)  (estimate, never run on a GPU yet) the prefill's kernels on the same model
+                                   (SEG_PREFILL_ATTENTION): ms per image at each batch size for `eager` and
+                                   `flex` (compiled flex_attention), each bucket's first call (the compile)
+                                   apart, first-token agreement between them; which kernel `auto` picks. FAIL
+                                   if `auto` does not pick flex on CUDA (flex_attention did not compile).
+  lora        ~60 s  (budget 180)  (estimate) 3 random rank-16 adapters on every projection, stacked in the
+                                   decode step: capture seconds with them, then decode step ms at the largest
+                                   batch for base rows on an engine without adapters, base rows and half
+                                   adapter rows on the engine with them; steps by path. FAIL if a mixed
+                                   batch's step did not replay a graph (`peft` or `fixed` on CUDA).
   invariance  ~70 s  (budget 200)  the graph engine in bfloat16, SEG_BATCH_INVARIANT off then on, graphs
                                    captured anew for each mode: 16 rows batched vs each alone (rows equal,
                                    bit-equal), step ms at bucket 16 and 1 and the on/off cost ratio. FAIL if
@@ -55,8 +65,9 @@ phase's budget is the most it may take):
                                    eager step, the host-sync guard on CUDA, buffers reserved once, the
                                    invariant kernels at the CUDA key).
 
-Default run: ~4.5 minutes of phases plus ~20 s for .gpu/run.sh; `--quick` (32 tokens, batches 1/8/32,
-8 invariance rows of 24 tokens, fewer service requests): ~3.5 minutes.
+Default run: ~6.5 minutes of phases (the prefill and lora phases' two minutes estimated, not yet measured)
+plus ~20 s for .gpu/run.sh; `--quick` (32 tokens, batches 1/8/32, 8 invariance rows of 24 tokens, fewer
+service requests): ~5.5 minutes.
 """
 
 from __future__ import annotations
@@ -87,20 +98,24 @@ PHASES: dict[str, tuple[int, int, int]] = {
     "capture": (150, 120, 25),
     "speed": (150, 90, 35),
     "agreement": (60, 60, 1),
+    "prefill": (150, 120, 60),
+    "lora": (180, 150, 60),
     "invariance": (200, 120, 70),
     "service": (240, 180, 70),
     "pytest": (150, 150, 45),
 }
 # Phases that share a process (and what they loaded): the 3b model for capture, speed and agreement.
-GROUPS = (("tiny", "kernels"), ("capture", "speed", "agreement"), ("invariance",), ("service",), ("pytest",))
+# `lora` comes last in its group: attaching adapters wraps the shared model's layers in place.
+GROUPS = (("tiny", "kernels"), ("capture", "speed", "agreement", "prefill", "lora"), ("invariance",), ("service",),
+          ("pytest",))
 MARK = "@@gpu-check"
 STATUSES = ("PASS", "FAIL", "INFO", "SKIP")
 
 DEFAULTS = {"tiny_rows": [1, 2, 3, 5, 8], "tiny_tokens": 64, "tokens": 64, "batches": [1, 8, 16, 32],
             "buckets": [1, 2, 4, 8, 16, 32], "invariance_rows": 16, "invariance_tokens": 48, "clients": [1, 16, 64],
-            "requests": 16, "budget": 480}
+            "requests": 16, "budget": 600, "adapters": 3, "lora_rank": 16}
 QUICK = {**DEFAULTS, "tokens": 32, "batches": [1, 8, 32], "invariance_rows": 8, "invariance_tokens": 24,
-         "requests": 8, "budget": 300}
+         "requests": 8, "budget": 400}
 
 
 def result(status: str, reason: str, **data) -> dict:
@@ -497,8 +512,153 @@ def phase_service(ctx) -> dict:
     return result("FAIL" if problems else "PASS", ("; ".join(problems) + " | " if problems else "") + line, **report)
 
 
+def _shared_model(ctx):
+    """The 3b fixture's engine loaded once per worker (the speed phase's, when it ran here)."""
+    engines = ctx["state"].get("engines")
+    if engines is not None:
+        return engines["fast"]
+    if "base" not in ctx["state"]:
+        from segmentation.model.engine import PaliGemmaEngine
+
+        ctx["state"]["base"] = PaliGemmaEngine.from_pretrained(_fixture(ctx) / "paligemma", device=ctx["device"])
+    return ctx["state"]["base"]
+
+
+def phase_prefill(ctx) -> dict:
+    import torch
+    from bench_prefill import time_prefill
+
+    from segmentation.model.engine import PaliGemmaEngine
+    from segmentation.model.graph.decoder import GraphSettings
+    from segmentation.model.graph.prefill import choose_attention
+
+    base = _shared_model(ctx)
+    device = torch.device(ctx["device"])
+    auto = choose_attention("auto", device)
+    batches = ctx["batches"]
+    data = {"auto": {"kernel": auto.kernel, "why": auto.why}, "dtype": str(base.model.dtype), "kernels": {}}
+    engines, first_logits = {}, {}
+    for kernel in ("eager", "flex"):
+        # Only the prefill runs here: no decode graphs to capture.
+        engine = engines[kernel] = PaliGemmaEngine(
+            base.model, base.processor, generation="graph", max_new_tokens=ctx["tokens"],
+            graph=GraphSettings(buckets=tuple(sorted(set(batches))), use_graphs=False, prefill_attention=kernel))
+        prefill = engine.decoder.prefiller
+        rows = {}
+        for batch in batches:
+            started = time.perf_counter()
+            figures = time_prefill(engine, batch, repeats=3, warmup=1)
+            rows[str(batch)] = {"ms_per_image": figures["ms_per_image"], "prompt_length": figures["prompt_length"],
+                                "first_call_s": round(time.perf_counter() - started - sum(figures["wall_s"]), 2)}
+        data["kernels"][kernel] = {"chosen": prefill.kernel, "why": prefill.choice.why, "by_batch": rows,
+                                   "compile_s": dict(prefill.compile_seconds)}
+        ctx["log"](f"[prefill {kernel}] {prefill.kernel}: " + ", ".join(
+            f"b={b} {r['ms_per_image']} ms/image" for b, r in rows.items()))
+        first_logits[kernel] = _first_logits(engine, max(batches))
+    eager, flex = first_logits["eager"], first_logits["flex"]
+    data["agreement"] = {"rows": int(eager.shape[0]),
+                         "argmax_equal": int((eager.argmax(-1) == flex.argmax(-1)).sum()),
+                         "max_abs_dlogit": round(float((eager - flex).abs().max()), 5)}
+    on_cuda = device.type == "cuda"
+    flex_ran = data["kernels"]["flex"]["chosen"] == "flex"
+    top = str(max(batches))
+    ratio = {b: round(data["kernels"]["flex"]["by_batch"][b]["ms_per_image"]
+                      / data["kernels"]["eager"]["by_batch"][b]["ms_per_image"], 3) for b in map(str, batches)}
+    data["flex_over_eager"] = ratio
+    summary = (f"auto: {auto.kernel}; " + "; ".join(
+        f"b={b} eager {data['kernels']['eager']['by_batch'][b]['ms_per_image']} flex "
+        f"{data['kernels']['flex']['by_batch'][b]['ms_per_image']} ms/image (x{ratio[b]})" for b in map(str, batches))
+        + f"; first tokens equal {data['agreement']['argmax_equal']}/{data['agreement']['rows']}, max |dlogit| "
+        f"{data['agreement']['max_abs_dlogit']}; flex compiles {data['kernels']['flex']['compile_s']}")
+    if on_cuda:
+        target = data["kernels"]["flex"]["by_batch"][top]["ms_per_image"]
+        summary += f"; target <= 12 ms/image at b={top}: {'met' if target <= 12 else 'not met'} ({target})"
+        if auto.kernel != "flex" or not flex_ran:
+            return result("FAIL", f"flex_attention does not serve on {ctx['device']}: {auto.why} | {summary}", **data)
+        return result("PASS", summary, **data)
+    return result("INFO", f"on {device.type} ({summary})", **data)
+
+
+def _first_logits(engine, batch: int):
+    """The prefill's first-token logits of `batch` sample rows (float32, on the host)."""
+    import torch
+    from engine_timing import sample_batch
+
+    images, prompts = sample_batch(batch, seed=5)
+    inputs = engine.prepare(images, prompts)
+    decoder = engine.decoder
+    with torch.inference_mode():
+        features = decoder.image_features(inputs["pixel_values"], None, share=False)
+        index = torch.arange(batch, device=decoder.device)
+        return decoder.prefiller.forward(index, inputs, features, None).float().cpu()
+
+
+def phase_lora(ctx) -> dict:
+    import tempfile
+
+    import torch
+    from bench_lora import time_steps, write_random_lora
+
+    from segmentation.model.engine import PaliGemmaEngine
+    from segmentation.model.graph.decoder import GraphSettings
+
+    base = _shared_model(ctx)
+    on_cuda = ctx["device"].startswith("cuda")
+    rows = max(ctx["batches"])
+    buckets = tuple(sorted({1, rows}))
+    plain = PaliGemmaEngine(base.model, base.processor, generation="graph", max_new_tokens=ctx["tokens"],
+                            graph=GraphSettings(buckets=buckets))
+    started = time.perf_counter()
+    plain.decoder  # noqa: B018 -- buffers and graphs
+    data = {"rows": rows, "adapters": ctx["adapters"], "rank": ctx["lora_rank"],
+            "plain": {"setup_s": round(time.perf_counter() - started, 2),
+                      "capture_s": round(plain.decoder.capture_seconds, 2)}}
+    data["plain"]["base_only"] = time_steps(plain, [None] * rows)
+    del plain  # its decoder holds the layers bare: attaching adapters below wraps them
+    with tempfile.TemporaryDirectory(prefix="gpu-check-lora-") as tmp:
+        directories = {f"check/lora-{i}": write_random_lora(base.model, Path(tmp) / f"lora-{i}", rank=ctx["lora_rank"],
+                                                            seed=i + 1)
+                       for i in range(ctx["adapters"])}
+        adapted = PaliGemmaEngine(base.model, base.processor, generation="graph", max_new_tokens=ctx["tokens"],
+                                  graph=GraphSettings(buckets=buckets, max_lora_rank=max(16, ctx["lora_rank"])))
+        started = time.perf_counter()
+        adapted.attach_adapters(directories)
+        attach_s = time.perf_counter() - started
+        started = time.perf_counter()
+        decoder = adapted.decoder
+        data["adapted"] = {"attach_s": round(attach_s, 2), "setup_s": round(time.perf_counter() - started, 2),
+                           "capture_s": round(decoder.capture_seconds, 2),
+                           "captured": sorted(decoder.graphs),
+                           "lora_mib": round(decoder.lora.reserved_bytes() / 2**20, 1),
+                           "slots": {a: adapted.adapter_status(a) for a in directories}}
+    ids = list(directories)
+    mixed = [ids[i // 2 % len(ids)] if i % 2 else None for i in range(rows)]  # every other row an adapter
+    data["adapted"]["base_only"] = time_steps(adapted, [None] * rows)
+    data["adapted"]["mixed"] = time_steps(adapted, mixed)
+    data["adapted"]["alone"] = time_steps(adapted, [ids[0]])
+    base_ms = data["plain"]["base_only"]["step_ms"]
+    mixed_ms = data["adapted"]["mixed"]["step_ms"]
+    data["mixed_over_plain_base"] = round(mixed_ms / base_ms, 3)
+    data["mixed_over_adapted_base"] = round(mixed_ms / data["adapted"]["base_only"]["step_ms"], 3)
+    want = "graph" if on_cuda else "fixed"
+    stray = {name: r["paths"] for name, r in data["adapted"].items() if isinstance(r, dict) and "paths" in r
+             and set(r["paths"]) != {want}}
+    summary = (f"{rows} rows, half with {len(ids)} rank-{ctx['lora_rank']} adapters: step {mixed_ms} ms against "
+               f"{base_ms} ms base-only without adapters (x{data['mixed_over_plain_base']}; target <= 1.2: "
+               f"{'met' if data['mixed_over_plain_base'] <= 1.2 else 'not met'}) and "
+               f"{data['adapted']['base_only']['step_ms']} ms base-only with them; capture "
+               f"{data['adapted']['capture_s']} s with adapters vs {data['plain']['capture_s']} s; stacked weights "
+               f"{data['adapted']['lora_mib']} MiB")
+    if on_cuda:
+        data["gpu_reserved_mib"] = round(torch.cuda.memory_reserved() / 2**20, 1)
+    if stray:
+        return result("FAIL", f"steps off the {want} path: {stray} | {summary}", **data)
+    return result("PASS", summary, **data)
+
+
 WORKER_PHASES = {"tiny": phase_tiny, "kernels": phase_kernels, "capture": phase_capture, "speed": phase_speed,
-                 "agreement": phase_agreement, "invariance": phase_invariance, "service": phase_service}
+                 "agreement": phase_agreement, "prefill": phase_prefill, "lora": phase_lora,
+                 "invariance": phase_invariance, "service": phase_service}
 
 
 def exception_reason(exc: BaseException) -> str:
@@ -767,7 +927,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = {**{k: v for k, v in profile.items() if k != "budget"}, "device": args.device, "size": args.size,
                 "cache_dir": str(args.cache_dir), "quick": args.quick}
     if args.device == "cpu":  # the smoke run: small enough for a test
-        settings.update(tiny_rows=[1, 3], tiny_tokens=12, tokens=8, batches=[1, 2], buckets=[1, 2],
+        settings.update(tiny_rows=[1, 3], tiny_tokens=12, tokens=8, batches=[1, 2], buckets=[1, 2], lora_rank=4,
                         invariance_rows=2, invariance_tokens=5, clients=[1, 2], requests=2, budget_scale=scale)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".log").write_text("")

@@ -54,6 +54,8 @@ SIZES: dict[str, dict] = {
     "3b-224": dict(text=_GEMMA2_2B, vision=_SIGLIP_SO400M, image_size=224, vocab_size=257216),
     "3b-448": dict(text=_GEMMA2_2B, vision=_SIGLIP_SO400M, image_size=448, vocab_size=257216),
 }
+# The tiny model reading 448 px pictures (1024 image tokens): tests of long prefixes.
+SIZES["tiny-448"] = dict(SIZES["tiny"], image_size=448)
 
 
 def build_tokenizer(word_vocab_size: int = 400):

@@ -19,15 +19,15 @@ TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj"
 
 
 def write_random_adapter(base_dir: Path, out: Path, seed: int, scale: float = 1.0,
-                         target_modules: list[str] | None = None) -> Path:
-    """Save a LoRA adapter of the PaliGemma in `base_dir` with random A and B matrices to `out`."""
+                         target_modules: list[str] | None = None, rank: int = 4) -> Path:
+    """Save a LoRA adapter of the PaliGemma in `base_dir` with random A and B matrices (rank `rank`) to `out`."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import PaliGemmaForConditionalGeneration
 
     torch.manual_seed(seed)
     model = PaliGemmaForConditionalGeneration.from_pretrained(base_dir, local_files_only=True)
-    config = LoraConfig(r=4, lora_alpha=8, target_modules=target_modules or TARGET_MODULES,
+    config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=target_modules or TARGET_MODULES,
                         init_lora_weights=False)  # False: B is random too, so the adapter changes outputs
     peft_model = get_peft_model(model, config)
     with torch.no_grad():

@@ -75,6 +75,15 @@ def test_benchmark_script_writes_a_complete_report(tiny_fixtures, tmp_path):
     assert report["targets"]["no_recompilation"]["met"] is True
 
 
+def test_adapter_share_sends_that_fraction_of_the_mixed_load_to_the_adapters():
+    from benchmark import adapter_mix
+
+    assert adapter_mix(6, "base", ["a", "b"], None) == ["base", "a", "b", "base", "a", "b"]
+    half = adapter_mix(8, "base", ["a", "b", "c"], 0.5)
+    assert half == ["base", "a", "base", "b", "base", "c", "base", "a"]
+    assert adapter_mix(10, "base", ["a"], 0.3).count("a") == 3
+
+
 def test_batch_histograms_of_metrics_with_different_bounds_never_go_negative():
     """The adaptive batcher's histogram has no 64 bound, the step-level one has: each is differenced within
     its own bounds (both summed by `le` gave "33-64": -16 on the GPU host)."""
@@ -172,3 +181,27 @@ def test_original_service_sees_our_fixture_as_a_hub_cache_entry(tiny_fixtures, t
     config = json.loads(next((tmp_path / "models" / "huggingface").glob("*/snapshots/*/tokenizer_config.json"))
                         .read_text())
     assert config["extra_special_tokens"] == {"image_token": "<image>"}
+
+
+def test_prefill_benchmark_measures_each_kernel_beside_another_commit(tiny_fixtures, tmp_path):
+    """scripts/bench_prefill.py: a worker per configuration (the commit's tree, this tree's kernels), each
+    importing the tree it measures; ms per image per batch, and the ratio to the commit's."""
+    out = tmp_path / "prefill.json"
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "bench_prefill.py"), "--fixtures", str(tiny_fixtures),
+         "--cache-dir", str(tmp_path / "cache"), "--ref", "HEAD", "--kernels", "eager,flex", "--batches", "1,2",
+         "--rounds", "1", "--repeats", "1", "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    report = json.loads(out.read_text())
+    commit = subprocess.run(["git", "rev-parse", "--short=7", "HEAD"], cwd=ROOT, capture_output=True,
+                            text=True, check=True).stdout.strip()
+    assert list(report["summary"]) == [f"main@{commit}", "eager", "flex"]
+    for batches in report["summary"].values():
+        assert set(batches) == {"1", "2"} and all(b["ms_per_image"] > 0 and b["x_main"] > 0 for b in batches.values())
+    samples = report["samples"]
+    assert samples[f"main@{commit}"][0]["package"] == str(tmp_path / "cache" / f"source-{commit}" / "segmentation")
+    assert samples["eager"][0]["package"] == str(ROOT / "segmentation")
+    assert samples["eager"][0]["prefill"]["attention"] == "eager"
+    assert samples["flex"][0]["prefill"]["attention"] == "flex"

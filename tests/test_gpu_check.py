@@ -12,7 +12,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "gpu_check.py"
-PHASES = ["env", "tiny", "kernels", "capture", "speed", "agreement", "invariance", "service", "pytest"]
+PHASES = ["env", "tiny", "kernels", "capture", "speed", "agreement", "prefill", "lora", "invariance", "service",
+          "pytest"]
 
 
 def test_make_gpu_check_refuses_at_once_without_cuda(tmp_path):
@@ -70,7 +71,8 @@ def test_cpu_smoke_run_goes_through_every_phase(tmp_path, tiny_fixtures):
     assert list(phases) == PHASES
     statuses = {name: phases[name]["status"] for name in PHASES}
     assert statuses == {"env": "PASS", "tiny": "PASS", "kernels": "INFO", "capture": "INFO", "speed": "PASS",
-                        "agreement": "INFO", "invariance": "INFO", "service": "PASS", "pytest": "SKIP"}, \
+                        "agreement": "INFO", "prefill": "INFO", "lora": "PASS", "invariance": "INFO",
+                        "service": "PASS", "pytest": "SKIP"}, \
         {n: phases[n]["reason"] for n in PHASES}
     # One line per phase, with its reason, as it ends and again in the summary at the end of the output.
     for name in PHASES:
@@ -87,6 +89,14 @@ def test_cpu_smoke_run_goes_through_every_phase(tmp_path, tiny_fixtures):
     assert set(speed["by_batch"]) == {"1", "2"} and all(v["floor_step_ms"] > 0 for v in speed["by_batch"].values())
     assert {r["engine"] for r in speed["rows"]} == {"graph", "fast", "hf-generate"}
     assert set(phases["agreement"]["rates"]) == {"graph=hf-generate", "graph=fast", "fast=hf-generate"}
+    prefill = phases["prefill"]  # both kernels timed on the same model; on a CPU `auto` takes the eager one
+    assert prefill["auto"]["kernel"] == "eager" and prefill["kernels"]["flex"]["chosen"] == "flex"
+    assert set(prefill["kernels"]["eager"]["by_batch"]) == {"1", "2"} and prefill["kernels"]["flex"]["compile_s"]
+    assert prefill["agreement"]["argmax_equal"] == prefill["agreement"]["rows"] == 2  # float32: the same tokens
+    lora = phases["lora"]  # base-only and mixed steps, all on the fixed-shape step (a CUDA graph on a GPU)
+    assert lora["adapted"]["mixed"]["paths"] == {"fixed": 40} and lora["adapted"]["mixed"]["adapter_rows"] == 1
+    assert [s["slot"] for s in lora["adapted"]["slots"].values()] == [1, 2, 3]
+    assert lora["mixed_over_plain_base"] > 0 and lora["plain"]["base_only"]["paths"] == {"fixed": 40}
     assert phases["invariance"]["modes"]["off"]["rows"] == 2
     service = phases["service"]
     assert [level["concurrency"] for level in service["levels"]] == [1, 2]

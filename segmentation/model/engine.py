@@ -29,6 +29,7 @@ from .fastgen import greedy_decode, grouped_attention_in
 from .grammar import ObjectGrammar, RowSpec, Vocabulary
 from .graph.decoder import STEP_PATHS, GraphCaptureError, GraphSettings, StaticDecoder
 from .graph.device_grammar import trie_size
+from .graph.prefill import choose_attention
 from .images import model_input
 from .prompts import DEFAULT_MAX_NEW_TOKENS, DEFAULT_OBJECTS_PER_CLASS, Prompt, max_new_tokens_for
 
@@ -233,13 +234,23 @@ class PaliGemmaEngine:
                 length=image_tokens + settings.prompt_tokens + self.max_new_tokens + 1,
                 buckets=settings.buckets, sync_every=settings.sync_every,
                 use_graphs=True if settings.require else settings.use_graphs, compile=settings.compile,
+                prefill=choose_attention(settings.prefill_attention, self.device),
             )
+            if self.adapters:
+                lora = self._decoder.attach_lora(
+                    list(self.adapters.values()), max_adapters=settings.max_adapters, max_rank=settings.max_lora_rank,
+                    vision_hooks=lambda names: self.model._enable_peft_forward_hooks(adapter_names=names))
+                for adapter_id, name in self.adapters.items():
+                    if name in lora.refused:
+                        logger.warning("LoRA adapter %s has no slot in the graph engine's step (%s): its rows step "
+                                       "eagerly through PEFT's hooks", adapter_id, lora.refused[name])
             self._decoder.on_steps = self._count_steps
             if self.batch_invariant:
                 self._decoder.fixed_span = True  # every step attends over the whole cache
-            logger.info("graph engine: %d slots x %d cache positions, buckets %s, %.1f MiB of buffers reserved",
-                        self._decoder.slots, self._decoder.length, self._decoder.buckets,
-                        self._decoder.reserved_bytes() / 2**20)
+            logger.info("graph engine: %d slots x %d cache positions, buckets %s, %.1f MiB of buffers reserved; "
+                        "prefill attention %s (%s)", self._decoder.slots, self._decoder.length, self._decoder.buckets,
+                        self._decoder.reserved_bytes() / 2**20, self._decoder.prefiller.kernel,
+                        self._decoder.prefiller.choice.why)
             self._capture()
         elif self._decoder.graphs and self._decoder.graph_mode != invariant.enabled_kinds():
             logger.info("batch-invariant mode changed: capturing the decode graphs again")
@@ -248,7 +259,8 @@ class PaliGemmaEngine:
 
     def _capture(self) -> None:
         decoder = self._decoder
-        decoder.capture(self.model.disable_adapter if self.adapters else contextlib.nullcontext)
+        # Adapters need no context: the step calls wrapped layers' base layers and adds the stacked updates.
+        decoder.capture()
         if self.graph_settings.require and decoder.capture_failures:
             failed = "; ".join(f"bucket {b}: {r}" for b, r in sorted(decoder.capture_failures.items()))
             raise GraphCaptureError(f"CUDA graphs are required (SEG_REQUIRE_GRAPHS) and their capture failed "
@@ -273,6 +285,7 @@ class PaliGemmaEngine:
             return {**status, "why": f"the {self.generation} engine has no decode graphs"}
         if decoder is None:
             return {**status, "eager_buckets": list(self.graph_settings.buckets)}
+        status["prefill"] = decoder.prefiller.describe()
         status.update(captured=bool(decoder.graphs), buckets=sorted(decoder.graphs),
                       eager_buckets=list(decoder.eager_buckets),
                       failures={str(b): r for b, r in sorted(decoder.capture_failures.items())})
@@ -281,6 +294,13 @@ class PaliGemmaEngine:
         elif decoder.capture_failures:
             status["why"] = "capture failed for some buckets: those steps run eagerly"
         return status
+
+    def adapter_status(self, adapter_id: str) -> dict | None:
+        """Where an attached adapter's rows run in the graph engine's step (graph/lora.py `describe`), or None
+        before the decoder is built (or without stacked adapters)."""
+        if self._decoder is None or self._decoder.lora is None:
+            return None
+        return self._decoder.lora.describe(self.adapters[adapter_id])
 
     def _fits_graph(self, rows: list[RowSpec], prompt_length: int) -> bool:
         decoder = self.decoder
@@ -291,25 +311,25 @@ class PaliGemmaEngine:
     def _graph_decode(self, inputs, rows: list[RowSpec], forward_kwargs: dict):
         names = forward_kwargs.get("adapter_names")
         context, graphs = self.graph_context(names)
-        return self.decoder.decode(inputs, rows, share_images=self.share_images and names is None, context=context,
-                                   graphs=graphs)
+        return self.decoder.decode(inputs, rows, share_images=self.share_images and names is None, adapters=names,
+                                   context=context, graphs=graphs)
 
     def graph_context(self, adapter_names: list[str] | None):
         """How the graph engine runs rows with these PEFT adapter names (None: no adapters attached):
-        `(context(rows) -> context manager, graphs)`. Rows past the list (idle bucket rows) are base rows."""
-        if adapter_names is None:
+        `(context(rows) -> context manager, graphs)`. Rows past the list (idle bucket rows) are base rows.
+
+        Base rows and rows of adapters with a slot in the decoder's stacked weights (graph/lora.py) run the
+        same steps, graphs included; a row of an adapter without one (a LoRA variant, a rank above the slot's,
+        no free slot) sends its whole batch through PEFT's per-row hooks, stepping eagerly (`peft`)."""
+        if adapter_names is None or self.decoder.lora is None or self.decoder.lora.stackable(adapter_names):
             return (lambda count: contextlib.nullcontext()), True
         from .adapters import BASE_ROW
-
-        if all(name == BASE_ROW for name in adapter_names):  # the graphs were captured this way
-            return (lambda count: self.model.disable_adapter()), True
 
         def per_row_adapters(count: int):
             # PEFT's per-row hooks need one name per row of each call.
             names = list(adapter_names[:count]) + [BASE_ROW] * (count - len(adapter_names))
             return self.model._enable_peft_forward_hooks(adapter_names=names)
 
-        # The graphs hold the base model: rows with adapters run the steps eagerly through PEFT's hooks.
         return per_row_adapters, False
 
     def prepare(self, images: list[Image.Image], prompts: list[Prompt]) -> dict[str, torch.Tensor]:

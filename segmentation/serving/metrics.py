@@ -22,9 +22,10 @@ runs the model):
   `seg_engine_tokens_per_second` (gauge): for the scheduler to report with the helpers below.
 - `seg_engine_steps_total{path}` (counter): every decode step, by how it ran: `graph` (a replayed CUDA
   graph), `fixed` (the fixed-shape step run eagerly: CPUs, or a bucket whose capture failed), `peft` (rows
-  with a LoRA adapter, stepped through PEFT's hooks), `fast` (the fast loop: a prompt past the graph
-  engine's cache, or SEG_ENGINE=fast), `hf-generate`. A GPU server whose steps are not all `graph` is
-  running a fallback. Counted on the host per step call (`watch_engine_steps`), never syncing the device.
+  of an adapter without a slot in the stacked adapter weights, stepped through PEFT's hooks), `fast` (the
+  fast loop: a prompt past the graph engine's cache, or SEG_ENGINE=fast), `hf-generate`. A GPU server
+  whose steps are not all `graph` is running a fallback. Counted on the host per step call
+  (`watch_engine_steps`), never syncing the device.
 """
 
 from __future__ import annotations

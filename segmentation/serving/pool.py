@@ -62,10 +62,16 @@ class PredictOutcome:
     timings: dict[str, float] = field(default_factory=dict)
 
 
-def _adapter_graphs(engine: PaliGemmaEngine) -> dict:
+def _adapter_graphs(engine: PaliGemmaEngine, adapter_id: str) -> dict:
+    """An adapter's place in its base's decode steps: its slot in the stacked weights (the base's steps and
+    graphs serve its rows), or why it has none (its rows step eagerly through PEFT's hooks)."""
     status = engine.graph_status()
+    lora = engine.adapter_status(adapter_id)
+    if lora is None or lora["slot"] is not None:
+        return {**status, **({"lora": lora} if lora else {})}
     return {**status, "captured": False, "buckets": [], "eager_buckets": list(engine.graph_settings.buckets),
-            "why": "rows with a LoRA adapter step eagerly through PEFT's hooks (the graphs hold the base model)"}
+            "lora": lora, "why": f"no slot in the stacked adapter weights ({lora['why']}): its rows step eagerly "
+                                 "through PEFT's hooks"}
 
 
 class ModelPool:
@@ -112,8 +118,8 @@ class ModelPool:
 
     def describe(self) -> list[dict]:
         """The served models (id, input size, default, where batched answers equal solo ones, whether
-        their decode steps replay CUDA graphs and for which buckets), then the LoRA adapters with their base
-        (their rows step eagerly through PEFT's hooks: no graphs)."""
+        their decode steps replay CUDA graphs and for which buckets, their prefill kernel), then the LoRA
+        adapters with their base and their slot in its stacked adapter weights."""
         models = [
             {"id": model_id, "image_size": engine.image_size, "default": model_id == self.default_model,
              "batched_equals_solo": engine.invariance(), "graphs": engine.graph_status()}
@@ -121,7 +127,8 @@ class ModelPool:
         ]
         adapters = [
             {"id": adapter_id, "image_size": self.engines[base].image_size, "default": False, "base": base,
-             "batched_equals_solo": self.engines[base].invariance(), "graphs": _adapter_graphs(self.engines[base])}
+             "batched_equals_solo": self.engines[base].invariance(),
+             "graphs": _adapter_graphs(self.engines[base], adapter_id)}
             for adapter_id, base in self.adapters.items()
         ]
         return models + adapters

@@ -18,6 +18,7 @@ DEFAULT_MODEL = "google/paligemma2-3b-mix-448"
 VAE_TAG = "vae-oid"
 ENGINES = ("auto", "graph", "fast", "hf-generate")
 SCHEDULERS = ("auto", "steps", "batches")
+PREFILL_ATTENTIONS = ("auto", "flex", "eager")  # segmentation/model/graph/prefill.py
 DTYPES = ("auto", "float32", "bfloat16")
 
 ENV_DOCS: dict[str, tuple[str, str]] = {
@@ -51,6 +52,15 @@ ENV_DOCS: dict[str, tuple[str, str]] = {
                                     "start with the reason (also on CPUs, where capture fails); `false`: a bucket "
                                     "whose capture failed is logged and steps eagerly "
                                     "(`seg_engine_steps_total{path=\"fixed\"}`)"),
+    "SEG_PREFILL_ATTENTION": ("auto", "graph engine: the prefill's attention kernel: `flex` (compiled flex_attention "
+                                      "with a soft-capping score modifier and a block mask per shape bucket), "
+                                      "`eager` (the grouped eager kernel), `auto`: `flex` on GPUs, `eager` on CPUs "
+                                      "(faster there); where flex does not compile the engine uses `eager` and "
+                                      "/models says why"),
+    "SEG_MAX_ADAPTERS": ("8", "graph engine: most LoRA adapters held in the decode step's stacked weights (a slot "
+                              "each; base rows use a zero slot); further adapters step through PEFT's hooks"),
+    "SEG_MAX_LORA_RANK": ("16", "graph engine: highest adapter rank the stacked weights hold (the slots take the "
+                                "highest attached rank, lower ones padded); higher ranks step through PEFT's hooks"),
     "SEG_BATCH_INVARIANT": ("false", "batch-invariant kernels on GPUs (and one padded prompt length): a request's "
                                      "answer is the same bits in any batch; opt-in (H200: decode step x1.0 at 16 "
                                      "rows, x1.29 alone) (docs/batch-invariance.md)"),
@@ -133,6 +143,9 @@ class Settings:
     sync_every: int | None = None
     graph_prompt_tokens: int = 128
     require_graphs: bool = False
+    prefill_attention: str = "auto"
+    max_adapters: int = 8
+    max_lora_rank: int = 16
     batch_invariant: bool = False
     share_images: bool = True
     dtype: str = "auto"
@@ -186,6 +199,14 @@ class Settings:
             raise ValueError(f"SEG_GRAPH_BUCKETS must name batch sizes of 1 or more, not {buckets!r}")
         if dtype not in DTYPES:
             raise ValueError(f"SEG_DTYPE must be one of {', '.join(DTYPES)}, not {dtype!r}")
+        prefill_attention = _env("SEG_PREFILL_ATTENTION").lower()
+        if prefill_attention not in PREFILL_ATTENTIONS:
+            raise ValueError(f"SEG_PREFILL_ATTENTION must be one of {', '.join(PREFILL_ATTENTIONS)}, "
+                             f"not {prefill_attention!r}")
+        max_adapters, max_lora_rank = int(_env("SEG_MAX_ADAPTERS")), int(_env("SEG_MAX_LORA_RANK"))
+        if max_adapters < 1 or max_lora_rank < 1:
+            raise ValueError(f"SEG_MAX_ADAPTERS and SEG_MAX_LORA_RANK must be 1 or more, not {max_adapters} and "
+                             f"{max_lora_rank}")
         return cls(
             models=models,
             adapters=adapters,
@@ -203,6 +224,9 @@ class Settings:
             sync_every=int(_env("SEG_SYNC_EVERY")) if _env("SEG_SYNC_EVERY") else None,
             graph_prompt_tokens=int(_env("SEG_GRAPH_PROMPT_TOKENS")),
             require_graphs=_flag("SEG_REQUIRE_GRAPHS"),
+            prefill_attention=prefill_attention,
+            max_adapters=max_adapters,
+            max_lora_rank=max_lora_rank,
             batch_invariant=_flag("SEG_BATCH_INVARIANT"),
             share_images=_flag("SEG_SHARE_IMAGES"),
             dtype=dtype,

@@ -145,8 +145,9 @@ def test_a_pool_refuses_an_adapter_not_attached_to_its_base(adapted_engine, tiny
 
 
 def test_the_graph_engine_serves_mixed_adapter_batches_as_the_fast_loop(adapted_engine, tiny_fixtures, lora_adapters):
-    """Rows with adapters step eagerly through PEFT's hooks, batches of base rows replay the base step:
-    both give what the fast loop gives (which equals each row alone, above)."""
+    """Rows with adapters run the same fixed-shape step as base rows (stacked adapter weights, graph/lora.py;
+    tests/model/test_graph_lora.py): every batch gives what the fast loop gives (which equals each row alone,
+    above), and no step goes through PEFT's hooks."""
     from segmentation.model.graph.decoder import GraphSettings
 
     graph = PaliGemmaEngine.from_pretrained(tiny_fixtures / "paligemma", generation="graph",
@@ -161,3 +162,4 @@ def test_the_graph_engine_serves_mixed_adapter_batches_as_the_fast_loop(adapted_
         assert [g.token_ids for g in got] == [w.token_ids for w in want], adapters
         for g, w in zip(got, want):
             assert np.allclose(g.token_logprobs, w.token_logprobs, atol=1e-4)
+    assert graph.steps["peft"] == 0 and graph.steps["fixed"] > 0

@@ -80,15 +80,18 @@ def test_every_step_is_counted_by_its_path(tiny_fixtures, fast):
     assert sum(n for p, n in heard if p == "fixed") == engines["fixed"].steps["fixed"]
 
 
-def test_rows_with_an_adapter_are_counted_as_peft_steps(tiny_fixtures, lora_adapters):
-    engine = PaliGemmaEngine.from_pretrained(tiny_fixtures / "paligemma", generation="graph",
-                                             graph=GraphSettings(buckets=(1, 2)))
-    engine.attach_adapters({"acme/a": lora_adapters["a"]})
+def test_rows_with_an_adapter_step_on_the_fixed_path_and_without_a_slot_as_peft(tiny_fixtures, lora_adapters):
+    """An adapter with a slot in the stacked weights runs in the base's step (`fixed`, `graph` on a GPU); one
+    without (its rank 4 above a slot rank of 2) sends its batch through PEFT's hooks, counted `peft`."""
     images, prompts, budgets = requests(2)
-    engine.generate(images, prompts, max_new_tokens=budgets, adapters=["acme/a", None])
-    assert engine.steps["peft"] > 0 and engine.steps["fixed"] == 0
-    engine.generate(images, prompts, max_new_tokens=budgets)  # base rows only: the base model's step
-    assert engine.steps["fixed"] > 0
+    for max_rank, path in ((16, "fixed"), (2, "peft")):
+        engine = PaliGemmaEngine.from_pretrained(tiny_fixtures / "paligemma", generation="graph",
+                                                 graph=GraphSettings(buckets=(1, 2), max_lora_rank=max_rank))
+        engine.attach_adapters({"acme/a": lora_adapters["a"]})
+        engine.generate(images, prompts, max_new_tokens=budgets, adapters=["acme/a", None])
+        assert engine.steps[path] > 0 and sum(engine.steps.values()) == engine.steps[path], engine.steps
+        engine.generate(images, prompts, max_new_tokens=budgets)  # base rows only: the base model's step
+        assert engine.steps["fixed"] > 0
 
 
 class Replay:

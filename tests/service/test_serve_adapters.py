@@ -20,6 +20,7 @@ from answers import same_answer
 from lora import ADAPTERS, FINETUNED, SERVED_ADAPTERS, import_adapter, run_import
 from PIL import Image
 from servers import DEMO_MODEL, ROOT, import_fixtures
+from test_engine_paths import steps
 from test_load import post_all, step_rows
 
 
@@ -75,6 +76,11 @@ def test_models_lists_the_adapters_with_their_base(adapter_server):
     assert [m["id"] for m in models] == [DEMO_MODEL, *SERVED_ADAPTERS]
     assert all(m["base"] == DEMO_MODEL and not m["default"] for m in models[1:])
     assert "base" not in models[0] and models[0]["default"]
+    # Every adapter has a slot in the base's stacked adapter weights: its rows run the base's decode steps.
+    assert [m["graphs"]["lora"]["slot"] for m in models[1:]] == [1, 2, 3]
+    assert all("PEFT" not in m["graphs"].get("why", "") for m in models[1:])
+    prefill = models[0]["graphs"]["prefill"]  # the prefill kernel, chosen at start: on this CPU the eager one
+    assert prefill["attention"] == "eager" and "cpu" in prefill["why"] and prefill["vision_attention"] == "sdpa"
 
 
 def test_mixed_concurrent_requests_equal_their_solo_answers(adapter_server):
@@ -84,11 +90,17 @@ def test_mixed_concurrent_requests_equal_their_solo_answers(adapter_server):
               for model in (DEMO_MODEL, *ADAPTERS)]
     bodies.append({"image_base64": image_b64(0), "prompt": "cat", "model": FINETUNED})
     before = step_rows(httpx.get(adapter_server.url + "/metrics", timeout=30).text)
+    paths_before = steps(adapter_server.url)
     together = asyncio.run(post_all(adapter_server.url, bodies, concurrency=len(bodies)))
     after = step_rows(httpx.get(adapter_server.url + "/metrics", timeout=30).text)
+    paths_after = steps(adapter_server.url)
     assert [r.status_code for r in together] == [200] * len(bodies), [r.text[:200] for r in together]
     rows, groups = after[0] - before[0], after[1] - before[1]
     assert groups > 0 and rows / groups > 1.5  # the running batch held several requests (and models)
+    # Base and adapter rows stepped together in the one fixed-shape step (a CUDA graph on a GPU): not one
+    # decode step went through PEFT's hooks.
+    stepped = {path: paths_after[path] - paths_before[path] for path in paths_after}
+    assert stepped["peft"] == 0 and stepped["fixed"] > 0, stepped
     for body, response in zip(bodies, together):
         assert response.json()["model"] == body["model"]
         alone = httpx.post(adapter_server.url + "/segment", json=body, timeout=120)

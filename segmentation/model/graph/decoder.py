@@ -18,7 +18,9 @@ all are finished. On the CPU the same step runs eagerly (or under `torch.compile
 
 The model code is transformers' own modules (norms, projections, MLP, rotary embedding); only the
 attention over the static cache is ours (`fastgen.grouped_attention`, Gemma 2's eager arithmetic).
-Prefill runs transformers' forward as the `fast` loop does and copies the keys into the static cache.
+The prefill is ours too (prefill.py: flex_attention or the eager kernel, keys written straight into the
+static cache). LoRA adapters run inside the step from stacked static weights (lora.py), one slot index per
+row, so rows of several adapters and of the base share one step (and one CUDA graph).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ import torch
 from transformers.models.gemma2.modeling_gemma2 import apply_rotary_pos_emb
 
 from .. import invariant
-from ..fastgen import grouped_attention, grouped_attention_in, image_features, make_cache
+from ..fastgen import grouped_attention, image_features
 from ..grammar import RowSpec, Vocabulary
 from .device_grammar import (
     DEFAULT_EDGES_PER_ROW,
@@ -46,6 +48,8 @@ from .device_grammar import (
     copy_rows,
     initial_state,
 )
+from .lora import DEFAULT_MAX_ADAPTERS, DEFAULT_MAX_RANK, LAYER_LINEARS, LoraSlots, is_lora_layer
+from .prefill import AttentionChoice, Prefill
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +82,9 @@ class GraphSettings:
     # Every bucket captured or the engine refuses to start (GraphCaptureError): SEG_REQUIRE_GRAPHS. Implies
     # use_graphs, on any device (on a CPU the capture fails, with torch's reason).
     require: bool = False
+    prefill_attention: str = "auto"  # the prefill's kernel: auto, flex, eager (prefill.py; SEG_PREFILL_ATTENTION)
+    max_adapters: int = DEFAULT_MAX_ADAPTERS  # at most this many LoRA slots in the step (lora.py; SEG_MAX_ADAPTERS)
+    max_lora_rank: int = DEFAULT_MAX_RANK  # of at most this rank (SEG_MAX_LORA_RANK)
 
 
 def bucket_for(batch: int, buckets: tuple[int, ...]) -> int:
@@ -103,9 +110,10 @@ def _view(obj, rows: slice):
 class StaticDecoder:
     """Static buffers, the fixed-shape step, prefill into slots, and (on CUDA) one graph per bucket.
 
-    `model` is a `PaliGemmaForConditionalGeneration` (the base model when LoRA adapters are attached:
-    their rows run the step eagerly through PEFT's per-row hooks). `slots`: the largest bucket;
-    `length`: cache positions per row (prompt + budget + 1 must fit).
+    `model` is a `PaliGemmaForConditionalGeneration` (the base model when LoRA adapters are attached: its
+    wrapped layers are called through their `base_layer`, the adapters come from `attach_lora`'s stacks).
+    `slots`: the largest bucket; `length`: cache positions per row (prompt + budget + 1 must fit);
+    `prefill`: the prefill's attention kernel (prefill.py `choose_attention`; None: the eager kernel).
     """
 
     def __init__(
@@ -120,6 +128,7 @@ class StaticDecoder:
         edges_per_row: int = DEFAULT_EDGES_PER_ROW,
         use_graphs: bool | None = None,
         compile: bool = False,
+        prefill: AttentionChoice | None = None,
     ):
         self.model = model
         self.buckets = tuple(sorted(buckets))
@@ -157,8 +166,15 @@ class StaticDecoder:
         # cache. An eager step (the CPU) may attend over the part a generation can reach (`fit_span`).
         self.span = length
         self.fixed_span = self.use_graphs or compile
+        # LoRA: stacked adapters (attach_lora) and whether a call goes through PEFT's hooks instead (rows of
+        # adapters the stacks cannot hold: the wrapped layers are then called as they are).
+        self.lora: LoraSlots | None = None
+        self.vision_hooks = None  # names -> context manager around the vision tower (PEFT's per-row hooks)
+        self.through_peft = False
+        self._stacks: dict[int, object] = {}
         with torch.inference_mode():
             self._allocate(text)
+        self.prefiller = Prefill(self, prefill or AttentionChoice("eager", "default"))
         self._step_fn = torch.compile(self._step, fullgraph=True, dynamic=False) if compile else self._step
 
     def _allocate(self, text) -> None:
@@ -177,12 +193,63 @@ class StaticDecoder:
         self.rows: RowConstants = compile_rows(idle, edges_per_row=self.edges_per_row, device=device)
         self.state: RowState = initial_state(slots, device)
         self.state.state.fill_(DONE)
+        self.adapter_slot = torch.zeros(slots, dtype=torch.long, device=device)  # LoRA slot per row (0: base)
         self.positions_in_cache = torch.arange(self.length, device=device)
 
     def reserved_bytes(self) -> int:
-        """Bytes of the static buffers (the KV cache dominates)."""
+        """Bytes of the static buffers (the KV cache dominates) and of the stacked LoRA weights."""
         tensors = [*self.keys, *self.values, self.out_tokens, self.out_logprobs]
-        return sum(t.numel() * t.element_size() for t in tensors)
+        return sum(t.numel() * t.element_size() for t in tensors) + (self.lora.reserved_bytes() if self.lora else 0)
+
+    # --- LoRA adapters --------------------------------------------------------------------------
+
+    def attach_lora(self, adapters: list[str], *, max_adapters: int = DEFAULT_MAX_ADAPTERS,
+                    max_rank: int = DEFAULT_MAX_RANK, vision_hooks=None) -> LoraSlots:
+        """Stack the PEFT adapters `adapters` (names, in slot order) of this decoder's wrapped model into static
+        tensors (lora.py); `vision_hooks(names)` wraps the vision tower of a prefill with adapter rows."""
+        lm = self.model.model.language_model
+        modules = self.lora_modules()
+        embedding = frozenset(getattr(lm.embed_tokens, "lora_embedding_A", {}).keys())
+        with torch.inference_mode():
+            self.lora = LoraSlots(modules, adapters, max_adapters=max_adapters, max_rank=max_rank,
+                                  embedding_adapters=embedding)
+        self._stacks = {id(modules[name]): stack for name, stack in self.lora.stacks.items()}
+        self.vision_hooks = vision_hooks
+        return self.lora
+
+    def lora_modules(self) -> dict[str, torch.nn.Module]:
+        """The linear layers a step calls, by name: each layer's projections and the output layer."""
+        lm = self.model.model.language_model
+        modules = {f"model.language_model.layers.{i}.{part}.{name}": getattr(getattr(layer, part), name)
+                   for i, layer in enumerate(lm.layers) for part, names in (("self_attn", LAYER_LINEARS[:4]),
+                                                                            ("mlp", LAYER_LINEARS[4:]))
+                   for name in names}
+        return {**modules, "lm_head": self.model.lm_head}
+
+    def linear(self, module: torch.nn.Module, x: torch.Tensor, slot: torch.Tensor | None) -> torch.Tensor:
+        """`module(x)` for rows x [b, n, in] whose LoRA slots are `slot` [b]: a PEFT-wrapped layer is called as
+        its base layer plus its stacked update (lora.py), unless the call goes through PEFT's hooks."""
+        if self.through_peft or not is_lora_layer(module):
+            return module(x)
+        out = module.base_layer(x)
+        stack = self._stacks.get(id(module))
+        if stack is None or slot is None:
+            return out
+        return out + stack.delta(x, self.lora.onehot[slot], stack.scale[slot])
+
+    @contextlib.contextmanager
+    def peft_calls(self, on: bool = True):
+        """Inside, with `on`, wrapped layers are called as they are (PEFT's hooks around them pick adapters)."""
+        previous, self.through_peft = self.through_peft, on or self.through_peft
+        try:
+            yield
+        finally:
+            self.through_peft = previous
+
+    def mlp(self, mlp: torch.nn.Module, x: torch.Tensor, slot: torch.Tensor | None) -> torch.Tensor:
+        """Gemma 2's MLP (`down(act(gate(x)) * up(x))`) with each projection through `linear`."""
+        linear = self.linear
+        return linear(mlp.down_proj, mlp.act_fn(linear(mlp.gate_proj, x, slot)) * linear(mlp.up_proj, x, slot), slot)
 
     # --- the step -------------------------------------------------------------------------------
 
@@ -201,13 +268,15 @@ class StaticDecoder:
             recent = keys_at > (at[:, None] - self.window)
             sliding_mask = torch.where(valid & recent, 0.0, lowest).to(self.dtype)[:, None, None, :]
         write = at.view(batch, 1, 1, 1)
+        slot = self.adapter_slot[:batch] if self.lora is not None else None
+        linear = self.linear
         for index, layer in enumerate(lm.layers[: self.text_config.num_hidden_layers]):
             attention = layer.self_attn
             residual = hidden
             x = layer.input_layernorm(hidden)
-            query = attention.q_proj(x).view(batch, 1, -1, attention.head_dim).transpose(1, 2)
-            key = attention.k_proj(x).view(batch, 1, -1, attention.head_dim).transpose(1, 2)
-            value = attention.v_proj(x).view(batch, 1, -1, attention.head_dim).transpose(1, 2)
+            query = linear(attention.q_proj, x, slot).view(batch, 1, -1, attention.head_dim).transpose(1, 2)
+            key = linear(attention.k_proj, x, slot).view(batch, 1, -1, attention.head_dim).transpose(1, 2)
+            value = linear(attention.v_proj, x, slot).view(batch, 1, -1, attention.head_dim).transpose(1, 2)
             query, key = apply_rotary_pos_emb(query, key, cos, sin)
             keys, values = self.keys[index][:batch, :, :span], self.values[index][:batch, :, :span]
             keys.scatter_(2, write.expand(-1, key.shape[1], 1, key.shape[3]), key)
@@ -216,10 +285,12 @@ class StaticDecoder:
                 attention, query, keys, values, sliding_mask if self.sliding[index] else full_mask,
                 scaling=attention.scaling, softcap=attention.attn_logit_softcapping,
             )
-            hidden = residual + layer.post_attention_layernorm(attention.o_proj(out.reshape(batch, 1, -1)))
+            out = linear(attention.o_proj, out.reshape(batch, 1, -1), slot)
+            hidden = residual + layer.post_attention_layernorm(out)
             residual = hidden
-            hidden = residual + layer.post_feedforward_layernorm(layer.mlp(layer.pre_feedforward_layernorm(hidden)))
-        logits = self.model.lm_head(lm.norm(hidden)[:, -1])
+            out = self.mlp(layer.mlp, layer.pre_feedforward_layernorm(hidden), slot)
+            hidden = residual + layer.post_feedforward_layernorm(out)
+        logits = linear(self.model.lm_head, lm.norm(hidden), slot)[:, -1]
         if self.final_softcap is not None:
             logits = torch.tanh(logits / self.final_softcap) * self.final_softcap
         return logits.float()
@@ -276,9 +347,13 @@ class StaticDecoder:
         if graph is not None:
             graph.replay()
             path = "graph"
-        else:
+        elif graphs:
             self._step_fn(batch)
-            path = "fixed" if graphs else "peft"
+            path = "fixed"
+        else:
+            with self.peft_calls():  # the wrapped layers as they are: PEFT's hooks pick each row's adapter
+                self._step(batch)
+            path = "peft"
         self.steps[path] += 1
         if self.on_steps is not None:
             self.on_steps(path, 1)
@@ -313,8 +388,9 @@ class StaticDecoder:
     @torch.inference_mode()
     def capture(self, context=contextlib.nullcontext) -> None:
         """Capture each bucket's step as a CUDA graph, largest first (its memory is then reserved for
-        all of them: the graphs share one pool). `context()` wraps each capture (PEFT's
-        `disable_adapter`, so graphs compute the base model). No-op unless `use_graphs` (CUDA).
+        all of them: the graphs share one pool). `context()` wraps each capture. The graphs hold the stacked
+        LoRA update too (it reads the rows' slots): base and adapter rows replay them. No-op unless
+        `use_graphs` (CUDA).
 
         A bucket whose capture fails is logged once with its reason and keeps stepping eagerly (the same
         fixed-shape step, so the same answers); `capture_failures` says which and why. Called again (the
@@ -383,7 +459,7 @@ class StaticDecoder:
         """Move a row from slot `source` to slot `target`: its keys and values, position, grammar state
         and outputs (the scheduler closes holes, so that steps run fewer rows)."""
         slotted = [*self.keys, *self.values, self.token, self.position, self.write_index, self.start,
-                   self.finished, self.out_tokens, self.out_logprobs, *vars(self.rows).values(),
+                   self.finished, self.out_tokens, self.out_logprobs, self.adapter_slot, *vars(self.rows).values(),
                    *vars(self.state).values()]
         for tensor in slotted:
             tensor[target] = tensor[source]
@@ -392,7 +468,7 @@ class StaticDecoder:
     def reset(self, rows: slice | torch.Tensor | None = None) -> None:
         """Idle rows: finished, grammar done, writing at cache index 0 (harmless, finite)."""
         rows = slice(None) if rows is None else rows
-        for tensor in (self.token, self.position, self.write_index, self.start):
+        for tensor in (self.token, self.position, self.write_index, self.start, self.adapter_slot):
             tensor[rows] = 0
         self.finished[rows] = True
         self.state.state[rows] = DONE
@@ -401,30 +477,42 @@ class StaticDecoder:
 
     @torch.inference_mode()
     def prefill(self, slots: list[int], inputs: dict[str, torch.Tensor], specs: list[RowSpec], *,
-                share_images: bool = True, forward_kwargs: dict | None = None) -> None:
-        """Run the prompts through transformers' forward, put their keys in `slots`, pick each row's first
-        token. `inputs`: the processor's left-padded `input_ids`, `attention_mask`, `token_type_ids`
-        [n, P] and `pixel_values` [n, 3, S, S]; `specs[i]` is row i's grammar and budget."""
-        input_ids, attention_mask = inputs["input_ids"], inputs["attention_mask"]
+                share_images: bool = True, adapters: list[str] | None = None) -> None:
+        """Run the prompts through the language model (prefill.py), put their keys in `slots`, pick each row's
+        first token. `inputs`: the processor's left-padded `input_ids`, `attention_mask`, `token_type_ids`
+        [n, P] and `pixel_values` [n, 3, S, S]; `specs[i]` is row i's grammar and budget; `adapters[i]` its
+        PEFT adapter name (`__base__` for the base; None: no adapters attached). Inside PEFT's per-row hooks
+        set `through_peft` (rows of adapters without a slot)."""
+        input_ids = inputs["input_ids"]
         count, prompt_length = input_ids.shape
         longest = max(spec.budget for spec in specs) + 1
         if prompt_length + longest > self.length:
             raise ValueError(f"{prompt_length} prompt + {longest} new tokens exceed the cache ({self.length})")
-        # generate's positions: count of attended tokens so far (padding gets 1), plus PaliGemma's 1.
-        positions = (attention_mask.long().cumsum(-1) - 1).masked_fill_(attention_mask == 0, 1) + 1
-        cache = make_cache(self.model.config, prompt_length)
-        features = image_features(self.model, inputs["pixel_values"], share=share_images)
-        with grouped_attention_in(self.model):
-            logits = self.model(
-                input_ids=input_ids, attention_mask=attention_mask, token_type_ids=inputs["token_type_ids"],
-                position_ids=positions, mm_encoder_outputs={"image": features}, cache=cache, use_cache=True,
-                logits_to_keep=1, **(forward_kwargs or {}),
-            ).logits[:, -1].float()
         index = torch.tensor(slots, device=self.device)
-        for layer, keys, values in zip(cache.layers, self.keys, self.values):
-            kept = layer.keys.shape[2]  # a sliding layer past its window keeps only the last keys
-            keys[index, :, prompt_length - kept:prompt_length] = layer.keys
-            values[index, :, prompt_length - kept:prompt_length] = layer.values
+        slot = None
+        if self.lora is not None:
+            slot = torch.tensor(self.lora.slots(adapters or ["__base__"] * count), device=self.device)
+        features = self.image_features(inputs["pixel_values"], adapters, share=share_images)
+        logits = self.prefiller.forward(index, inputs, features, slot)
+        self._first_tokens(index, logits, specs, inputs["attention_mask"])
+        if slot is not None:
+            self.adapter_slot[index] = slot
+
+    def image_features(self, pixel_values: torch.Tensor, adapters: list[str] | None, *, share: bool) -> torch.Tensor:
+        """The projected vision features of a prefill's pictures: with adapter rows (and not already inside
+        PEFT's hooks) through `vision_hooks`, PEFT's per-row hooks (adapters adapt the vision tower too)."""
+        hooks = contextlib.nullcontext()
+        if self.vision_hooks is not None and not self.through_peft:
+            # Never the wrapped layers bare: PEFT would apply its active adapter to every row.
+            hooks = self.vision_hooks(adapters or ["__base__"] * pixel_values.shape[0])
+            share = False  # one picture reads differently under each adapter
+        with hooks:
+            return image_features(self.model, pixel_values, share=share).pooler_output
+
+    def _first_tokens(self, index: torch.Tensor, logits: torch.Tensor, specs: list[RowSpec],
+                      attention_mask: torch.Tensor) -> None:
+        """Each prefilled row's grammar, first token (from `logits` [n, V]), position and cache span."""
+        count, prompt_length = attention_mask.shape
         rows = compile_rows(specs, edges_per_row=self.edges_per_row, device=self.device)
         state = initial_state(count, self.device)
         finished = torch.zeros(count, dtype=torch.bool, device=self.device)
@@ -437,20 +525,22 @@ class StaticDecoder:
         self.out_tokens[index] = out_tokens
         self.out_logprobs[index] = out_logprobs
         self.token[index] = tokens
-        self.position[index] = positions[:, -1] + 1
+        attended = attention_mask.sum(-1)
+        self.position[index] = attended + 1  # generate's position of the next token (PaliGemma counts from 1)
         self.write_index[index] = prompt_length
-        self.start[index] = prompt_length - attention_mask.sum(-1)
+        self.start[index] = prompt_length - attended
 
     @torch.inference_mode()
     def decode(self, inputs: dict[str, torch.Tensor], specs: list[RowSpec], *, share_images: bool = True,
-               forward_kwargs: dict | None = None, context=None, graphs: bool = True) -> list[Decoded]:
+               adapters: list[str] | None = None, context=None, graphs: bool = True) -> list[Decoded]:
         """Greedy generation of a whole batch (as `fastgen.greedy_decode`, the same tokens): prefill into
         slots 0..n-1, then steps of `batch_for(n)` rows (a bucket, or n for eager steps) until every row is finished
         (checked every `sync_every` steps) or the longest budget is spent.
 
-        `context(rows)` wraps the prefill (n rows) and the steps (bucket rows): PEFT's per-row adapter
-        hooks, or `disable_adapter` for a batch of base rows. `graphs=False` runs the steps eagerly (rows
-        with adapters: the graphs hold the base model only).
+        `adapters`: each row's PEFT adapter name (None: no adapters attached); rows of stacked adapters run
+        the same steps (and graphs) as base rows. `context(rows)` wraps the prefill (n rows) and the steps
+        (bucket rows); with `graphs=False` they go through PEFT's per-row hooks (`context`) instead: rows of
+        adapters that have no slot (`peft` steps).
         """
         count = inputs["input_ids"].shape[0]
         batch = self.batch_for(count)
@@ -459,9 +549,8 @@ class StaticDecoder:
         self.fit_span(inputs["input_ids"].shape[1] + steps)
         context = context or (lambda rows: contextlib.nullcontext())
         started = time.perf_counter()
-        with context(count):
-            self.prefill(list(range(count)), inputs, specs, share_images=share_images,
-                         forward_kwargs=forward_kwargs)
+        with context(count), self.peft_calls(not graphs):
+            self.prefill(list(range(count)), inputs, specs, share_images=share_images, adapters=adapters)
         self._synchronize()
         prefilled = time.perf_counter()
         with context(batch):

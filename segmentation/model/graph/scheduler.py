@@ -315,10 +315,10 @@ class StepScheduler:
             return
         slots = free[: len(jobs)]
         names = [job.adapter for job in jobs] if self.engine.adapters else None
-        context, _ = self.engine.graph_context(names)
-        with context(len(jobs)):
+        context, graphs = self.engine.graph_context(names)
+        with context(len(jobs)), self.decoder.peft_calls(not graphs):
             self.decoder.prefill(slots, inputs, [job.spec for job in jobs],
-                                 share_images=self.engine.share_images and names is None)
+                                 share_images=self.engine.share_images and names is None, adapters=names)
         now = time.monotonic()
         prompt_length = inputs["input_ids"].shape[1]
         prompt_tokens = inputs["attention_mask"].sum(-1).tolist()

@@ -484,8 +484,10 @@ Segmentation.add_asgi_middleware(
     default_max_body_bytes=SETTINGS.max_body_bytes(),
 )
 _API_ROUTES = {api_method.route: api_method.input_spec for api_method in Segmentation.apis.values()}
+_GET_ROUTES = frozenset({"/models"})  # reads without fields: GET answers like POST {}
 Segmentation.add_asgi_middleware(openapi.OpenAPIDocument, transform=lambda doc: openapi.complete_openapi(
-    doc, openapi.route_docs(_API_ROUTES), api_keys=bool(SETTINGS.api_keys), metrics_public=SETTINGS.metrics_public))
+    doc, openapi.route_docs(_API_ROUTES), api_keys=bool(SETTINGS.api_keys), metrics_public=SETTINGS.metrics_public,
+    get_routes=_GET_ROUTES))
 Segmentation.add_asgi_middleware(
     framing.RequestFraming,
     routes={route: framing.RouteForm.from_schema(spec.model_json_schema(), frozenset(spec.multipart_fields))
@@ -493,6 +495,7 @@ Segmentation.add_asgi_middleware(
     read_paths=frozenset({"/", "/livez", "/readyz", "/healthz", "/metrics", "/docs.json", "/schema.json",
                           "/debug/modules"}),
     read_prefixes=("/ui", "/static_content/", "/assets/"),
+    get_routes=_GET_ROUTES,
 )
 Segmentation.add_asgi_middleware(HealthProbes, readiness=READINESS, debug_modules=SETTINGS.debug_modules)
 Segmentation.add_asgi_middleware(CancelOnDisconnect, paths=frozenset(

@@ -14,8 +14,8 @@ S and R are the adapters attached at start and their highest rank, capped by `SE
 `SEG_MAX_LORA_RANK` (`reserve=True` allocates the caps themselves: free slots to load adapters into later).
 The caps are not the default size because every row pays for every slot: (S + 1) * R * (in + out)
 multiply-adds per layer and row. For three rank-4 adapters on every projection of the medium test model that
-is 6 % of a step's multiply-adds sized to them, 50 % at the caps (8 slots of rank 16). Each row of the step names its slot in an index
-tensor, and the update of rows x [b, n, in] with slots idx [b] is
+is 6 % of a step's multiply-adds sized to them, 50 % at the caps (8 slots of rank 16). Each row of the step
+names its slot in an index tensor, and the update of rows x [b, n, in] with slots idx [b] is
 
     shrink  t = x @ A.T                     [b, n, S + 1, R]   every slot's low-rank projection
     gather  t = t * onehot(idx)             only the row's own slot survives (exact zeros elsewhere)

@@ -373,9 +373,10 @@ class PaliGemmaEngine:
     def adapter_status(self, adapter_id: str) -> dict | None:
         """Where an attached adapter's rows run in the graph engine's step (graph/lora.py `describe`), or None
         before the decoder is built (or without stacked adapters)."""
-        if self._decoder is None or self._decoder.lora is None:
+        name = self.adapters.get(adapter_id)  # None: unloaded meanwhile
+        if self._decoder is None or self._decoder.lora is None or name is None:
             return None
-        return self._decoder.lora.describe(self.adapters[adapter_id])
+        return self._decoder.lora.describe(name)
 
     def slot_status(self) -> dict | None:
         """The stacked adapter weights' slots: how many, their rank, which are free (None: no stacks)."""

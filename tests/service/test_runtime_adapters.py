@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 import shutil
+import subprocess
 import threading
 import time
 
@@ -190,3 +192,18 @@ def test_without_runtime_adapters_the_routes_do_not_exist(server):
     response = httpx.post(server.url + "/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": "a"},
                           timeout=30)
     assert response.status_code == 404
+
+
+def test_the_readme_s_commands_work(runtime_server, adapter_dir, lora_adapters):
+    from servers import ROOT
+
+    text = (ROOT / "README.md").read_text()
+    block = text.split("<!-- readme-adapters -->", 1)[1].split("```bash\n", 1)[1].split("```", 1)[0]
+    code = (block.replace("http://127.0.0.1:3000", runtime_server.url)
+            .replace(".fixtures/tiny/my-lora", str(lora_adapters["a"])))
+    env = {**os.environ, "SEG_ADAPTER_DIR": str(adapter_dir), "SEG_ADMIN_KEY": ADMIN_KEY, "SEG_API_KEY": API_KEY}
+    result = subprocess.run(["bash", "-euo", "pipefail", "-c", code], cwd=ROOT, env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert '"status":"loaded"' in result.stdout and '"acme/my-lora"' in result.stdout
+    assert '"status":"unloaded"' in result.stdout and '"objects"' in result.stdout

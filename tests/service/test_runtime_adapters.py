@@ -207,3 +207,50 @@ def test_the_readme_s_commands_work(runtime_server, adapter_dir, lora_adapters):
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert '"status":"loaded"' in result.stdout and '"acme/my-lora"' in result.stdout
     assert '"status":"unloaded"' in result.stdout and '"objects"' in result.stdout
+
+
+# --- two tiers: every replica, and a replica that starts later --------------------------------------------
+
+TOKEN = "engine-token-for-runtime-adapters"
+TIER_ENV = {"SEG_RUNTIME_ADAPTERS": "true", "SEG_ENGINE_TOKEN": TOKEN, "SEG_MAX_ADAPTERS": "2",
+            "SEG_MAX_LORA_RANK": "8"}
+
+
+def test_two_tiers_load_on_every_replica_and_a_later_replica_loads_the_same_set(
+        server_home, tmp_path, lora_adapters):
+    from servers import engine_as_deployed, free_port
+
+    shared = tmp_path / "shared-adapters"  # the volume every engine replica mounts
+    shutil.copytree(lora_adapters["a"], shared / "a")
+    env = {**TIER_ENV, "SEG_ADAPTER_DIR": str(shared)}
+    first = start_server(server_home, env, command=engine_as_deployed)
+    later_port = free_port()
+    servers = [first]
+    try:
+        public = start_server(server_home, {**env, "SEG_ADMIN_KEY": ADMIN_KEY, "SEG_API_WORKERS": "1",
+                                            "SEG_ENGINE_URL": f"{first.url},http://127.0.0.1:{later_port}"})
+        servers.append(public)
+        # The second replica is not up: the load reaches one of two, and the answer says so.
+        partial = admin(public.url, "load", {"lora_name": "tier/a", "lora_path": "a"})
+        assert partial.status_code == 502, partial.text
+        message = partial.json()["error"]["message"]
+        assert "loaded on 1 of 2 engine replicas" in message and f"{first.url}: 200" in message
+        # The engine's own route: its token first (EngineGate), like every engine route.
+        assert httpx.post(first.url + "/load_lora_adapter", json={"lora_name": "x", "lora_path": "a"},
+                          timeout=30).status_code == 401
+        later = start_server(server_home, env, command=engine_as_deployed, port=later_port)
+        servers.append(later)
+        from segmentation.serving.trust import WIRE_VERSION
+
+        described = httpx.post(later.url + "/describe", json={}, timeout=30, headers={
+            "authorization": f"Bearer {TOKEN}", "x-seg-wire-version": WIRE_VERSION}).json()
+        assert {m["id"]: m.get("root") for m in described}["tier/a"] == "a"  # loaded from the manifest at start
+        body = {"image_base64": image_b64(4), "prompt": "cat", "model": "tier/a"}
+        answers = [httpx.post(public.url + "/segment", json=body, timeout=120) for _ in range(4)]
+        assert [a.status_code for a in answers] == [200] * 4 and len({a.json()["text"] for a in answers}) == 1
+        unloaded = admin(public.url, "unload", {"lora_name": "tier/a"})
+        assert unloaded.status_code == 200 and [r["status"] for r in unloaded.json()["replicas"]] == [200, 200]
+        assert json.loads((shared / ".seg-runtime-adapters.json").read_text())["adapters"] == []
+    finally:
+        for srv in servers:
+            kill_tree(srv.process.pid)

@@ -92,6 +92,7 @@ class ModelPool:
         self.roots: dict[str, str] = {}
         self.unloaded: set[str] = set()
         self.compute: ComputeThread | None = None
+        self._adapter_changes: asyncio.Lock | None = None  # one load or unload step at a time (made in the loop)
         self.max_prompt_chars, self.max_classes = max_prompt_chars, max_classes
         self._decoder_lock = threading.Lock()  # mask decoding from several worker threads
         for adapter_id, base in self.adapters.items():
@@ -157,7 +158,7 @@ class ModelPool:
                            root: str) -> dict:
         """Load an adapter into a free slot of its base's stacked weights (engine.load_adapter), between steps;
         it is served from the next request on. Returns its place; raises AdminError (4xx) when refused."""
-        from ..model.adapters import AdapterError
+        from ..model.adapters import AdapterError, check_runtime_adapter
         from ..model.graph.lora import SlotRefused
         from .adapter_admin import AdminError
 
@@ -168,8 +169,14 @@ class ModelPool:
             raise AdminError(f"{adapter_id!r} is already served: unload it first, or choose another name", 409)
         engine = self.engines[base]
         try:
-            place = await self._on_engine(base, lambda: engine.load_adapter(adapter_id, directory, label=label,
-                                                                            base_id=base))
+            async with self._changes():
+                # The files are read and checked off the engine's thread first (no step waits for that); the
+                # engine checks them again, cheaply, before it loads them between two steps.
+                lora = engine.decoder.lora
+                await asyncio.to_thread(check_runtime_adapter, directory, engine.model.get_base_model(),
+                                        covered=frozenset(lora.stacks), max_rank=lora.rank, label=label, base_id=base)
+                place = await self._on_engine(base, lambda: engine.load_adapter(adapter_id, directory, label=label,
+                                                                                base_id=base))
         except KeyError:
             raise AdminError(f"{adapter_id!r} is still unloading (requests in flight use it); retry shortly",
                              409) from None
@@ -209,12 +216,20 @@ class ModelPool:
         del self.adapters[adapter_id]  # from here on its requests are refused (refusal: 404)
         self.roots.pop(adapter_id, None)
         self.unloaded.add(adapter_id)
-        name = await self._on_engine(base, lambda: engine.retire_adapter(adapter_id))
+        async with self._changes():
+            name = await self._on_engine(base, lambda: engine.retire_adapter(adapter_id))
         scheduler = self.schedulers.get(base)
         while scheduler is not None and await self._on_engine(base, lambda: scheduler.uses(name)):
             await asyncio.sleep(0.05)
-        await self._on_engine(base, lambda: engine.free_adapter(name))
+        async with self._changes():
+            await self._on_engine(base, lambda: engine.free_adapter(name))
         return base
+
+    def _changes(self) -> asyncio.Lock:
+        """The lock of the adapter changes (PEFT's modules change under them: one at a time)."""
+        if self._adapter_changes is None:
+            self._adapter_changes = asyncio.Lock()
+        return self._adapter_changes
 
     def warm_up(self) -> None:
         """One short generation per model and adapter, so the first real request is not the slow one."""

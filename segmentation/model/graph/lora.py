@@ -232,7 +232,8 @@ class LoraSlots:
 
     def describe(self, adapter: str) -> dict:
         """What /models says about one adapter's place in the step."""
-        if adapter in self.slot_of:
-            return {"slot": self.slot_of[adapter], "rank": self.ranks[adapter], "slot_rank": self.rank,
-                    "modules": self.targets[adapter]}
+        slot = self.slot_of.get(adapter)  # read while adapters load and unload on the engine's thread
+        if slot is not None:
+            return {"slot": slot, "rank": self.ranks.get(adapter), "slot_rank": self.rank,
+                    "modules": self.targets.get(adapter, [])}
         return {"slot": None, "why": self.refused.get(adapter, "not attached")}

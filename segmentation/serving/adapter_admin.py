@@ -175,6 +175,9 @@ class RuntimeAdapters:
             answer = await work
         except AdminError as exc:
             answer = {"status": exc.status, "error": str(exc)}
+        except Exception:  # an adapter that passed the checks and still failed: the engine's fault, logged
+            logger.exception("adapter %s failed", operation)
+            answer = {"status": 500, "error": f"the engine failed to {operation} the adapter (its log says why)"}
         self.on_outcome(operation, answer["status"])
         return answer
 

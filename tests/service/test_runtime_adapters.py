@@ -254,3 +254,16 @@ def test_two_tiers_load_on_every_replica_and_a_later_replica_loads_the_same_set(
     finally:
         for srv in servers:
             kill_tree(srv.process.pid)
+
+
+@pytest.mark.parametrize(("env", "words"), [
+    ({"SEG_API_KEY": API_KEY}, "SEG_RUNTIME_ADAPTERS=true needs SEG_ADMIN_KEY"),
+    ({"SEG_API_KEY": API_KEY, "SEG_ADMIN_KEY": API_KEY}, "SEG_ADMIN_KEY is also one of the API keys"),
+])
+def test_the_server_refuses_to_start_without_an_admin_key_of_its_own(server_home, tmp_path, env, words):
+    from test_serve_adapters import serve_until_exit
+
+    home = tmp_path / "home"
+    shutil.copytree(server_home / "models", home / "models", symlinks=True)
+    result = serve_until_exit(home, {"SEG_RUNTIME_ADAPTERS": "true", "SEG_ADAPTER_DIR": str(tmp_path), **env})
+    assert result.returncode != 0 and words in result.stdout + result.stderr, (result.stdout + result.stderr)[-3000:]

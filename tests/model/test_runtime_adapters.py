@@ -86,6 +86,10 @@ def test_a_loaded_adapter_answers_as_the_same_adapter_attached_at_start(tiny_fix
     loaded = engine.generate(images, prompts, adapters=adapters)
     reference = attached.generate(images, prompts, adapters=adapters)
     assert [g.token_ids for g in loaded] == [g.token_ids for g in reference]
+    through_peft = PaliGemmaEngine.from_pretrained(tiny_fixtures / "paligemma", generation="fast")
+    through_peft.attach_adapters({"acme/a": lora_adapters["a"]})  # PEFT's own per-row hooks
+    assert [g.token_ids for g in loaded] == [g.token_ids for g in through_peft.generate(images, prompts,
+                                                                                           adapters=adapters)]
     assert engine.steps["peft"] == before["peft"] and engine.steps["fixed"] > before["fixed"]
     assert loaded[0].token_ids != base_before[0].token_ids  # the adapter changes the answer
     assert [loaded[i].token_ids for i in (1, 3)] == [base_before[i].token_ids for i in (1, 3)]

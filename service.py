@@ -11,6 +11,10 @@ Two services in one server:
 - `Segmentation` is the public face: it reads and checks each request, sends the model's share to
   the engine, and pastes and encodes the masks, so CPU work runs beside the batched model work.
 
+LoRA adapters load at start (SEG_ADAPTERS) and, with SEG_RUNTIME_ADAPTERS=true, while serving: the public
+tier's `/v1/load_lora_adapter` and `/v1/unload_lora_adapter` (admin key) reach every engine's routes of the
+same names (segmentation/serving/adapter_admin.py).
+
 Scale out: `bentoml serve service:SegmentationEngine` serves the engine alone, and
 `SEG_ENGINE_URL=http://host:port bentoml serve service:Segmentation` the public tier against it
 (never loading torch or the models); see `segmentation/serving/engines.py`.

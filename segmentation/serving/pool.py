@@ -11,6 +11,10 @@ With step-level batching (`start_schedulers`), each request goes on its own (`pr
 model's `StepScheduler`, which lets it join the running batch between decode steps and answers it as
 soon as its own row ends; its masks are decoded in a worker thread while the engine keeps stepping.
 `stream_one` hands out a request's text as its row decodes, then its outcome.
+
+Adapters loaded while serving (`load_adapter`, `unload_adapter`; serving/adapter_admin.py) change the engine
+between two of its scheduler's steps (`StepScheduler.call`); an unloaded adapter's requests are answered 404
+at once, its rows in flight keep it, and its slot is freed after them.
 """
 
 from __future__ import annotations

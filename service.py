@@ -11,6 +11,10 @@ Two services in one server:
 - `Segmentation` is the public face: it reads and checks each request, sends the model's share to
   the engine, and pastes and encodes the masks, so CPU work runs beside the batched model work.
 
+LoRA adapters load at start (SEG_ADAPTERS) and, with SEG_RUNTIME_ADAPTERS=true, while serving: the public
+tier's `/v1/load_lora_adapter` and `/v1/unload_lora_adapter` (admin key) reach every engine's routes of the
+same names (segmentation/serving/adapter_admin.py).
+
 Scale out: `bentoml serve service:SegmentationEngine` serves the engine alone, and
 `SEG_ENGINE_URL=http://host:port bentoml serve service:Segmentation` the public tier against it
 (never loading torch or the models); see `segmentation/serving/engines.py`.
@@ -35,6 +39,7 @@ from segmentation.model.images import model_input
 from segmentation.model.predictions import Prediction, assemble
 from segmentation.model.render import render_overlay
 from segmentation.serving import api, budget, errors, framing, inputs, openapi, webui
+from segmentation.serving.adapter_admin import ADMIN_PATHS, RuntimeAdapters, admin_key_problem, checked_adapter_dir
 from segmentation.serving.bento import (
     EngineItem,
     EngineOutcome,
@@ -57,6 +62,7 @@ from segmentation.serving.metrics import (
     EngineLoad,
     EngineLoadMiddleware,
     SchedulerMetrics,
+    count_adapter_operation,
     observe_outcome,
     observe_stage,
     set_engine_slots,
@@ -117,7 +123,7 @@ class SegmentationEngine:
             graph=GraphSettings(buckets=SETTINGS.graph_buckets, sync_every=SETTINGS.sync_every,
                                 prompt_tokens=SETTINGS.graph_prompt_tokens, require=SETTINGS.require_graphs,
                                 prefill_attention=SETTINGS.prefill_attention, max_adapters=SETTINGS.max_adapters,
-                                max_lora_rank=SETTINGS.max_lora_rank),
+                                max_lora_rank=SETTINGS.max_lora_rank, runtime_adapters=SETTINGS.runtime_adapters),
             batch_invariant=SETTINGS.batch_invariant,
             max_prompt_chars=SETTINGS.max_prompt_chars,
             max_classes=SETTINGS.max_classes,
@@ -126,6 +132,11 @@ class SegmentationEngine:
         # One short generation per model (graph engines capture their CUDA graphs in it), so /readyz
         # turns green only when answers are fast.
         self.compute.run(self.pool.warm_up)
+        self.pool.compute = self.compute
+        if SETTINGS.runtime_adapters:  # the set loaded so far (the manifest), before the first request
+            self.runtime = RuntimeAdapters(self.pool, checked_adapter_dir(SETTINGS.adapter_dir),
+                                           on_outcome=count_adapter_operation)
+            self.compute.run(self.runtime.restore, self.pool.load_adapter_now)
         if SETTINGS.scheduler == "steps":
             metrics = SchedulerMetrics(ENGINE_LOAD)
             self.pool.start_schedulers(on_finish=metrics.row_finished, on_step=metrics.stepped,
@@ -154,6 +165,15 @@ class SegmentationEngine:
     def describe(self) -> list[dict]:
         """The served models: id, input size, default; then the LoRA adapters with their base."""
         return self.pool.describe()
+
+    if SETTINGS.runtime_adapters:  # adapters loaded and unloaded while serving (adapter_admin.py)
+        @bentoml.api(route="/load_lora_adapter")
+        async def load_lora_adapter(self, lora_name: str, lora_path: str, base: str | None = None) -> dict:
+            return await self.runtime.load({"lora_name": lora_name, "lora_path": lora_path, "base": base})
+
+        @bentoml.api(route="/unload_lora_adapter")
+        async def unload_lora_adapter(self, lora_name: str) -> dict:
+            return await self.runtime.unload({"lora_name": lora_name})
 
     if SETTINGS.scheduler == "steps":
         @bentoml.api
@@ -241,7 +261,11 @@ IMAGE_SOURCES = ("image", "image_url", "image_base64")
 
 class Segmentation:
     def __init__(self) -> None:
+        problem = admin_key_problem(SETTINGS)
+        if problem:
+            stop_server(problem)
         self._models: list[dict] | None = None
+        self._models_at = 0.0
         if SETTINGS.engine_urls:
             self.engine = RemoteEngines(
                 list(SETTINGS.engine_urls), timeout_s=SETTINGS.request_timeout_s,
@@ -260,9 +284,15 @@ class Segmentation:
         self.pixels = budget.PixelBudget(2 * SETTINGS.max_pixels)
 
     async def served_models(self) -> list[dict]:
-        if self._models is None:
-            self._models = await self.engine.describe()
+        # With runtime adapters the list changes: read again after a second (every worker of this tier;
+        # the one that sent a load or unload at once: forget_models).
+        stale = SETTINGS.runtime_adapters and time.monotonic() - self._models_at > 1.0
+        if self._models is None or stale:
+            self._models, self._models_at = await self.engine.describe(), time.monotonic()
         return self._models
+
+    def forget_models(self) -> None:
+        self._models = None
 
     async def _run(
         self,
@@ -281,7 +311,9 @@ class Segmentation:
         bytes if `keep_bytes` else None, model id, mask format). The full-size picture lives only while it
         is decoded and resized."""
         models = await self.served_models()
-        model_id = api.check_model(model, [m["id"] for m in models])
+        # With runtime adapters, a name not served (never loaded, or unloaded) is not found: 404.
+        model_id = api.check_model(model, [m["id"] for m in models], unknown_status=404 if SETTINGS.runtime_adapters
+                                   else 400)
         size = next(m["image_size"] for m in models if m["id"] == model_id)
         fmt = api.check_mask_format(mask_format)
         parsed = api.check_prompt(prompt, task, SETTINGS, labels_from_prompt=labels_from_prompt)
@@ -479,13 +511,17 @@ Segmentation.add_asgi_middleware(errors.ErrorAnswers, pattern_hints=inputs.patte
 Segmentation.add_asgi_middleware(
     RequestGuard,
     api_keys=SETTINGS.api_keys,
+    admin_key=SETTINGS.admin_key if SETTINGS.runtime_adapters else None,
+    admin_paths=ADMIN_PATHS,
     metrics_public=SETTINGS.metrics_public,
     max_body_bytes={"/segment_batch": SETTINGS.max_body_bytes(SETTINGS.max_batch_images)},
     default_max_body_bytes=SETTINGS.max_body_bytes(),
 )
 _API_ROUTES = {api_method.route: api_method.input_spec for api_method in Segmentation.apis.values()}
+_GET_ROUTES = frozenset({"/models"})  # reads without fields: GET answers like POST {}
 Segmentation.add_asgi_middleware(openapi.OpenAPIDocument, transform=lambda doc: openapi.complete_openapi(
-    doc, openapi.route_docs(_API_ROUTES), api_keys=bool(SETTINGS.api_keys), metrics_public=SETTINGS.metrics_public))
+    doc, openapi.route_docs(_API_ROUTES), api_keys=bool(SETTINGS.api_keys), metrics_public=SETTINGS.metrics_public,
+    get_routes=_GET_ROUTES))
 Segmentation.add_asgi_middleware(
     framing.RequestFraming,
     routes={route: framing.RouteForm.from_schema(spec.model_json_schema(), frozenset(spec.multipart_fields))
@@ -493,6 +529,7 @@ Segmentation.add_asgi_middleware(
     read_paths=frozenset({"/", "/livez", "/readyz", "/healthz", "/metrics", "/docs.json", "/schema.json",
                           "/debug/modules"}),
     read_prefixes=("/ui", "/static_content/", "/assets/"),
+    get_routes=_GET_ROUTES,
 )
 Segmentation.add_asgi_middleware(HealthProbes, readiness=READINESS, debug_modules=SETTINGS.debug_modules)
 Segmentation.add_asgi_middleware(CancelOnDisconnect, paths=frozenset(

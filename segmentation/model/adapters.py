@@ -12,6 +12,7 @@ or a server start at once with its name and the cause.
 
 from __future__ import annotations
 
+import re
 from functools import lru_cache
 from pathlib import Path
 
@@ -20,6 +21,11 @@ from .checkpoints import CheckpointError, config_field
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 BASE_ROW = "__base__"  # PEFT's adapter name for rows that use the base model alone
+# A rank-1 adapter with zero B on every projection of the language model's layers, never named by a row:
+# it makes PEFT wrap those layers before the graph engine captures its step, so adapters loaded while
+# serving only add entries to wrappers that already exist (the captured graphs call the same modules).
+RESERVE_ADAPTER = "slots_reserve"
+RESERVE_TARGETS = r"model\.language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
 
 
 class AdapterError(CheckpointError):
@@ -110,17 +116,21 @@ def check_lora_dir(path: str | Path, base_dir: str | Path | None = None):
     return config
 
 
-def attach_adapters(model, adapters: dict[str, str | Path]):
+def attach_adapters(model, adapters: dict[str, str | Path], *, reserve: bool = False):
     """Wrap `model` in a PEFT model holding every adapter unmerged, named by the keys of `adapters`.
 
     Returns the PEFT model (in eval mode); `model` is modified in place. Rows of a `generate` call pick
-    their adapter with `adapter_names=[...]`, `BASE_ROW` for the base alone.
+    their adapter with `adapter_names=[...]`, `BASE_ROW` for the base alone. `reserve`: add
+    `RESERVE_ADAPTER` (every projection of the language model wrapped, for adapters loaded later), also
+    when `adapters` is empty.
     """
-    from peft import PeftConfig, PeftModel
+    from peft import LoraConfig, PeftConfig, PeftModel
 
     items = list(adapters.items())
-    if not items:
+    if not items and not reserve:
         return model
+    if not items:
+        return PeftModel(model, _reserve_config(LoraConfig), adapter_name=RESERVE_ADAPTER).eval()
     (first_name, first_dir), rest = items[0], items[1:]
     config = PeftConfig.from_pretrained(first_dir)
     # The plain PeftModel class: its generate only adds the per-row adapter hooks. A task type (such
@@ -129,4 +139,93 @@ def attach_adapters(model, adapters: dict[str, str | Path]):
     peft_model = PeftModel.from_pretrained(model, first_dir, adapter_name=first_name, config=config)
     for name, directory in rest:
         peft_model.load_adapter(directory, adapter_name=name)
+    if reserve:
+        peft_model.add_adapter(RESERVE_ADAPTER, _reserve_config(LoraConfig))
     return peft_model.eval()
+
+
+def _reserve_config(lora_config_class):
+    # init_lora_weights=True: B starts at zero, so the reserve adds nothing to any call that meets it.
+    return lora_config_class(r=1, lora_alpha=1, target_modules=RESERVE_TARGETS, init_lora_weights=True)
+
+
+# --- adapters loaded while serving --------------------------------------------------------------------
+
+_LORA_TENSOR = ("lora_A.weight", "lora_B.weight")
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+def _hub_name(model_id: str) -> str:
+    return model_id.rstrip("/").rsplit("/", 1)[-1].lower()
+
+
+def check_runtime_adapter(path: str | Path, model, *, covered: frozenset[str], max_rank: int, label: str,
+                          base_id: str | None = None):
+    """Check an adapter directory against a loaded base before it is loaded while serving: a PEFT LoRA
+    (no variant such as DoRA, no lora_B bias), rank <= `max_rank`, every tensor on a linear layer of `model`
+    (the unwrapped PaliGemma) with that layer's shape, and every layer of the language model it adapts in
+    `covered` (the layers with stacked weights; its vision-tower layers run through PEFT's hooks). When its
+    `base_model_name_or_path` is a hub id (`owner/name`) and `base_id` is given, its last part must be the
+    base's (`google/paligemma2-3b-pt-224` is no base of `google/paligemma2-3b-mix-448`); a local path
+    there says nothing (shapes decide).
+
+    Returns the `LoraConfig`. Raises AdapterError with a message naming `label` (never a server path).
+    """
+    import torch
+    from safetensors import safe_open
+
+    path = Path(path)
+    try:
+        config = _lora_config(path)
+        weights = path / ADAPTER_WEIGHTS
+        if not weights.is_file():
+            raise AdapterError(f"no adapter weights ({ADAPTER_WEIGHTS} not found)")
+    except AdapterError as exc:
+        raise AdapterError(f"{label}: {_without_paths(str(exc), path)}") from exc
+    if getattr(config, "use_dora", False):
+        raise AdapterError(f"{label}: a DoRA adapter (use_dora); only plain LoRA fits the stacked weights")
+    ranks = [config.r, *(getattr(config, "rank_pattern", None) or {}).values()]
+    if max(ranks) > max_rank:
+        raise AdapterError(f"{label}: rank {max(ranks)} exceeds the slot rank {max_rank} (SEG_MAX_LORA_RANK)")
+    named = getattr(config, "base_model_name_or_path", None) or ""
+    if base_id and _HUB_ID.fullmatch(named) and not Path(named).exists() and _hub_name(named) != _hub_name(base_id):
+        raise AdapterError(f"{label}: an adapter of {named}, not of the served base {base_id}")
+    modules = dict(model.named_modules())
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            shapes = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
+    except Exception as exc:
+        raise AdapterError(f"{label}: unreadable weights ({type(exc).__name__})") from exc
+    if not shapes:
+        raise AdapterError(f"{label}: {ADAPTER_WEIGHTS} holds no tensors")
+    for key, shape in sorted(shapes.items()):
+        name = key.removeprefix("base_model.model.")
+        kind = next((k for k in _LORA_TENSOR if name.endswith("." + k)), None)
+        if kind is None:
+            raise AdapterError(f"{label}: tensor {name} is not a plain LoRA weight (lora_A/lora_B of a linear "
+                               "layer; embedding LoRA, biases and DoRA magnitudes are not served while loading "
+                               "at runtime)")
+        module_name = name[: -len(kind) - 1]
+        module = modules.get(module_name)
+        module = getattr(module, "base_layer", module)
+        if not isinstance(module, torch.nn.Linear):
+            raise AdapterError(f"{label}: the base has no linear layer {module_name}: not an adapter of this base")
+        if ".language_model." in f".{module_name}" and module_name not in covered:
+            raise AdapterError(f"{label}: it adapts {module_name}, a layer of the language model the stacked "
+                               "weights do not cover (only the attention and MLP projections)")
+        expected_in = kind == "lora_A.weight" and (len(shape) != 2 or shape[1] != module.in_features)
+        expected_out = kind == "lora_B.weight" and (len(shape) != 2 or shape[0] != module.out_features)
+        if expected_in or expected_out:
+            want = (f"[r, {module.in_features}]" if kind == "lora_A.weight" else f"[{module.out_features}, r]")
+            raise AdapterError(f"{label}: {name} has shape {list(shape)}, the base's layer needs {want}: "
+                               "not an adapter of this base")
+        if shape[0 if kind == "lora_A.weight" else 1] > max_rank:
+            raise AdapterError(f"{label}: {name} has rank {shape[0 if kind == 'lora_A.weight' else 1]}, above the "
+                               f"slot rank {max_rank} (SEG_MAX_LORA_RANK)")
+    return config
+
+
+def _without_paths(message: str, path: Path) -> str:
+    """A check's message with the directory's server path taken out (the client named it otherwise)."""
+    return message.replace(str(path / ADAPTER_CONFIG), ADAPTER_CONFIG).replace(str(path) + ": ", "").replace(
+        str(path), "the directory")

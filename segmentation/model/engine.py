@@ -15,6 +15,7 @@ than its cache, more rows than its largest bucket) runs the `fast` loop.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import threading
 import time
@@ -116,6 +117,11 @@ class PaliGemmaEngine:
         width = model.get_output_embeddings().weight.shape[0]
         self.vocab = Vocabulary(self.tokenizer, width).to(self.device)
         self.adapters: dict[str, str] = {}  # adapter id -> PEFT adapter name (see attach_adapters)
+        # Adapters loaded while serving (load_adapter) and unloaded ones whose rows may still run
+        # (retire_adapter; adapter id -> PEFT name until free_adapter).
+        self.loaded_at_runtime: set[str] = set()
+        self.retiring: dict[str, str] = {}
+        self._runtime_names = itertools.count()
         self.graph_settings = graph or GraphSettings()
         # Why the weights have their dtype (from_pretrained says; /models shows it).
         self.dtype_reason = f"{str(self.model.dtype).removeprefix('torch.')} as given"
@@ -188,16 +194,84 @@ class PaliGemmaEngine:
         return engine
 
     def attach_adapters(self, adapters: dict[str, str | Path]) -> None:
-        """Load LoRA adapters (adapter id -> directory) unmerged beside the base model, once.
+        """Load LoRA adapters (adapter id -> directory) unmerged beside the base model, once. With runtime
+        adapters (`GraphSettings.runtime_adapters`) also when there are none: every projection of the language
+        model is wrapped now, before the graph engine captures its step (adapters.RESERVE_ADAPTER).
 
         PEFT names its adapters as modules: ids like `acme/v1.2` are not valid names, so each gets one.
         """
         from .adapters import attach_adapters
 
         names = {adapter_id: f"adapter_{i}" for i, adapter_id in enumerate(adapters)}
-        self.model = attach_adapters(self.model, {names[a]: directory for a, directory in adapters.items()})
+        self.model = attach_adapters(self.model, {names[a]: directory for a, directory in adapters.items()},
+                                     reserve=self.graph_settings.runtime_adapters)
         self.adapters = names
         self._decoder = None  # its graphs hold the modules PEFT has just replaced
+
+    @property
+    def peft(self) -> bool:
+        """Whether the model is wrapped by PEFT (adapters attached, or slots reserved for some): every row
+        then names its adapter (`__base__` for the base)."""
+        return hasattr(self.model, "peft_config")
+
+    # --- adapters loaded and unloaded while serving ---------------------------------------------------
+    # Called on the thread that runs this engine's steps (the scheduler's, between steps): the stacked
+    # weights are written in place while no step reads them.
+
+    def load_adapter(self, adapter_id: str, directory: str | Path, *, label: str | None = None,
+                     base_id: str | None = None) -> dict:
+        """Load a PEFT LoRA adapter into a free slot of the graph engine's stacked weights (graph/lora.py), in
+        place: the graphs captured at start stay valid. Checked first (adapters.check_runtime_adapter: a
+        LoRA of this base, rank and layers the slots hold); nothing changes unless it loads. Returns its place
+        (`LoraSlots.describe`). Raises AdapterError (not usable here), SlotRefused (no slot fits; `full`: no
+        free slot) or KeyError (the id is taken, or still unloading). `label` names the directory in messages."""
+        from .adapters import AdapterError, check_runtime_adapter
+        from .graph.lora import SlotRefused
+
+        if not self.graph_settings.runtime_adapters or self.generation != "graph":
+            raise AdapterError("this engine reserves no slots for adapters loaded while serving")
+        if adapter_id in self.adapters or adapter_id in self.retiring:
+            raise KeyError(adapter_id)
+        lora = self.decoder.lora
+        base = self.model.get_base_model()
+        check_runtime_adapter(directory, base, covered=frozenset(lora.stacks), max_rank=lora.rank,
+                              label=label or str(directory), base_id=base_id)
+        if not lora.free_slots:
+            raise SlotRefused(f"no free slot: all {lora.slot_count} hold adapters (SEG_MAX_ADAPTERS)", full=True)
+        name = f"runtime_{next(self._runtime_names)}"
+        self.model.load_adapter(str(directory), adapter_name=name)
+        try:
+            lora.place(name, self.decoder.lora_modules())
+        except Exception:
+            self.model.delete_adapter(name)
+            raise
+        self.adapters[adapter_id] = name
+        self.loaded_at_runtime.add(adapter_id)
+        logger.info("LoRA adapter %s loaded into slot %d", adapter_id, lora.slot_of[name])
+        return lora.describe(name)
+
+    def retire_adapter(self, adapter_id: str) -> str:
+        """Stop new rows of an adapter loaded while serving; rows already admitted keep it until
+        `free_adapter(name)` (its PEFT name, returned). KeyError: not loaded; ValueError: attached at start."""
+        if adapter_id not in self.adapters:
+            raise KeyError(adapter_id)
+        if adapter_id not in self.loaded_at_runtime:
+            raise ValueError(f"{adapter_id} was attached at start (SEG_ADAPTERS): restart without it to remove it")
+        name = self.adapters.pop(adapter_id)
+        self.loaded_at_runtime.discard(adapter_id)
+        self.retiring[adapter_id] = name
+        return name
+
+    def free_adapter(self, name: str) -> None:
+        """Zero a retired adapter's slot and drop its PEFT weights (no row may name it any more)."""
+        self.decoder.lora.remove(name)
+        self.model.delete_adapter(name)
+        self.retiring = {a: n for a, n in self.retiring.items() if n != name}
+        logger.info("LoRA adapter slot freed (%s)", name)
+
+    def adapter_id_of(self, name: str) -> str | None:
+        """The adapter id of a PEFT adapter name (also while it is unloading)."""
+        return next((a for a, n in (*self.adapters.items(), *self.retiring.items()) if n == name), None)
 
     @property
     def image_size(self) -> int:
@@ -308,7 +382,7 @@ class PaliGemmaEngine:
         if self._decoder is None:
             settings = self.graph_settings
             image_tokens = int(self.processor.image_seq_length)
-            model = self.model.get_base_model() if self.adapters else self.model
+            model = self.model.get_base_model() if self.peft else self.model
             self._decoder = StaticDecoder(
                 model, self.vocab, pad_id=self.tokenizer.pad_token_id,
                 length=image_tokens + settings.prompt_tokens + self.max_new_tokens + 1,
@@ -316,10 +390,11 @@ class PaliGemmaEngine:
                 use_graphs=True if settings.require else settings.use_graphs, compile=settings.compile,
                 prefill=choose_attention(settings.prefill_attention, self.device),
             )
-            if self.adapters:
+            if self.peft:
                 lora = self._decoder.attach_lora(
                     list(self.adapters.values()), max_adapters=settings.max_adapters, max_rank=settings.max_lora_rank,
-                    vision_hooks=lambda names: self.model._enable_peft_forward_hooks(adapter_names=names))
+                    vision_hooks=lambda names: self.model._enable_peft_forward_hooks(adapter_names=names),
+                    reserve=settings.runtime_adapters)
                 for adapter_id, name in self.adapters.items():
                     if name in lora.refused:
                         logger.warning("LoRA adapter %s has no slot in the graph engine's step (%s): its rows step "
@@ -396,9 +471,18 @@ class PaliGemmaEngine:
     def adapter_status(self, adapter_id: str) -> dict | None:
         """Where an attached adapter's rows run in the graph engine's step (graph/lora.py `describe`), or None
         before the decoder is built (or without stacked adapters)."""
+        name = self.adapters.get(adapter_id)  # None: unloaded meanwhile
+        if self._decoder is None or self._decoder.lora is None or name is None:
+            return None
+        return self._decoder.lora.describe(name)
+
+    def slot_status(self) -> dict | None:
+        """The stacked adapter weights' slots: how many, their rank, which are free (None: no stacks)."""
         if self._decoder is None or self._decoder.lora is None:
             return None
-        return self._decoder.lora.describe(self.adapters[adapter_id])
+        lora = self._decoder.lora
+        return {"slots": lora.slot_count, "slot_rank": lora.rank, "free": len(lora.free_slots),
+                "runtime_adapters": self.graph_settings.runtime_adapters}
 
     def _fits_graph(self, rows: list[RowSpec], prompt_length: int) -> bool:
         decoder = self.decoder
@@ -454,7 +538,7 @@ class PaliGemmaEngine:
     def forward_kwargs(self, prompts: list[Prompt], adapters: list[str | None] | None = None) -> dict:
         """Extra keyword arguments for every forward call of this batch: with adapters attached (a PEFT
         model), every row names its adapter (`__base__` for the base), else PEFT applies the active one."""
-        if self.adapters:
+        if self.peft:
             return {"adapter_names": self._adapter_names(adapters or [None] * len(prompts))}
         if adapters and any(adapters):
             raise ValueError(f"no adapters are attached; asked for {sorted(set(filter(None, adapters)))}")
@@ -463,10 +547,11 @@ class PaliGemmaEngine:
     def _adapter_names(self, adapters: list[str | None]) -> list[str]:
         from .adapters import BASE_ROW
 
-        unknown = sorted({a for a in adapters if a and a not in self.adapters})
+        names = {**self.retiring, **self.adapters}  # an unloading adapter's rows still run (the scheduler's)
+        unknown = sorted({a for a in adapters if a and a not in names})
         if unknown:
             raise ValueError(f"unknown adapters {unknown}; attached: {sorted(self.adapters)}")
-        return [self.adapters[a] if a else BASE_ROW for a in adapters]
+        return [names[a] if a else BASE_ROW for a in adapters]
 
     def _decode(self, inputs, grammar: ObjectGrammar, steps: int, forward_kwargs: dict) -> torch.Tensor:
         """New token ids [B, <= steps] after the prompt: the fast loop (also for a batch the graph engine

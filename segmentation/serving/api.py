@@ -61,12 +61,13 @@ def check_mask_format(value: str | None) -> str:
     return fmt
 
 
-def check_model(value: str | None, served: list[str]) -> str:
-    """The served model a request names (default: the first); never a path or hub id to load."""
+def check_model(value: str | None, served: list[str], unknown_status: int = 400) -> str:
+    """The served model a request names (default: the first); never a path or hub id to load. A name not
+    served is answered `unknown_status` (404 where adapters load and unload while serving)."""
     if value is None or value == "":
         return served[0]
     if value not in served:
-        raise RequestError(f"unknown model {quoted(value)}; served models: {', '.join(served)}")
+        raise RequestError(f"unknown model {quoted(value)}; served models: {', '.join(served)}", unknown_status)
     return value
 
 

@@ -304,6 +304,29 @@ class RemoteEngines:
         logger.warning("the engine's stream from %s ended without an outcome", replica.url)
         raise EngineError(UNAVAILABLE)
 
+    async def broadcast(self, path: str, body: dict) -> list[dict]:
+        """POST `body` to every replica this tier knows (the adapter routes: adapter_admin.py), at once; one
+        report per replica: `{"replica": url, "status": ..., ...the engine's answer}`, `status` 503 with an
+        `error` for a replica that did not answer. Unlike predictions, no replica is skipped."""
+        replicas = await self._current()
+
+        async def one(replica: Replica) -> dict:
+            try:
+                response = await replica.client.post(path, json=body)
+            except httpx.HTTPError as exc:
+                logger.warning("engine %s did not answer %s: %s", replica.url, path, exc)
+                return {"replica": replica.url, "status": 503, "error": "the replica did not answer"}
+            refusal = refusal_reason(response)
+            if refusal is not None:
+                return {"replica": replica.url, "status": 503, "error": refusal}
+            if response.status_code != 200:
+                logger.error("engine %s answered %s with %d: %s", replica.url, path, response.status_code,
+                             response.text[:500])
+                return {"replica": replica.url, "status": 503, "error": f"the replica answered {response.status_code}"}
+            return {"replica": replica.url, **response.json()}
+
+        return list(await asyncio.gather(*(one(r) for r in replicas)))
+
     async def is_ready(self, timeout: int | None = None) -> bool:
         """Ready when one replica's own /readyz says so (it does once its models are warm) and it accepts
         this tier's token and wire version; raises EngineRefused when every ready replica refuses them."""

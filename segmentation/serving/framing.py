@@ -340,20 +340,24 @@ class RequestFraming:
     for the API routes (POST) the body's media type and form structure (see the module docstring).
 
     `routes`: the API routes and their forms; `read_paths` / `read_prefixes`: routes answering GET and
-    HEAD only (probes, metrics, docs, the web page). Other paths pass on (404 from the router).
+    HEAD only (probes, metrics, docs, the web page); `get_routes`: API routes without required fields
+    that also answer GET, as the POST of an empty JSON object (`GET /models`: a read, so the method a
+    newcomer tries first; BentoML's APIs take POST only). Other paths pass on (404 from the router).
     """
 
     def __init__(self, app, *, routes: dict[str, RouteForm], read_paths: frozenset[str] = frozenset(),
-                 read_prefixes: tuple[str, ...] = (), accepted: frozenset[str] = PUBLIC_MEDIA_TYPES) -> None:
+                 read_prefixes: tuple[str, ...] = (), get_routes: frozenset[str] = frozenset(),
+                 accepted: frozenset[str] = PUBLIC_MEDIA_TYPES) -> None:
         self.app = app
         self.routes = routes
         self.read_paths = read_paths
         self.read_prefixes = read_prefixes
+        self.get_routes = get_routes
         self.accepted = accepted
 
     def _allowed(self, path: str) -> frozenset[str] | None:
         if path in self.routes:
-            return frozenset({"POST"})
+            return frozenset({"GET", "POST"}) if path in self.get_routes else frozenset({"POST"})
         if path in self.read_paths or path.startswith(self.read_prefixes):
             return READ_METHODS
         return None
@@ -369,6 +373,12 @@ class RequestFraming:
                                     kind=INVALID_REQUEST, headers=[(b"allow", allow.encode())])
         if path not in self.routes:
             return await self.app(scope, receive, send)
+        if method == "GET":  # a get_route: the POST of an empty JSON object (the query string is ignored)
+            body = b"{}"
+            scope = {**scope, "method": "POST", "headers": [(k, v) for k, v in scope.get("headers", []) if k not in (
+                b"content-length", b"transfer-encoding", b"content-type")] + [
+                (b"content-type", JSON.encode()), (b"content-length", str(len(body)).encode())]}
+            return await self.app(scope, _replay(body, receive), send)
         headers = dict(scope.get("headers", []))
         content_type = headers.get(b"content-type")
         refusal = check_media_type(content_type, accepted=self.accepted, has_body=has_body(headers))

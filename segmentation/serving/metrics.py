@@ -26,6 +26,8 @@ runs the model):
   fast loop: a prompt past the graph engine's cache, or SEG_ENGINE=fast), `hf-generate`. A GPU server
   whose steps are not all `graph` is running a fallback. Counted on the host per step call
   (`watch_engine_steps`), never syncing the device.
+- `seg_engine_adapter_operations_total{operation, outcome}` (counter): adapters loaded and unloaded while
+  serving (adapter_admin.py), by the status the engine answered (`200`, `400`, `404`, `409`...).
 """
 
 from __future__ import annotations
@@ -98,6 +100,10 @@ ENGINE_STEP_ROWS = Histogram(
 ENGINE_STEPS = Counter(
     "seg_engine_steps", "Decode steps by how they ran: graph, fixed, peft, fast, hf-generate", labelnames=["path"],
 )
+ADAPTER_OPERATIONS = Counter(
+    "seg_engine_adapter_operations", "LoRA adapters loaded and unloaded while serving, by operation (load, unload) "
+    "and outcome (the HTTP status the engine answered)", labelnames=["operation", "outcome"],
+)
 ENGINE_TOKENS_PER_SECOND = Gauge(
     "seg_engine_tokens_per_second", "Tokens generated per second over the engine's last batch or step window",
     multiprocess_mode="livesum",
@@ -128,6 +134,11 @@ def observe_inter_token(seconds: float, tokens: int) -> None:
 
 
 # ---- helpers for the engine (its scheduler, or the service around each batch) ---------------------
+
+def count_adapter_operation(operation: str, status: int) -> None:
+    """`seg_engine_adapter_operations_total{operation, outcome}`: one load or unload and its status."""
+    ADAPTER_OPERATIONS.labels(operation=operation, outcome=str(status)).inc()
+
 
 def set_engine_slots(slots: int) -> None:
     ENGINE_SLOTS.set(slots)

@@ -8,7 +8,10 @@ LiteLLM and other OpenAI-compatible clients speak.
   as the engine's running batch decodes it (engines.py `predict_stream`), then a chunk with the
   finish reason and the segmentation, a usage chunk if asked for, and `[DONE]`. A client that leaves
   closes the engine's stream: the engine cancels the request and frees its slot.
-- `GET /v1/models`, `GET /v1/models/{id}`: the served models and LoRA adapters (`parent`: their base).
+- `GET /v1/models`, `GET /v1/models/{id}`: the served models and LoRA adapters (`parent`: their base;
+  `root`: an adapter's directory in SEG_ADAPTER_DIR when it was loaded while serving).
+- `POST /v1/load_lora_adapter`, `POST /v1/unload_lora_adapter` (only with `SEG_RUNTIME_ADAPTERS=true`, only
+  with the admin key): vLLM's routes and bodies, sent on to every engine replica (adapter_admin.py).
 
 Errors come in OpenAI's shape with the statuses the SDK maps to its exception classes; the errors other
 layers answer on `/v1` (API key, body size, unknown routes) too: the public service's `errors.ErrorAnswers`
@@ -34,7 +37,7 @@ from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
 from ..model.predictions import Prediction
-from . import api
+from . import adapter_admin, api
 from .bento import EngineItem
 from .metrics import observe_inter_token, observe_time_to_first_token
 from .openai_format import (
@@ -87,11 +90,49 @@ class OpenAIRoutes:
             return JSONResponse(error_body(exc.detail, exc.status_code), status_code=exc.status_code,
                                 headers=exc.headers)
 
-        return Starlette(routes=[
+        routes = [
             Route("/chat/completions", self.chat_completions, methods=["POST"]),
             Route("/models", self.models, methods=["GET"]),
             Route("/models/{model_id:path}", self.model, methods=["GET"]),
-        ], exception_handlers={HTTPException: http_error})
+        ]
+        if self.settings.runtime_adapters:  # else absent: 404, as on a server without them
+            routes += [Route("/load_lora_adapter", self.load_lora_adapter, methods=["POST"]),
+                       Route("/unload_lora_adapter", self.unload_lora_adapter, methods=["POST"])]
+        return Starlette(routes=routes, exception_handlers={HTTPException: http_error})
+
+    # ---- adapters loaded and unloaded while serving (adapter_admin.py) --------------------------------------
+
+    async def load_lora_adapter(self, request: Request) -> JSONResponse:
+        return await self._adapter_operation(request, "load")
+
+    async def unload_lora_adapter(self, request: Request) -> JSONResponse:
+        return await self._adapter_operation(request, "unload")
+
+    async def _adapter_operation(self, request: Request, operation: str) -> JSONResponse:
+        """Check the body's shape, send it to every engine replica, answer what they did (adapter_admin.summarize).
+        The admin key was checked before (guard.py)."""
+        media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        try:
+            if media_type != "application/json":
+                raise OpenAIError("the body must be JSON (Content-Type: application/json)", 415)
+            try:
+                body = json.loads(await request.body())
+            except ValueError as exc:
+                raise OpenAIError("the request body is not valid JSON") from exc
+            try:
+                fields = adapter_admin.check_body(body, load=operation == "load")
+            except adapter_admin.AdminError as exc:
+                raise OpenAIError(str(exc), exc.status) from exc
+            engine_body = {k: v for k, v in fields.items() if v is not None}
+            reports = await self.backend.engine.broadcast(f"/{operation}_lora_adapter", engine_body)
+            self.backend.forget_models()  # the next request reads the new list
+            status, answer = adapter_admin.summarize(operation, fields["lora_name"], reports)
+            if status != 200:
+                code = "model_not_found" if status == 404 else None
+                raise OpenAIError(answer, status, param="lora_name" if status in (404, 409) else None, code=code)
+        except OpenAIError as exc:
+            return error_response(exc)
+        return JSONResponse(answer)
 
     # ---- models ----------------------------------------------------------------------------------------
 

@@ -269,10 +269,11 @@ def sse(data: dict | str) -> str:
 
 def model_card(model: dict, created: int) -> dict:
     """A served model (an entry of the engine's describe()) in OpenAI's shape; an adapter has its base as
-    `parent` and `root` (vLLM's convention for LoRA adapters)."""
+    `parent`, and as `root` its directory in SEG_ADAPTER_DIR when it was loaded while serving (vLLM's `root`
+    is the adapter's path), else its base."""
     base = model.get("base")
     return {"id": model["id"], "object": "model", "created": created, "owned_by": "paligemma-segmentation",
-            "root": base or model["id"], "parent": base, "image_size": model["image_size"],
+            "root": model.get("root") or base or model["id"], "parent": base, "image_size": model["image_size"],
             "default": bool(model.get("default"))}
 
 

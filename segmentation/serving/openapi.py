@@ -275,8 +275,10 @@ def _responses(route: RouteDoc, keys: bool) -> dict:
 
 
 def complete_openapi(doc: dict, routes: dict[str, RouteDoc], *, api_keys: bool = False,
-                     metrics_public: bool = True, description: str | None = None) -> dict:
-    """The OpenAPI document `doc` (BentoML's) with each API route in `routes` described as enforced."""
+                     metrics_public: bool = True, description: str | None = None,
+                     get_routes: frozenset[str] = frozenset()) -> dict:
+    """The OpenAPI document `doc` (BentoML's) with each API route in `routes` described as enforced;
+    those in `get_routes` also answer GET (without a body: framing.RequestFraming)."""
     doc = copy.deepcopy(doc)
     components = doc.setdefault("components", {}).setdefault("schemas", {})
     components["Error"] = ERROR_SCHEMA
@@ -294,6 +296,9 @@ def complete_openapi(doc: dict, routes: dict[str, RouteDoc], *, api_keys: bool =
             }
         operation["requestBody"] = {"required": route.body_required, "content": content}
         operation["responses"] = _responses(route, api_keys)
+        if path in get_routes:
+            doc["paths"][path]["get"] = {key: copy.deepcopy(value) for key, value in operation.items()
+                                         if key != "requestBody"} | {"operationId": f"get_{path.strip('/')}"}
         # BentoML's own input components are superseded by the request bodies above.
         for schema_name in [n for n in components if n.lower().startswith(path.strip("/").lower() + "input")
                             or n.lower() == f"{path.strip('/')}__input"]:

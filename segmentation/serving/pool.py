@@ -11,6 +11,10 @@ With step-level batching (`start_schedulers`), each request goes on its own (`pr
 model's `StepScheduler`, which lets it join the running batch between decode steps and answers it as
 soon as its own row ends; its masks are decoded in a worker thread while the engine keeps stepping.
 `stream_one` hands out a request's text as its row decodes, then its outcome.
+
+Adapters loaded while serving (`load_adapter`, `unload_adapter`; serving/adapter_admin.py) change the engine
+between two of its scheduler's steps (`StepScheduler.call`); an unloaded adapter's requests are answered 404
+at once, its rows in flight keep it, and its slot is freed after them.
 """
 
 from __future__ import annotations
@@ -86,6 +90,13 @@ class ModelPool:
         self.decoder = decoder
         self.adapters = dict(adapters or {})
         self.schedulers: dict = {}  # base model id -> StepScheduler, once started
+        # Adapters loaded while serving (load_adapter): their directory relative to SEG_ADAPTER_DIR; and the
+        # ids unloaded since (their requests are answered 404). `compute`: the thread that runs the engines
+        # before (or without) step schedulers.
+        self.roots: dict[str, str] = {}
+        self.unloaded: set[str] = set()
+        self.compute: ComputeThread | None = None
+        self._adapter_changes: asyncio.Lock | None = None  # one load or unload step at a time (made in the loop)
         self.max_prompt_chars, self.max_classes = max_prompt_chars, max_classes
         self._decoder_lock = threading.Lock()  # mask decoding from several worker threads
         for adapter_id, base in self.adapters.items():
@@ -105,7 +116,7 @@ class ModelPool:
         adapters = adapters or {}
         for base, engine in engines.items():  # each base's adapters, loaded once
             attached = {adapter_id: path for adapter_id, (of, path) in adapters.items() if of == base}
-            if attached:
+            if attached or engine.graph_settings.runtime_adapters:  # runtime adapters: slots reserved now
                 engine.attach_adapters(attached)
         decoder = MaskDecoder.from_npz(vae_file)
         decoder.warmup()
@@ -123,16 +134,107 @@ class ModelPool:
         isolation), then the LoRA adapters with their base and their slot in its stacked adapter weights."""
         models = [
             {"id": model_id, "image_size": engine.image_size, "default": model_id == self.default_model,
-             **engine.describe()}
+             **engine.describe(), **self.slots_of(model_id)}
             for model_id, engine in self.engines.items()
         ]
         adapters = [
             {"id": adapter_id, "image_size": self.engines[base].image_size, "default": False, "base": base,
              "batched_equals_solo": self.engines[base].invariance(),
-             "graphs": _adapter_graphs(self.engines[base], adapter_id)}
-            for adapter_id, base in self.adapters.items()
+             "graphs": _adapter_graphs(self.engines[base], adapter_id),
+             **({"root": root, "loaded_at_runtime": True} if (root := self.roots.get(adapter_id)) else {})}
+            for adapter_id, base in list(self.adapters.items())  # a copy: adapters load and unload meanwhile
         ]
         return models + adapters
+
+    def slots_of(self, model_id: str) -> dict:
+        """A base model's LoRA slots for /models (graph/lora.py), when it has stacked adapter weights."""
+        status = self.engines[model_id].slot_status()
+        return {"lora_slots": status} if status else {}
+
+    # --- adapters loaded and unloaded while serving (adapter_admin.py) ------------------------------------
+
+    async def _on_engine(self, base: str, fn):
+        """`fn()` on the thread that runs `base`'s engine: between its scheduler's steps, or the compute thread."""
+        if base in self.schedulers:
+            return await asyncio.wrap_future(self.schedulers[base].call(fn))
+        return await asyncio.to_thread(self.compute.run if self.compute else (lambda f: f()), fn)
+
+    async def load_adapter(self, adapter_id: str, directory: Path, *, base: str | None = None, label: str,
+                           root: str) -> dict:
+        """Load an adapter into a free slot of its base's stacked weights (engine.load_adapter), between steps;
+        it is served from the next request on. Returns its place; raises AdminError (4xx) when refused."""
+        from ..model.adapters import AdapterError, check_runtime_adapter
+        from ..model.graph.lora import SlotRefused
+        from .adapter_admin import AdminError
+
+        base = base or self.default_model
+        if base not in self.engines:
+            raise AdminError(f"base {base!r} is not served; served models: {', '.join(self.engines)}")
+        if adapter_id in self.engines or adapter_id in self.adapters:
+            raise AdminError(f"{adapter_id!r} is already served: unload it first, or choose another name", 409)
+        engine = self.engines[base]
+        try:
+            async with self._changes():
+                # The files are read and checked off the engine's thread first (no step waits for that); the
+                # engine checks them again, cheaply, before it loads them between two steps.
+                lora = engine.decoder.lora
+                await asyncio.to_thread(check_runtime_adapter, directory, engine.model.get_base_model(),
+                                        covered=frozenset(lora.stacks), max_rank=lora.rank, label=label, base_id=base)
+                place = await self._on_engine(base, lambda: engine.load_adapter(adapter_id, directory, label=label,
+                                                                                base_id=base))
+        except KeyError:
+            raise AdminError(f"{adapter_id!r} is still unloading (requests in flight use it); retry shortly",
+                             409) from None
+        except SlotRefused as exc:
+            raise AdminError(f"{label}: {exc}", 409 if exc.full else 400) from exc
+        except AdapterError as exc:
+            raise AdminError(str(exc)) from exc
+        self.adapters[adapter_id] = base
+        self.roots[adapter_id] = root
+        self.unloaded.discard(adapter_id)
+        return place
+
+    def load_adapter_now(self, adapter_id: str, directory: Path, base: str | None, label: str, root: str) -> None:
+        """`load_adapter` before the schedulers start, on the engine's thread (the manifest at start)."""
+        base = base or self.default_model
+        if base not in self.engines:
+            raise ValueError(f"base {base!r} is not served")
+        if adapter_id in self.engines or adapter_id in self.adapters:
+            raise ValueError(f"{adapter_id!r} is already served")
+        self.engines[base].load_adapter(adapter_id, directory, label=label, base_id=base)
+        self.adapters[adapter_id] = base
+        self.roots[adapter_id] = root
+
+    async def unload_adapter(self, adapter_id: str) -> str:
+        """Unload an adapter loaded while serving: new requests for it are answered 404 at once; requests in
+        flight keep it to their end; its slot is zeroed and freed after them, then this returns (its base).
+        AdminError: 404 not loaded, 409 attached at start."""
+        from .adapter_admin import AdminError
+
+        base = self.adapters.get(adapter_id)
+        if base is None:
+            raise AdminError(f"no adapter {adapter_id!r} is loaded", 404)
+        engine = self.engines[base]
+        if adapter_id not in engine.loaded_at_runtime:
+            raise AdminError(f"{adapter_id!r} was attached at start (SEG_ADAPTERS); restart without it to remove it",
+                             409)
+        del self.adapters[adapter_id]  # from here on its requests are refused (refusal: 404)
+        self.roots.pop(adapter_id, None)
+        self.unloaded.add(adapter_id)
+        async with self._changes():
+            name = await self._on_engine(base, lambda: engine.retire_adapter(adapter_id))
+        scheduler = self.schedulers.get(base)
+        while scheduler is not None and await self._on_engine(base, lambda: scheduler.uses(name)):
+            await asyncio.sleep(0.05)
+        async with self._changes():
+            await self._on_engine(base, lambda: engine.free_adapter(name))
+        return base
+
+    def _changes(self) -> asyncio.Lock:
+        """The lock of the adapter changes (PEFT's modules change under them: one at a time)."""
+        if self._adapter_changes is None:
+            self._adapter_changes = asyncio.Lock()
+        return self._adapter_changes
 
     def warm_up(self) -> None:
         """One short generation per model and adapter, so the first real request is not the slow one."""
@@ -173,6 +275,8 @@ class ModelPool:
     def refusal(self, request: PredictRequest) -> PredictOutcome | None:
         """Why the engine will not run a request (400), or None. The public tier checks the same things,
         but the engine trusts no caller: whoever reaches its port gets only what a client may ask for."""
+        if request.model in self.unloaded:
+            return PredictOutcome(error=f"the adapter {request.model!r} was unloaded", status=404)
         base = self.adapters.get(request.model, request.model)
         if base not in self.engines:
             served = [*self.engines, *self.adapters]

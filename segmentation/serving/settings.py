@@ -61,6 +61,17 @@ ENV_DOCS: dict[str, tuple[str, str]] = {
                               "each; base rows use a zero slot); further adapters step through PEFT's hooks"),
     "SEG_MAX_LORA_RANK": ("16", "graph engine: highest adapter rank the stacked weights hold (the slots take the "
                                 "highest attached rank, lower ones padded); higher ranks step through PEFT's hooks"),
+    "SEG_RUNTIME_ADAPTERS": ("false", "graph engine: LoRA adapters loaded and unloaded while serving "
+                                      "(`POST /v1/load_lora_adapter`, `/v1/unload_lora_adapter`, vLLM's routes and "
+                                      "bodies) into the SEG_MAX_ADAPTERS slots of rank SEG_MAX_LORA_RANK, reserved at "
+                                      "start; needs SEG_ADAPTER_DIR and SEG_ADMIN_KEY"),
+    "SEG_ADAPTER_DIR": ("", "the only directory `lora_path` may name (relative names resolve inside it; `..`, "
+                            "and symbolic links or absolute paths that lead outside it, are refused); the "
+                            "engines keep the loaded set in `.seg-runtime-adapters.json` there and load it when "
+                            "they start"),
+    "SEG_ADMIN_KEY": ("", "the key of the adapter routes (`Authorization: Bearer <key>`); API keys do not open "
+                          "them, and it may not be one of them"),
+    "SEG_ADMIN_KEY_FILE": ("", "file holding SEG_ADMIN_KEY (a mounted secret)"),
     "SEG_BATCH_INVARIANT": ("false", "batch-invariant kernels on GPUs (and one padded prompt length): a request's "
                                      "answer is the same bits in any batch; opt-in (H200: decode step x1.0 at 16 "
                                      "rows, x1.29 alone) (docs/batch-invariance.md)"),
@@ -148,6 +159,9 @@ class Settings:
     prefill_attention: str = "auto"
     max_adapters: int = 8
     max_lora_rank: int = 16
+    runtime_adapters: bool = False
+    adapter_dir: Path | None = None
+    admin_key: str | None = field(default=None, repr=False)
     batch_invariant: bool = False
     share_images: bool = True
     dtype: str = "auto"
@@ -209,6 +223,18 @@ class Settings:
         if max_adapters < 1 or max_lora_rank < 1:
             raise ValueError(f"SEG_MAX_ADAPTERS and SEG_MAX_LORA_RANK must be 1 or more, not {max_adapters} and "
                              f"{max_lora_rank}")
+        runtime_adapters, admin_key = _flag("SEG_RUNTIME_ADAPTERS"), read_secret("SEG_ADMIN_KEY", "SEG_ADMIN_KEY_FILE")
+        api_keys = tuple(k for k in re.split(r"[,\s]+", read_secret("SEG_API_KEY", "SEG_API_KEY_FILE") or "") if k)
+        adapter_dir = Path(_env("SEG_ADAPTER_DIR")) if _env("SEG_ADAPTER_DIR") else None
+        if runtime_adapters and engine != "graph":
+            raise ValueError(f"SEG_RUNTIME_ADAPTERS=true needs SEG_ENGINE=graph (it is {engine!r}): adapters load "
+                             "into the graph engine's stacked weights")
+        if runtime_adapters and adapter_dir is None:
+            raise ValueError("SEG_RUNTIME_ADAPTERS=true needs SEG_ADAPTER_DIR, the directory adapters may be "
+                             "loaded from")
+        if admin_key and admin_key in api_keys:
+            raise ValueError("SEG_ADMIN_KEY is also one of the API keys (SEG_API_KEY): give the adapter routes a "
+                             "key of their own")
         return cls(
             models=models,
             adapters=adapters,
@@ -229,6 +255,9 @@ class Settings:
             prefill_attention=prefill_attention,
             max_adapters=max_adapters,
             max_lora_rank=max_lora_rank,
+            runtime_adapters=runtime_adapters,
+            adapter_dir=adapter_dir,
+            admin_key=admin_key,
             batch_invariant=_flag("SEG_BATCH_INVARIANT"),
             share_images=_flag("SEG_SHARE_IMAGES"),
             dtype=dtype,
@@ -241,7 +270,7 @@ class Settings:
             fetch_timeout_s=float(_env("SEG_FETCH_TIMEOUT_S")),
             request_timeout_s=float(_env("SEG_REQUEST_TIMEOUT_S")),
             max_concurrency=int(_env("SEG_MAX_CONCURRENCY")),
-            api_keys=tuple(k for k in re.split(r"[,\s]+", read_secret("SEG_API_KEY", "SEG_API_KEY_FILE") or "") if k),
+            api_keys=api_keys,
             metrics_public=_flag("SEG_METRICS_PUBLIC"),
             engine_urls=tuple(parse_engine_urls(_env("SEG_ENGINE_URL"))),
             engine_token=read_secret("SEG_ENGINE_TOKEN", "SEG_ENGINE_TOKEN_FILE"),

@@ -35,14 +35,16 @@ logger = logging.getLogger(__name__)
 
 # The format of the engine's requests and answers. Raise it whenever EngineItem, EngineOutcome or the
 # routes change in a way an older or newer peer would misread. v3: EngineItem.cut_after, the prediction's
-# prompt_tokens, finish_reason, tokens and logprobs, and the /predict_stream route.
-WIRE_VERSION = "3"
+# prompt_tokens, finish_reason, tokens and logprobs, and the /predict_stream route. v4: the adapter routes
+# (/load_lora_adapter, /unload_lora_adapter: adapter_admin.py) and /describe's lora_slots and root.
+WIRE_VERSION = "4"
 WIRE_VERSION_HEADER = "x-seg-wire-version"
 
 # Open without the token: what probes and Prometheus scrape (GET or HEAD only).
 OPEN_PATHS = frozenset({"/livez", "/readyz", "/healthz", "/metrics"})
-# The engine's API routes: POST with a JSON body only (/predict_stream answers server-sent events).
-API_PATHS = frozenset({"/predict", "/predict_stream", "/describe"})
+# The engine's API routes: POST with a JSON body only (/predict_stream answers server-sent events; the adapter
+# routes exist only with SEG_RUNTIME_ADAPTERS=true, and answer 404 after the token otherwise).
+API_PATHS = frozenset({"/predict", "/predict_stream", "/describe", "/load_lora_adapter", "/unload_lora_adapter"})
 
 
 def bearer_token(headers: dict[bytes, bytes]) -> bytes | None:

@@ -166,6 +166,16 @@ def test_openapi_lists_every_api(server):
     spec = httpx.get(server.url + "/docs.json", timeout=10).json()
     for route in ("/segment", "/detect", "/render", "/segment_batch", "/models"):
         assert route in spec["paths"], route
+    assert set(spec["paths"]["/models"]) == {"get", "post"}
+
+
+def test_get_models_answers_like_post(server):
+    got = httpx.get(server.url + "/models", timeout=10)
+    posted = httpx.post(server.url + "/models", json={}, timeout=10)
+    assert got.status_code == 200 and got.json() == posted.json()
+    assert [m["id"] for m in got.json()["models"]] == [DEMO_MODEL]
+    refused = httpx.delete(server.url + "/models", timeout=10)
+    assert refused.status_code == 405 and refused.headers["allow"] == "GET, POST"
 
 
 @pytest.mark.parametrize(

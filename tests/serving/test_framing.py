@@ -211,3 +211,13 @@ def test_json_passes_untouched():
     status, _, payload, _ = run(framing(), scope(path="/segment", headers=[(b"content-type", b"application/json")]),
                                 b'{"prompt": "cat"}')
     assert status == 200 and payload == b'{"prompt": "cat"}'
+
+
+def test_a_get_route_answers_get_as_the_post_of_an_empty_object():
+    echo = Echo()
+    app = RequestFraming(echo, routes={"/models": ROUTE, "/segment": ROUTE}, get_routes=frozenset({"/models"}))
+    status, _, payload, _ = run(app, scope("GET", "/models", headers=[(b"content-type", b"text/plain")]))
+    assert status == 200 and payload == b"{}" and echo.scope["method"] == "POST"
+    assert dict(echo.scope["headers"])[b"content-type"] == b"application/json"
+    assert run(app, scope("GET", "/segment"))[1][b"allow"] == b"POST"  # only the routes named
+    assert run(app, scope("PUT", "/models"))[1][b"allow"] == b"GET, POST"

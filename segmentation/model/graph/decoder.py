@@ -85,6 +85,9 @@ class GraphSettings:
     prefill_attention: str = "auto"  # the prefill's kernel: auto, flex, eager (prefill.py; SEG_PREFILL_ATTENTION)
     max_adapters: int = DEFAULT_MAX_ADAPTERS  # at most this many LoRA slots in the step (lora.py; SEG_MAX_ADAPTERS)
     max_lora_rank: int = DEFAULT_MAX_RANK  # of at most this rank (SEG_MAX_LORA_RANK)
+    # Reserve the caps (free slots, stacks on every language-model projection) for adapters loaded while
+    # serving (engine.load_adapter; SEG_RUNTIME_ADAPTERS).
+    runtime_adapters: bool = False
 
 
 def bucket_for(batch: int, buckets: tuple[int, ...]) -> int:
@@ -220,15 +223,16 @@ class StaticDecoder:
     # --- LoRA adapters --------------------------------------------------------------------------
 
     def attach_lora(self, adapters: list[str], *, max_adapters: int = DEFAULT_MAX_ADAPTERS,
-                    max_rank: int = DEFAULT_MAX_RANK, vision_hooks=None) -> LoraSlots:
+                    max_rank: int = DEFAULT_MAX_RANK, vision_hooks=None, reserve: bool = False) -> LoraSlots:
         """Stack the PEFT adapters `adapters` (names, in slot order) of this decoder's wrapped model into static
-        tensors (lora.py); `vision_hooks(names)` wraps the vision tower of a prefill with adapter rows."""
+        tensors (lora.py); `vision_hooks(names)` wraps the vision tower of a prefill with adapter rows.
+        `reserve`: stacks of the caps for every wrapped layer (adapters loaded later: `LoraSlots.place`)."""
         lm = self.model.model.language_model
         modules = self.lora_modules()
         embedding = frozenset(getattr(lm.embed_tokens, "lora_embedding_A", {}).keys())
         with torch.inference_mode():
             self.lora = LoraSlots(modules, adapters, max_adapters=max_adapters, max_rank=max_rank,
-                                  embedding_adapters=embedding)
+                                  embedding_adapters=embedding, reserve=reserve)
         self._stacks = {id(modules[name]): stack for name, stack in self.lora.stacks.items()}
         self.vision_hooks = vision_hooks
         return self.lora

@@ -73,6 +73,14 @@ class Stack:
         return y.to(x.dtype)
 
 
+class SlotRefused(ValueError):
+    """An adapter the stacked weights cannot take: `full` when only a free slot is missing."""
+
+    def __init__(self, why: str, *, full: bool = False):
+        super().__init__(why)
+        self.full = full
+
+
 class LoraSlots:
     """The stacked adapters of a PEFT-wrapped PaliGemma's language model (see the module docstring).
 
@@ -106,7 +114,9 @@ class LoraSlots:
         self.stacks: dict[str, Stack] = {}
         for name, module in wrapped.items():
             placed = [a for a in self.slot_of if a in module.lora_A]
-            if placed:
+            # Reserving: every wrapped layer gets its stack now (adapters loaded later fill slots of it; a
+            # stack made later would not be in the graphs captured at start).
+            if placed or (reserve and len(module.lora_A)):
                 self.stacks[name] = self._stack(module, placed)
         device = next(iter(self.stacks.values())).a.device if self.stacks else torch.device("cpu")
         self.onehot = torch.eye(self.slot_count + 1, device=device)
@@ -133,7 +143,7 @@ class LoraSlots:
 
     def _stack(self, module: torch.nn.Module, adapters: list[str]) -> Stack:
         base = module.base_layer
-        first = module.lora_A[adapters[0]].weight
+        first = module.lora_A[adapters[0] if adapters else next(iter(module.lora_A))].weight
         device, dtype = first.device, first.dtype  # PEFT computes the update in the adapter's dtype
         width = (self.slot_count + 1) * self.rank
         a = torch.zeros(width, base.in_features, device=device, dtype=dtype)
@@ -156,6 +166,59 @@ class LoraSlots:
         stack.b[rows][:rank] = lora_b.t()
         stack.scale[slot] = scaling
 
+    # --- adapters loaded and unloaded while serving (into the slots reserved at start) -------------------
+
+    @property
+    def free_slots(self) -> list[int]:
+        """Slots no adapter holds (1..S)."""
+        return sorted(set(range(1, self.slot_count + 1)) - set(self.slot_of.values()))
+
+    @torch.inference_mode()  # the stacks were made in inference mode: only there may they change in place
+    def place(self, adapter: str, modules: dict[str, torch.nn.Module]) -> int:
+        """Copy a PEFT adapter that was just added to the wrapped model (`modules`: `lora_modules()`, the same
+        wrappers the stacks were made for) into the lowest free slot, in place: the stacks never move, so
+        graphs captured at start stay valid. Returns its slot; raises SlotRefused (nothing written) when it
+        does not fit: a LoRA variant, a rank above the slot's, a targeted layer without a stack, no free slot."""
+        wrapped = {name: m for name, m in modules.items() if is_lora_layer(m)}
+        why = self._unsupported(adapter, wrapped, frozenset())
+        if why is None:
+            outside = sorted(name for name, m in wrapped.items() if adapter in m.lora_A and name not in self.stacks)
+            if outside:
+                why = f"it adapts {outside[0]}, a layer the stacked weights do not cover"
+        if why is None and self.ranks[adapter] > self.rank:
+            why = f"rank {self.ranks[adapter]} exceeds the slot rank ({self.rank})"
+        if why is not None:
+            self.ranks.pop(adapter, None)
+            self.targets.pop(adapter, None)
+            raise SlotRefused(why)
+        if not self.free_slots:
+            raise SlotRefused(f"no free slot: all {self.slot_count} hold adapters (SEG_MAX_ADAPTERS)", full=True)
+        slot = self.free_slots[0]
+        for name, stack in self.stacks.items():
+            module = wrapped[name]
+            if adapter in module.lora_A:
+                self.fill(stack, slot, module.lora_A[adapter].weight, module.lora_B[adapter].weight,
+                          module.scaling[adapter])
+            else:
+                self.clear_slot(stack, slot)
+        self.slot_of[adapter] = slot
+        return slot
+
+    @torch.inference_mode()
+    def remove(self, adapter: str) -> None:
+        """Zero an adapter's slot in every stack and free it (no row may still name it)."""
+        slot = self.slot_of.pop(adapter)
+        self.ranks.pop(adapter, None)
+        self.targets.pop(adapter, None)
+        for stack in self.stacks.values():
+            self.clear_slot(stack, slot)
+
+    def clear_slot(self, stack: Stack, slot: int) -> None:
+        rows = slice(slot * self.rank, (slot + 1) * self.rank)
+        stack.a[rows].zero_()
+        stack.b[rows].zero_()
+        stack.scale[slot] = 0.0
+
     def slots(self, names: list[str]) -> list[int]:
         """Each row's slot for PEFT adapter names (`__base__`, or an adapter without a slot: 0)."""
         return [self.slot_of.get(name, 0) for name in names]
@@ -169,7 +232,8 @@ class LoraSlots:
 
     def describe(self, adapter: str) -> dict:
         """What /models says about one adapter's place in the step."""
-        if adapter in self.slot_of:
-            return {"slot": self.slot_of[adapter], "rank": self.ranks[adapter], "slot_rank": self.rank,
-                    "modules": self.targets[adapter]}
+        slot = self.slot_of.get(adapter)  # read while adapters load and unload on the engine's thread
+        if slot is not None:
+            return {"slot": slot, "rank": self.ranks.get(adapter), "slot_rank": self.rank,
+                    "modules": self.targets.get(adapter, [])}
         return {"slot": None, "why": self.refused.get(adapter, "not attached")}

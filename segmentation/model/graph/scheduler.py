@@ -148,6 +148,7 @@ class StepScheduler:
         self._slots: list[Job | None] = [None] * self.decoder.slots
         self._wake = threading.Condition()
         self._closed = False
+        self._chores: deque[tuple[Future, Callable]] = deque()  # call(): work for the loop, between steps
         # The loop runs on the process's compute thread when given (where the engine was loaded: see
         # segmentation/model/compute.py), else on a thread of its own.
         thread = thread or ComputeThread(name="step-scheduler")
@@ -167,7 +168,7 @@ class StepScheduler:
         group of steps, from the scheduler's thread (it must not block).
         """
         spec = self.engine.row_spec(prompt, max_new_tokens)
-        names = self.engine._adapter_names([adapter]) if self.engine.adapters else [None]
+        names = self.engine._adapter_names([adapter]) if self.engine.peft else [None]
         future: Future = Future()
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         job = Job(image, prompt, spec, names[0], future, deadline, cut_after=cut_after, on_tokens=on_tokens)
@@ -181,6 +182,38 @@ class StepScheduler:
             self._queue.append(job)
             self._wake.notify()
         return future
+
+    def call(self, fn: Callable) -> Future:
+        """Run `fn()` on the scheduler's thread between two groups of steps (an adapter loaded into the
+        stacked weights, or unloaded, while no step reads them); its future holds the result."""
+        future: Future = Future()
+        with self._wake:
+            if self.broken is not None:
+                raise EngineBroken(self.broken)
+            if self._closed:
+                raise RuntimeError("the scheduler is closed")
+            self._chores.append((future, fn))
+            self._wake.notify()
+        return future
+
+    def uses(self, adapter: str) -> bool:
+        """Whether a waiting or running request names this PEFT adapter (call it from `call`)."""
+        with self._wake:
+            waiting = list(self._queue)
+        return any(job is not None and job.adapter == adapter for job in [*waiting, *self._slots])
+
+    def _run_chores(self) -> None:
+        with self._wake:
+            chores, self._chores = list(self._chores), deque()
+        for future, fn in chores:
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                result = fn()
+            except Exception as exc:  # the caller's to handle; the loop goes on
+                future.set_exception(exc)
+            else:
+                future.set_result(result)
 
     @property
     def running(self) -> int:
@@ -208,10 +241,11 @@ class StepScheduler:
     def _run(self) -> None:
         while True:
             with self._wake:
-                while not self._closed and not self._queue and not self.running:
+                while not self._closed and not self._queue and not self.running and not self._chores:
                     self._wake.wait()
                 if self._closed:
                     break
+            self._run_chores()
             try:
                 self._drop_gone()
                 self._admit()
@@ -246,8 +280,11 @@ class StepScheduler:
         self._fail_running(exc)
         with self._wake:
             waiting, self._queue = list(self._queue), deque()
+            chores, self._chores = list(self._chores), deque()
         for job in waiting:
             _fail(job.future, exc)
+        for future, _ in chores:
+            _fail(future, exc)
 
     def _drop_gone(self) -> None:
         """Free the slots of requests that were cancelled or ran out of time; skip such waiting ones."""
@@ -329,7 +366,7 @@ class StepScheduler:
         if not jobs:
             return
         slots = free[: len(jobs)]
-        names = [job.adapter for job in jobs] if self.engine.adapters else None
+        names = [job.adapter for job in jobs] if self.engine.peft else None
         context, graphs = self.engine.graph_context(names)
         with context(len(jobs)), self.decoder.peft_calls(not graphs):
             self.decoder.prefill(slots, inputs, [job.spec for job in jobs],
@@ -365,7 +402,7 @@ class StepScheduler:
 
     def _adapter_id(self, job: Job) -> str | None:
         """The adapter id (as `engine.generate` takes it) of a job's PEFT adapter name."""
-        return next((a for a, name in self.engine.adapters.items() if name == job.adapter), None)
+        return self.engine.adapter_id_of(job.adapter) if job.adapter is not None else None
 
     def _step_and_collect(self) -> None:
         decoder = self.decoder
@@ -373,7 +410,7 @@ class StepScheduler:
         occupied = [job for job in self._slots if job is not None]
         bucket = self.last_batch = decoder.batch_for(max(job.slot for job in occupied) + 1)
         names = None
-        if self.engine.adapters:
+        if self.engine.peft:
             from ..adapters import BASE_ROW
 
             names = [job.adapter if job is not None else BASE_ROW for job in self._slots[:bucket]]

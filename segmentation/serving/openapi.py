@@ -105,7 +105,10 @@ MODELS_SCHEMA = {
                        "cpu": {"type": "object", "properties": {
                            "model": {"type": "string"}, "capability": {"type": "string"},
                            "native_bfloat16": {"type": "boolean"}, "via": {"type": "string", "nullable": True},
-                           "row_isolation": {"type": "string", "nullable": True}}}},
+                           "row_isolation": {"type": "string", "nullable": True}}},
+                       # Stacked LoRA slots of a base; an adapter loaded while serving: its directory.
+                       "lora_slots": {"type": "object"}, "root": {"type": "string"},
+                       "loaded_at_runtime": {"type": "boolean"}},
     }}},
 }
 

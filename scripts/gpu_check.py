@@ -113,9 +113,9 @@ STATUSES = ("PASS", "FAIL", "INFO", "SKIP")
 
 DEFAULTS = {"tiny_rows": [1, 2, 3, 5, 8], "tiny_tokens": 64, "tokens": 64, "batches": [1, 8, 16, 32],
             "buckets": [1, 2, 4, 8, 16, 32], "invariance_rows": 16, "invariance_tokens": 48, "clients": [1, 16, 64],
-            "requests": 16, "budget": 600, "adapters": 3, "lora_rank": 16}
+            "requests": 16, "budget": 480, "adapters": 3, "lora_rank": 16}
 QUICK = {**DEFAULTS, "tokens": 32, "batches": [1, 8, 32], "invariance_rows": 8, "invariance_tokens": 24,
-         "requests": 8, "budget": 400}
+         "requests": 8, "budget": 300}
 
 
 def result(status: str, reason: str, **data) -> dict:

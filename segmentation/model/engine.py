@@ -183,7 +183,7 @@ class PaliGemmaEngine:
             # Built now: the start-up check of this CPU's arithmetic (row_isolation) is then logged and in
             # /models from the start, and `auto` can still fall back.
             engine.decoder  # noqa: B018
-            if auto and engine.row_isolation is None:
+            if auto and engine.row_isolation is None and engine.model.dtype == torch.bfloat16:
                 logger.warning("bfloat16 cannot keep batched ≡ solo on this CPU (start-up check %s): float32",
                                engine.row_check)
                 engine.model.to(torch.float32)
